@@ -1,0 +1,56 @@
+"""Engine-wide steering configuration (fixed at engine start, like vLLM's LoRAConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SteeringConfig:
+    """Sizes of the steering tables and the bounds requests are validated against."""
+
+    max_slots: int = 16
+    """S: distinct steering configurations resident at once (slot 0, "no steering", is extra)."""
+
+    max_features: int = 32
+    """K: clamp/scale/ablate entries one configuration may place at one layer."""
+
+    layers: list[int] | None = None
+    """Decoder layers whose output (``blocks.L.hook_resid_post``) can be steered; None = all."""
+
+    max_strength: float = 32.0
+    """Largest accepted |strength| (named features) and |scale| (raw vectors)."""
+
+    max_target: float = 1.0e4
+    """Largest accepted |target| of a raw-vector clamp, in activation units."""
+
+    max_vectors: int = 32
+    """Most raw vectors one request may carry."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Reserved for future options; travels with the config to the workers."""
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1:
+            raise ValueError("max_slots must be >= 1")
+        if self.max_features < 0:
+            raise ValueError("max_features must be >= 0")
+        if self.layers is not None:
+            self.layers = sorted(set(int(x) for x in self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SteeringConfig":
+        return cls(**d)
+
+    def steered_layers(self, num_layers: int) -> list[int]:
+        """The concrete steerable layers of a model with ``num_layers`` decoder layers."""
+        if self.layers is None:
+            return list(range(num_layers))
+        bad = [x for x in self.layers if not 0 <= x < num_layers]
+        if bad:
+            raise ValueError(f"--steer-layers {bad} outside [0, {num_layers})")
+        return list(self.layers)

@@ -1,0 +1,159 @@
+"""A request's steering compiled to per-layer tables: the unit that occupies one slot.
+
+A program is pure data (numpy float32): per steered layer an additive vector and up to K
+"readout-dependent" entries. Each entry k acts on the residual stream x at that layer as
+
+    pre_k = e_k·x + b_k
+    act_k = 0 if (rectify_k and pre_k <= θ_k) else pre_k       # JumpReLU/ReLU or linear
+    x    ← x + (α_k·act_k + β_k)·d_k
+
+which expresses every mode: clamp (α=-1, β=t), scale (α=s-1, β=0), ablate (α=-1, β=0).
+The additive vector is applied first, so a clamp holds even when an add shares its layer.
+
+Programs travel to the workers inside ``SamplingParams.extra_args`` as raw little-endian bytes
+(no pickles) and are shared between requests by content hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+WIRE_VERSION = 1
+EXTRA_ARGS_KEY = "steering"
+
+
+@dataclass
+class LayerProgram:
+    """Everything one program does at one layer."""
+
+    layer: int
+    hidden_size: int
+    add: np.ndarray | None = None  # [d]
+    enc: list[np.ndarray] = field(default_factory=list)  # K × [d]
+    dec: list[np.ndarray] = field(default_factory=list)  # K × [d]
+    bias: list[float] = field(default_factory=list)
+    theta: list[float] = field(default_factory=list)
+    rectify: list[bool] = field(default_factory=list)
+    alpha: list[float] = field(default_factory=list)
+    beta: list[float] = field(default_factory=list)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.enc)
+
+    def add_vector(self, v: np.ndarray) -> None:
+        v = np.asarray(v, dtype=np.float64)
+        self.add = v if self.add is None else self.add + v
+
+    def add_entry(
+        self,
+        enc: np.ndarray,
+        dec: np.ndarray,
+        *,
+        alpha: float,
+        beta: float,
+        bias: float = 0.0,
+        theta: float = 0.0,
+        rectify: bool = False,
+    ) -> None:
+        self.enc.append(np.asarray(enc, dtype=np.float32).reshape(self.hidden_size))
+        self.dec.append(np.asarray(dec, dtype=np.float32).reshape(self.hidden_size))
+        self.bias.append(float(bias))
+        self.theta.append(float(theta))
+        self.rectify.append(bool(rectify))
+        self.alpha.append(float(alpha))
+        self.beta.append(float(beta))
+
+    # -- dense views ------------------------------------------------------------------
+    def add_f32(self) -> np.ndarray | None:
+        return None if self.add is None else np.ascontiguousarray(self.add, dtype=np.float32)
+
+    def entries_f32(self) -> dict[str, np.ndarray]:
+        k, d = self.num_entries, self.hidden_size
+        return {
+            "enc": np.stack(self.enc).astype(np.float32) if k else np.zeros((0, d), np.float32),
+            "dec": np.stack(self.dec).astype(np.float32) if k else np.zeros((0, d), np.float32),
+            "bias": np.asarray(self.bias, np.float32),
+            "theta": np.asarray(self.theta, np.float32),
+            "rectify": np.asarray(self.rectify, np.uint8),
+            "alpha": np.asarray(self.alpha, np.float32),
+            "beta": np.asarray(self.beta, np.float32),
+        }
+
+
+_ENTRY_FIELDS = ("enc", "dec", "bias", "theta", "rectify", "alpha", "beta")
+_ENTRY_DTYPES = {"rectify": np.uint8}
+
+
+@dataclass
+class SteeringProgram:
+    """A compiled steering configuration: what one slot of the tables holds."""
+
+    hidden_size: int
+    layers: dict[int, LayerProgram] = field(default_factory=dict)
+
+    def at(self, layer: int) -> LayerProgram:
+        if layer not in self.layers:
+            self.layers[layer] = LayerProgram(layer=layer, hidden_size=self.hidden_size)
+        return self.layers[layer]
+
+    def max_entries(self) -> int:
+        return max((lp.num_entries for lp in self.layers.values()), default=0)
+
+    # -- identity ---------------------------------------------------------------------
+    def _canonical(self) -> list[tuple[int, bytes | None, dict[str, bytes]]]:
+        out = []
+        for layer in sorted(self.layers):
+            lp = self.layers[layer]
+            add = lp.add_f32()
+            ent = {k: np.ascontiguousarray(v).tobytes() for k, v in lp.entries_f32().items()}
+            out.append((layer, None if add is None else add.astype("<f4").tobytes(), ent))
+        return out
+
+    def table_hash(self) -> str:
+        """Content hash of the tables: equal hashes share a slot."""
+        h = hashlib.sha256(f"steering-program/v{WIRE_VERSION}/d={self.hidden_size}".encode())
+        for layer, add, ent in self._canonical():
+            h.update(f"|L{layer}|".encode())
+            h.update(b"-" if add is None else add)
+            for name in _ENTRY_FIELDS:
+                h.update(name.encode())
+                h.update(ent[name])
+        return h.hexdigest()
+
+    # -- wire -------------------------------------------------------------------------
+    def to_wire(self) -> dict:
+        layers = []
+        for layer, add, ent in self._canonical():
+            item: dict = {"layer": layer, "k": self.layers[layer].num_entries}
+            if add is not None:
+                item["add"] = add
+            if item["k"]:
+                item.update(ent)
+            layers.append(item)
+        return {"d": self.hidden_size, "layers": layers}
+
+    @classmethod
+    def from_wire(cls, wire: dict) -> "SteeringProgram":
+        d = int(wire["d"])
+        prog = cls(hidden_size=d)
+        for item in wire["layers"]:
+            lp = prog.at(int(item["layer"]))
+            if "add" in item:
+                lp.add = np.frombuffer(item["add"], dtype="<f4").astype(np.float64)
+            k = int(item["k"])
+            if k:
+                arr = {
+                    n: np.frombuffer(item[n], dtype=_ENTRY_DTYPES.get(n, "<f4")) for n in _ENTRY_FIELDS
+                }
+                enc, dec = arr["enc"].reshape(k, d), arr["dec"].reshape(k, d)
+                for i in range(k):
+                    lp.add_entry(
+                        enc[i], dec[i],
+                        alpha=arr["alpha"][i], beta=arr["beta"][i], bias=arr["bias"][i],
+                        theta=arr["theta"][i], rectify=bool(arr["rectify"][i]),
+                    )
+        return prog

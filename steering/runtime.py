@@ -1,0 +1,283 @@
+"""Worker-side steering state: tables allocated once, a per-token slot index filled each step,
+and the batched op that reads them.
+
+Per steered site (layer L), with S1 = S + 1 slots (slot 0 = no steering, all zeros):
+    add   [S1, d]       summed additive vectors
+    enc   [S1, K, d]    readout directions e_k        dec [S1, K, d]  write directions d_k
+    bias, theta, alpha, beta [S1, K];  rect [S1, K] (1 = JumpReLU/ReLU readout, 0 = linear)
+Per step only ``token_slots[:T]`` changes (plus the rows of newly admitted slots).
+
+Semantics (token t, slot s = token_slots[t], stream x = hidden + residual):
+    x ← x + add[s]
+    pre = enc[s]·x + bias[s];  act = where(rect[s] & (pre <= theta[s]), 0, pre)     # [K]
+    x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·dec[s,k]
+The op adds the delta to ``hidden`` in place; vLLM's next layer (or final norm) sums it with
+``residual``, so the stream is steered exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from steering.config import SteeringConfig
+from steering.program import SteeringProgram
+from steering.slots import SlotAllocator
+
+logger = logging.getLogger(__name__)
+
+APPLY_ALL, APPLY_PROMPT, APPLY_GENERATED = 0, 1, 2
+MAX_READOUT_REQUESTS = 4096
+
+
+@dataclass
+class SiteTables:
+    """The tables of one steered layer."""
+
+    add: torch.Tensor  # [S1, d]
+    enc: torch.Tensor  # [S1, K, d]
+    dec: torch.Tensor  # [S1, K, d]
+    bias: torch.Tensor  # [S1, K]
+    theta: torch.Tensor  # [S1, K]
+    rect: torch.Tensor  # [S1, K] bool
+    alpha: torch.Tensor  # [S1, K]
+    beta: torch.Tensor  # [S1, K]
+
+    @classmethod
+    def allocate(cls, s1: int, k: int, d: int, dtype, device) -> "SiteTables":
+        z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        return cls(
+            add=z(s1, d), enc=z(s1, k, d), dec=z(s1, k, d), bias=z(s1, k), theta=z(s1, k),
+            rect=torch.zeros(s1, k, dtype=torch.bool, device=device),
+            alpha=z(s1, k), beta=z(s1, k),
+        )
+
+    def clear(self, slot: int) -> None:
+        for t in (self.add, self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha,
+                  self.beta):
+            t[slot].zero_()
+
+
+@dataclass
+class _ReqSteering:
+    slot: int
+    apply_to: int
+    readout_key: str | None  # where post-steering activations are filed; None = not asked
+
+
+class SteeringRuntime:
+    """Everything the op needs inside one worker process."""
+
+    def __init__(
+        self,
+        cfg: SteeringConfig,
+        *,
+        num_layers: int,
+        hidden_size: int,
+        max_tokens: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        host_gating: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dtype, self.device = dtype, device
+        self.host_gating = host_gating
+        self.s1 = cfg.max_slots + 1
+        self.k = cfg.max_features
+        self.layers = cfg.steered_layers(num_layers)
+        self.tables = {
+            L: SiteTables.allocate(self.s1, self.k, hidden_size, dtype, device) for L in self.layers
+        }
+        self.token_slots = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [Tmax]
+        self._host_slots = np.zeros(max_tokens, dtype=np.int64)
+        self.slot_ids = torch.arange(self.s1, device=device)  # [S1]
+        # Host mirrors of what each slot does where (for gating and readout).
+        self.slot_add = np.zeros((self.s1, num_layers), dtype=bool)
+        self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
+        self.allocator = SlotAllocator(cfg.max_slots)
+        self.requests: dict[str, _ReqSteering] = {}
+        self.readouts: dict[str, list[tuple[int, int, list[float]]]] = {}
+        # Per-step host state.
+        self.num_tokens = 0
+        self.site_add = np.zeros(num_layers, dtype=bool)
+        self.site_entries = np.zeros(num_layers, dtype=bool)
+        self.n_hi = self.s1
+        self._readout_rows: np.ndarray | None = None  # token rows wanting readout
+        self._readout_meta: list[tuple[str, int, int]] = []  # (req_id, position, slot) per row
+        if not host_gating:
+            self.site_add[self.layers] = True
+            self.site_entries[self.layers] = self.k > 0
+
+    # -- slot contents ----------------------------------------------------------------------
+    def write_slot(self, slot: int, program: SteeringProgram) -> None:
+        for L, tab in self.tables.items():
+            if self.slot_add[slot, L] or self.slot_entries[slot, L] or L in program.layers:
+                tab.clear(slot)
+        self.slot_add[slot] = False
+        self.slot_entries[slot] = 0
+        for L, lp in program.layers.items():
+            tab = self.tables[L]
+            add = lp.add_f32()
+            if add is not None:
+                tab.add[slot].copy_(torch.from_numpy(add))
+                self.slot_add[slot, L] = True
+            k = lp.num_entries
+            if k:
+                e = lp.entries_f32()
+                tab.enc[slot, :k].copy_(torch.from_numpy(e["enc"]))
+                tab.dec[slot, :k].copy_(torch.from_numpy(e["dec"]))
+                for name in ("bias", "theta", "alpha", "beta"):
+                    getattr(tab, name)[slot, :k].copy_(torch.from_numpy(e[name]))
+                tab.rect[slot, :k].copy_(torch.from_numpy(e["rectify"].astype(bool)))
+                self.slot_entries[slot, L] = k
+
+    # -- requests ---------------------------------------------------------------------------
+    def admit(self, req_id: str, wire: dict) -> _ReqSteering:
+        slot, needs_write = self.allocator.acquire(req_id, wire["hash"])
+        if needs_write:
+            self.write_slot(slot, SteeringProgram.from_wire(wire["program"]))
+        key = wire.get("readout_key", req_id) if wire.get("readout") else None
+        rs = _ReqSteering(slot=slot, apply_to=int(wire["apply_to"]), readout_key=key)
+        self.requests[req_id] = rs
+        if key is not None:
+            self.readouts.setdefault(key, [])
+            while len(self.readouts) > MAX_READOUT_REQUESTS:
+                self.readouts.pop(next(iter(self.readouts)))
+        return rs
+
+    def release(self, req_ids) -> None:
+        for rid in req_ids:
+            if self.requests.pop(rid, None) is not None:
+                self.allocator.release(rid)
+
+    def pop_readout(self, key: str) -> list[tuple[int, int, list[float]]] | None:
+        """(layer, position, activations after the op) per steered token, filed under ``key``."""
+        return self.readouts.pop(key, None)
+
+    # -- per step ---------------------------------------------------------------------------
+    def begin_step(
+        self,
+        req_slots: np.ndarray,  # [R] slot per request (0 = none)
+        apply_to: np.ndarray,  # [R]
+        num_scheduled: np.ndarray,  # [R]
+        num_computed: np.ndarray,  # [R]
+        num_prompt: np.ndarray,  # [R]
+        readout_reqs: list[tuple[int, str]],  # (batch row, readout key) of requests wanting it
+    ) -> None:
+        """Fill the token → slot index for a step of sum(num_scheduled) tokens."""
+        T = int(num_scheduled.sum())
+        host = self._host_slots
+        tok = np.repeat(req_slots, num_scheduled)  # [T]
+        if np.any(apply_to[req_slots > 0] != APPLY_ALL):
+            starts = np.repeat(np.cumsum(num_scheduled) - num_scheduled, num_scheduled)
+            pos = np.repeat(num_computed, num_scheduled) + (np.arange(T) - starts)
+            is_prompt = pos < np.repeat(num_prompt, num_scheduled)
+            mode = np.repeat(apply_to, num_scheduled)
+            keep = (mode == APPLY_ALL) | ((mode == APPLY_PROMPT) & is_prompt) | (
+                (mode == APPLY_GENERATED) & ~is_prompt
+            )
+            tok = np.where(keep, tok, 0)
+        host[:T] = tok
+        stale = max(self.num_tokens - T, 0)
+        if stale:
+            host[T : T + stale] = 0
+        n = T + stale
+        self.token_slots[:n].copy_(torch.from_numpy(host[:n]), non_blocking=True)
+        self.num_tokens = T
+        if self.host_gating:
+            present = np.unique(tok)
+            present = present[present > 0]
+            self.site_add = self.slot_add[present].any(axis=0)
+            self.site_entries = (self.slot_entries[present] > 0).any(axis=0)
+            self.n_hi = int(present.max()) + 1 if present.size else 1
+        self._readout_rows = None
+        self._readout_meta = []
+        if readout_reqs:
+            ends = np.cumsum(num_scheduled)
+            rows, meta = [], []
+            for r, rid in readout_reqs:
+                for j in range(int(num_scheduled[r])):
+                    row = int(ends[r] - num_scheduled[r] + j)
+                    if tok[row] > 0:
+                        rows.append(row)
+                        meta.append((rid, int(num_computed[r]) + j, int(tok[row])))
+            if rows:
+                self._readout_rows = np.asarray(rows)
+                self._readout_meta = meta
+
+    def end_step(self) -> None:
+        if self.host_gating:
+            self.site_add[:] = False
+            self.site_entries[:] = False
+        self._readout_rows = None
+        self._readout_meta = []
+
+    # -- the op body ------------------------------------------------------------------------
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+        """Steer ``hidden`` [T, d] in place at ``layer`` (see the module docstring)."""
+        do_add, do_entries = self.site_add[layer], self.site_entries[layer]
+        if not (do_add or do_entries):
+            return
+        T = hidden.shape[0]
+        tab = self.tables[layer]
+        idx = self.token_slots[:T]  # [T]
+        if do_add:
+            hidden.add_(tab.add.index_select(0, idx))  # [T, d]
+        if not do_entries:
+            return
+        n, k, d = self.n_hi, self.k, self.hidden_size
+        x = hidden + residual  # [T, d]
+        act = self._act(x, tab, n)  # [T, n, K]
+        onehot = (idx[:, None] == self.slot_ids[None, :n]).to(x.dtype)  # [T, n]
+        coef = (tab.alpha[:n] * act + tab.beta[:n]) * onehot[:, :, None]  # [T, n, K]
+        hidden.add_(coef.reshape(T, n * k) @ tab.dec[:n].reshape(n * k, d))  # [T, d]
+        if self._readout_rows is not None and self.slot_entries[:, layer].any():
+            self._record_readout(hidden + residual, tab, layer)
+
+    def _act(self, x: torch.Tensor, tab: SiteTables, n: int) -> torch.Tensor:
+        """act for every token against the first n slots' entries: [T, n, K]."""
+        T, k, d = x.shape[0], self.k, self.hidden_size
+        pre = (x @ tab.enc[:n].reshape(n * k, d).T).reshape(T, n, k) + tab.bias[:n]
+        return torch.where(tab.rect[:n] & (pre <= tab.theta[:n]), torch.zeros_like(pre), pre)
+
+    def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
+        rows = torch.from_numpy(self._readout_rows).to(x.device)
+        slots = torch.tensor([m[2] for m in self._readout_meta], device=x.device)
+        xs = x.index_select(0, rows)  # [R, d]
+        pre = torch.einsum("rd,rkd->rk", xs, tab.enc[slots]) + tab.bias[slots]  # [R, K]
+        act = torch.where(tab.rect[slots] & (pre <= tab.theta[slots]), torch.zeros_like(pre), pre)
+        vals = act.float().cpu().numpy()  # host sync: only for readout requests
+        for (rid, pos, slot), v in zip(self._readout_meta, vals):
+            k = int(self.slot_entries[slot, layer])
+            if k and rid in self.readouts:
+                self.readouts[rid].append((layer, pos, v[:k].tolist()))
+
+
+_RUNTIME: SteeringRuntime | None = None
+
+
+def set_runtime(rt: SteeringRuntime | None) -> None:
+    global _RUNTIME
+    _RUNTIME = rt
+
+
+def get_runtime() -> SteeringRuntime | None:
+    return _RUNTIME
+
+
+@torch.library.custom_op("steering::steer_", mutates_args=("hidden",))
+def steer_(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    """Semantics: hidden[t] += delta(slot[t], hidden[t] + residual[t]) at ``layer``."""
+    rt = _RUNTIME
+    if rt is not None:
+        rt.apply(hidden, residual, layer)
+
+
+@steer_.register_fake
+def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    return None

@@ -1,0 +1,129 @@
+"""The ``steer`` command. ``steer serve`` takes flags shaped like ``vllm serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.engine import ServeConfig
+
+
+def _layers(value: str) -> list[int] | None:
+    """``all`` or a comma list of layer indices (ranges like ``4-8`` allowed)."""
+    if value.strip().lower() == "all":
+        return None
+    layers: list[int] = []
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                layers.extend(range(int(lo), int(hi) + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a comma list of layers, got {value!r}") from None
+    if not layers:
+        raise argparse.ArgumentTypeError("no layers given")
+    return layers
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the OpenAI-compatible server")
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients send in 'model' (default: the model's name)")
+    p.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+                   help="weights and activations dtype (default: auto, the model's)")
+    p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs: faster start")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per engine step")
+    p.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks across requests (default: on)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s = p.add_argument_group("steering")
+    s.add_argument("--no-steering", dest="steering", action="store_false",
+                   help="run without the steering plugin (the benchmarks' baseline)")
+    s.add_argument("--max-steering-slots", type=int, default=16,
+                   help="distinct steering configurations in flight at once (default: 16)")
+    s.add_argument("--max-steered-features", type=int, default=32,
+                   help="features one configuration may steer at one layer (default: 32)")
+    s.add_argument("--steer-layers", type=_layers, default=None,
+                   help="steerable decoder layers: 'all' or a comma list such as '8,12,16-20' (default: all)")
+    s.add_argument("--max-steering-strength", type=float, default=32.0,
+                   help="largest accepted |strength| or |scale| (default: 32.0)")
+    p.set_defaults(func=serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig that ``steer serve`` flags ask for."""
+    from server.engine import ServeConfig
+
+    return ServeConfig(
+        model=args.model, host=args.host, port=args.port,
+        served_model_name=args.served_model_name, api_key=args.api_key or None,
+        max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
+        max_num_seqs=args.max_num_seqs, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching, steering=args.steering,
+        max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
+        steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
+        log_level=args.log_level,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until interrupted; exit 1 if the engine failed to start."""
+    import uvicorn
+
+    from server.app import AppState, create_app
+    from server.model_store import DEFAULT_MODEL_ALIASES, resolve_model
+
+    if args.model and args.model not in DEFAULT_MODEL_ALIASES:
+        try:
+            resolve_model(args.model)  # a local folder: cheap to check before anything starts
+        except ValueError as exc:
+            print(f"steer serve: error: {exc}", file=sys.stderr)
+            return 2
+
+    config = config_from_args(args)
+    state = AppState(config=config)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(state), host=config.host, port=config.port, log_level=config.log_level,
+        timeout_graceful_shutdown=5))
+
+    def fatal(_: BaseException) -> None:
+        server.should_exit = True
+
+    state.on_fatal = fatal
+    server.run()
+    return 1 if state.startup_error is not None else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description="Steering-enabled inference server.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

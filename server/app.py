@@ -43,7 +43,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0+src"
 
-KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics", "/version"}
+KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/steering", "/health",
+                "/metrics", "/version"}
 
 
 @dataclass
@@ -269,6 +270,18 @@ def create_app(state: AppState) -> FastAPI:
              "max_model_len": state.max_model_len}
             for name in state.served_names]}
 
+    @app.get("/v1/steering", dependencies=auth)
+    async def steering_status() -> dict[str, Any]:
+        """Steering capacity and occupancy: the API server's gate and the workers' slot tables."""
+        cfg = state.config.steering_config()
+        if cfg is None or state.gate is None:
+            return {"enabled": False}
+        stats = await state.require_engine().collective_rpc("steering_stats")
+        return {"enabled": True, "slots": cfg.max_slots, "max_features": cfg.max_features,
+                "layers": state.compiler.layers_list if state.compiler else None,
+                "max_strength": cfg.max_strength, "resident": state.gate.resident,
+                "waiting": state.gate.waiting, "worker": stats[0]}
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request) -> Response:
         return await _handle(request, state, chat=True)
@@ -335,8 +348,9 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
         compiled = state.compiler.compile(req.steering)
     assert state.max_model_len is not None
     gen.check_context(len(prompt_ids), state.max_model_len, req, prompt_param)
-    job = gen.Job(request_id=f"{prefix}-{uuid.uuid4().hex}", prompt_ids=prompt_ids,
-                  params=gen.sampling_params(req, compiled), compiled=compiled)
+    request_id = f"{prefix}-{uuid.uuid4().hex}"
+    job = gen.Job(request_id=request_id, prompt_ids=prompt_ids,
+                  params=gen.sampling_params(req, compiled, request_id), compiled=compiled)
 
     headers = {"x-steering-hash": compiled.hash} if compiled is not None else {}
     if req.stream:
@@ -347,13 +361,19 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     if choices is None:
         return Response(status_code=499)  # the client closed the request: nobody to answer
     build = _chat_body if chat else _completion_body
-    return JSONResponse(build(req, job, compiled, model, choices), headers=headers)
+    body = build(req, job, compiled, model, choices)
+    activations = await gen.steering_activations(state, job)
+    if activations is not None:
+        body["steering"]["activations"] = activations
+    return JSONResponse(body, headers=headers)
 
 
 async def _collect(state: AppState, job: gen.Job, chat: bool) -> dict[int, gen.Choice]:
     choices = {i: gen.Choice() for i in range(job.params.n)}
     k = job.params.logprobs
     async for out in gen.run(state, job):
+        if out.prompt_logprobs:  # only the first delta carries them
+            job.prompt_logprobs = gen.prompt_logprobs(state, out)
         for o in out.outputs:
             c = choices[o.index]
             if k is not None and o.token_ids:
@@ -373,6 +393,8 @@ def _common(req: gen.GenerationRequest, job: gen.Job, compiled: CompiledSteering
                             "model": model, "system_fingerprint": None}
     if req.return_token_ids:
         body["prompt_token_ids"] = job.prompt_ids
+    if req.prompt_logprobs is not None:
+        body["prompt_logprobs"] = job.prompt_logprobs
     if compiled is not None:
         body["steering"] = compiled.summary()
     return body
@@ -428,6 +450,8 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
     first = True
     try:
         async for out in gen.run(state, job):
+            if out.prompt_logprobs:  # only the first delta carries them
+                job.prompt_logprobs = gen.prompt_logprobs(state, out)
             for o in out.outputs:
                 if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
@@ -456,6 +480,10 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                 if include_usage:
                     chunk["usage"] = None
                 yield _sse(chunk)
+        activations = await gen.steering_activations(state, job)
+        if activations is not None:
+            yield _sse({"id": job.request_id, "object": obj, "created": int(time.time()),
+                        "model": model, "choices": [], "steering": {"activations": activations}})
         if include_usage:
             yield _sse({"id": job.request_id, "object": obj, "created": int(time.time()),
                         "model": model, "choices": [],

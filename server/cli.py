@@ -49,6 +49,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs: faster start")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per engine step")
     p.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="tensor-parallel ranks (default: 1); each rank steers its replicated stream")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks across requests (default: on)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -75,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         served_model_name=args.served_model_name, api_key=args.api_key or None,
         max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=args.enable_prefix_caching, steering=args.steering,
         max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,

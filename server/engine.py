@@ -28,6 +28,7 @@ class ServeConfig:
     dtype: str = "auto"
     enforce_eager: bool = False
     max_num_seqs: int | None = None
+    tensor_parallel_size: int = 1
     seed: int = 0
     enable_prefix_caching: bool = True
     steering: bool = True
@@ -77,6 +78,10 @@ def build_engine_args(cfg: ServeConfig, model_path: Path, served: list[str]) -> 
         kwargs["max_model_len"] = cfg.max_model_len
     if cfg.max_num_seqs is not None:
         kwargs["max_num_seqs"] = cfg.max_num_seqs
+    if cfg.tensor_parallel_size > 1:
+        # Every rank applies the same steering op to the same (all-reduced, replicated) stream.
+        vllm_env.bind_tensor_parallel(cfg.tensor_parallel_size)
+        kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
     steering_cfg = cfg.steering_config()
     if steering_cfg is not None:
         from steering.vllm_plugin import engine_kwargs

@@ -41,6 +41,7 @@ class Job:
     params: SamplingParams
     compiled: CompiledSteering | None
     arrival: float = field(default_factory=time.monotonic)
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # filled from the first output
 
 
 def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str) -> None:
@@ -59,13 +60,19 @@ def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_
             max_param)
 
 
-def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None) -> SamplingParams:
-    """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0)."""
+def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
+                    request_id: str | None = None) -> SamplingParams:
+    """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0).
+
+    ``request_id`` is where the workers file post-steering activations
+    (``steering.return_activations``)."""
     temperature = 1.0 if req.temperature is None else req.temperature
     if temperature == 0.0 and req.n > 1:
         raise InvalidRequest(
             "n > 1 requires temperature > 0: greedy decoding (temperature 0) would return "
             "n identical choices", "n")
+    if compiled is not None and compiled.return_activations and req.n > 1:
+        raise InvalidRequest("steering.return_activations needs n = 1", "steering.return_activations")
     max_tokens, max_param = req.max_output()
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds {max_param} ({max_tokens})",
@@ -85,8 +92,9 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None) -
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         logprobs=req.num_logprobs(),
+        prompt_logprobs=req.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
-        extra_args=compiled.extra_args() if compiled is not None else None,
+        extra_args=compiled.extra_args(readout_key=request_id) if compiled is not None else None,
     )
 
 
@@ -95,7 +103,7 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
     engine = state.require_engine()
     m = state.metrics
     steered = "true" if job.compiled is not None else "false"
-    hold = (state.gate.hold(job.compiled.hash) if state.gate is not None and job.compiled
+    hold = (state.gate.hold(job.compiled.table_hash) if state.gate is not None and job.compiled
             else contextlib.nullcontext())
     async with hold:
         prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
@@ -190,6 +198,32 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+def prompt_logprobs(state: AppState, out: RequestOutput) -> list[dict[str, Any] | None] | None:
+    """vLLM-style ``prompt_logprobs``: per prompt position None or {token_id: {logprob, rank, ...}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [
+        None if pos is None else {
+            str(tid): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                       "decoded_token": _token_text(state, tid, lp.decoded_token)}
+            for tid, lp in pos.items()}
+        for pos in out.prompt_logprobs
+    ]
+
+
+async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]] | None:
+    """Post-steering activations per steered token, fetched from the workers after the request.
+
+    One entry per (token position, layer): ``values`` are act(h) of the request's clamp / scale /
+    ablate entries at that layer, in the order they were applied."""
+    if job.compiled is None or not job.compiled.return_activations:
+        return None
+    per_rank = await state.require_engine().collective_rpc("steering_readout", args=(job.request_id,))
+    records = per_rank[0] or []  # every tensor-parallel rank computes the same values
+    return [{"position": pos, "layer": layer, "values": values}
+            for layer, pos, values in sorted(records, key=lambda r: (r[1], r[0]))]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -121,6 +121,7 @@ class _GenerationRequest(_Strict):
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     return_token_ids: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     steering: dict[str, Any] | None = None
 
     def stop_list(self) -> list[str]:

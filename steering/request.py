@@ -123,7 +123,8 @@ class SteeringCompiler:
         self.cfg = cfg
         self.hidden_size = hidden_size
         self.num_layers = num_layers
-        self.layers = set(cfg.steered_layers(num_layers))
+        self.layers_list = cfg.steered_layers(num_layers)
+        self.layers = set(self.layers_list)
         self.features = feature_source
 
     # -- entry point --------------------------------------------------------------------

@@ -122,3 +122,15 @@ def server() -> Iterator[RunningServer]:
         return
     with start_server() as running:
         yield running
+
+
+#: The second engine of the session: eager (no torch.compile), prefix caching off, only 2 slots.
+EAGER_SERVER_ARGS: tuple[str, ...] = (*DEFAULT_SERVER_ARGS, "--enforce-eager", "--no-enable-prefix-caching",
+                                      "--max-steering-slots", "2")
+
+
+@pytest.fixture(scope="session")
+def eager_server() -> Iterator[RunningServer]:
+    """Eager, no prefix cache, S=2: the reference for compiled-vs-eager, prefix-cache and slot tests."""
+    with start_server(EAGER_SERVER_ARGS) as running:
+        yield running

@@ -212,7 +212,9 @@ def test_clamp_readout_equals_target(server, mode, target):
 # -- 6. prefix cache never shares KV across steering ------------------------------------------
 def test_prefix_cache_isolation(server, eager_server):
     long_prompt = " ".join(f"Item {i}: the quick brown fox jumps over the lazy dog." for i in range(30))
-    steer = vec_steer(41, layer=6, norm=40.0)
+    # prompt-only steering: its effect reaches the continuation only through the prompt's KV
+    # blocks (and the last prompt position), so reusing unsteered blocks would show
+    steer = {**vec_steer(41, layer=6, norm=100.0), "apply_to": "prompt"}
     plain = ids(complete(server, long_prompt, max_tokens=16))  # fills the prefix cache, unsteered
     cached = ids(complete(server, long_prompt, steer, max_tokens=16))
     uncached = ids(complete(eager_server, long_prompt, steer, max_tokens=16))

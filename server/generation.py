@@ -42,6 +42,7 @@ class Job:
     compiled: CompiledSteering | None
     arrival: float = field(default_factory=time.monotonic)
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # filled from the first output
+    captured: list[Any] = field(default_factory=list)  # ("resid", layer, position, stream) records
 
 
 def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str) -> None:
@@ -222,8 +223,10 @@ async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]
         return None
     per_rank = await state.require_engine().collective_rpc("steering_readout", args=(job.request_id,))
     records = per_rank[0] or []  # every tensor-parallel rank computes the same values
+    job.captured = [r for r in records if r[0] == "resid"]
     return [{"position": pos, "layer": layer, "values": values}
-            for layer, pos, values in sorted(records, key=lambda r: (r[1], r[0]))]
+            for kind, layer, pos, values in sorted(records, key=lambda r: (r[2], r[1]))
+            if kind == "act"]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -57,6 +57,8 @@ class CompiledSteering:
     apply_to: str
     return_activations: bool
     applied: list[dict[str, Any]] = field(default_factory=list)
+    capture: tuple[int, ...] = ()
+    """Layers whose steered residual stream is read back too (feature inspection)."""
 
     def __post_init__(self) -> None:
         self.table_hash = self.program.table_hash()
@@ -82,6 +84,8 @@ class CompiledSteering:
         }
         if self.return_activations and readout_key is not None:
             wire["readout_key"] = readout_key
+            if self.capture:
+                wire["capture"] = list(self.capture)
         return {EXTRA_ARGS_KEY: wire}
 
     def summary(self) -> dict[str, Any]:

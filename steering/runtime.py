@@ -66,6 +66,12 @@ class _ReqSteering:
     slot: int
     apply_to: int
     readout_key: str | None  # where post-steering activations are filed; None = not asked
+    capture: frozenset[int] = frozenset()  # layers whose steered stream is filed too
+
+
+# A readout record: (kind, layer, position, values); kind "act" = act(h) of the slot's entries
+# after the op, "resid" = the residual stream after the op (for inspect).
+Readout = tuple[str, int, int, list[float]]
 
 
 class SteeringRuntime:
@@ -101,14 +107,15 @@ class SteeringRuntime:
         self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
         self.allocator = SlotAllocator(cfg.max_slots)
         self.requests: dict[str, _ReqSteering] = {}
-        self.readouts: dict[str, list[tuple[int, int, list[float]]]] = {}
+        self.readouts: dict[str, list[Readout]] = {}
         # Per-step host state.
         self.num_tokens = 0
         self.site_add = np.zeros(num_layers, dtype=bool)
         self.site_entries = np.zeros(num_layers, dtype=bool)
+        self.site_capture = np.zeros(num_layers, dtype=bool)
         self.n_hi = self.s1
         self._readout_rows: np.ndarray | None = None  # token rows wanting readout
-        self._readout_meta: list[tuple[str, int, int]] = []  # (req_id, position, slot) per row
+        self._readout_meta: list[tuple[str, int, int, frozenset[int]]] = []  # (key, pos, slot, capture)
         if not host_gating:
             self.site_add[self.layers] = True
             self.site_entries[self.layers] = self.k > 0
@@ -138,11 +145,15 @@ class SteeringRuntime:
 
     # -- requests ---------------------------------------------------------------------------
     def admit(self, req_id: str, wire: dict) -> _ReqSteering:
-        slot, needs_write = self.allocator.acquire(req_id, wire["hash"])
-        if needs_write:
-            self.write_slot(slot, SteeringProgram.from_wire(wire["program"]))
+        slot = 0  # a capture-only request (empty program) needs no slot
+        if wire["program"]["layers"]:
+            slot, needs_write = self.allocator.acquire(req_id, wire["hash"])
+            if needs_write:
+                self.write_slot(slot, SteeringProgram.from_wire(wire["program"]))
         key = wire.get("readout_key", req_id) if wire.get("readout") else None
-        rs = _ReqSteering(slot=slot, apply_to=int(wire["apply_to"]), readout_key=key)
+        capture = frozenset(int(x) for x in wire.get("capture", ()) if int(x) in self.tables)
+        rs = _ReqSteering(slot=slot, apply_to=int(wire["apply_to"]), readout_key=key,
+                          capture=capture if key is not None else frozenset())
         self.requests[req_id] = rs
         if key is not None:
             self.readouts.setdefault(key, [])
@@ -155,8 +166,8 @@ class SteeringRuntime:
             if self.requests.pop(rid, None) is not None:
                 self.allocator.release(rid)
 
-    def pop_readout(self, key: str) -> list[tuple[int, int, list[float]]] | None:
-        """(layer, position, activations after the op) per steered token, filed under ``key``."""
+    def pop_readout(self, key: str) -> list[Readout] | None:
+        """The readout records filed under ``key`` (see :data:`Readout`)."""
         return self.readouts.pop(key, None)
 
     # -- per step ---------------------------------------------------------------------------
@@ -167,7 +178,7 @@ class SteeringRuntime:
         num_scheduled: np.ndarray,  # [R]
         num_computed: np.ndarray,  # [R]
         num_prompt: np.ndarray,  # [R]
-        readout_reqs: list[tuple[int, str]],  # (batch row, readout key) of requests wanting it
+        readout_reqs: list[tuple[int, _ReqSteering]],  # (batch row, state) of readout requests
     ) -> None:
         """Fill the token → slot index for a step of sum(num_scheduled) tokens."""
         T = int(num_scheduled.sum())
@@ -200,12 +211,13 @@ class SteeringRuntime:
         if readout_reqs:
             ends = np.cumsum(num_scheduled)
             rows, meta = [], []
-            for r, rid in readout_reqs:
+            for r, rs in readout_reqs:
+                self.site_capture[list(rs.capture)] = True
                 for j in range(int(num_scheduled[r])):
                     row = int(ends[r] - num_scheduled[r] + j)
-                    if tok[row] > 0:
+                    if tok[row] > 0 or rs.capture:
                         rows.append(row)
-                        meta.append((rid, int(num_computed[r]) + j, int(tok[row])))
+                        meta.append((rs.readout_key, int(num_computed[r]) + j, int(tok[row]), rs.capture))
             if rows:
                 self._readout_rows = np.asarray(rows)
                 self._readout_meta = meta
@@ -214,6 +226,7 @@ class SteeringRuntime:
         if self.host_gating:
             self.site_add[:] = False
             self.site_entries[:] = False
+        self.site_capture[:] = False
         self._readout_rows = None
         self._readout_meta = []
 
@@ -221,22 +234,21 @@ class SteeringRuntime:
     def apply(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
         """Steer ``hidden`` [T, d] in place at ``layer`` (see the module docstring)."""
         do_add, do_entries = self.site_add[layer], self.site_entries[layer]
-        if not (do_add or do_entries):
+        if not (do_add or do_entries or self.site_capture[layer]):
             return
         T = hidden.shape[0]
         tab = self.tables[layer]
         idx = self.token_slots[:T]  # [T]
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
-        if not do_entries:
-            return
-        n, k, d = self.n_hi, self.k, self.hidden_size
-        x = hidden + residual  # [T, d]
-        act = self._act(x, tab, n)  # [T, n, K]
-        onehot = (idx[:, None] == self.slot_ids[None, :n]).to(x.dtype)  # [T, n]
-        coef = (tab.alpha[:n] * act + tab.beta[:n]) * onehot[:, :, None]  # [T, n, K]
-        hidden.add_(coef.reshape(T, n * k) @ tab.dec[:n].reshape(n * k, d))  # [T, d]
-        if self._readout_rows is not None and self.slot_entries[:, layer].any():
+        if do_entries:
+            n, k, d = self.n_hi, self.k, self.hidden_size
+            x = hidden + residual  # [T, d]
+            act = self._act(x, tab, n)  # [T, n, K]
+            onehot = (idx[:, None] == self.slot_ids[None, :n]).to(x.dtype)  # [T, n]
+            coef = (tab.alpha[:n] * act + tab.beta[:n]) * onehot[:, :, None]  # [T, n, K]
+            hidden.add_(coef.reshape(T, n * k) @ tab.dec[:n].reshape(n * k, d))  # [T, d]
+        if self._readout_rows is not None:
             self._record_readout(hidden + residual, tab, layer)
 
     def _act(self, x: torch.Tensor, tab: SiteTables, n: int) -> torch.Tensor:
@@ -246,16 +258,25 @@ class SteeringRuntime:
         return torch.where(tab.rect[:n] & (pre <= tab.theta[:n]), torch.zeros_like(pre), pre)
 
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
+        """File act(h) after the op (and captured streams) for this step's readout tokens.
+
+        Host sync: only steps that carry a ``return_activations`` request pay it."""
         rows = torch.from_numpy(self._readout_rows).to(x.device)
         slots = torch.tensor([m[2] for m in self._readout_meta], device=x.device)
         xs = x.index_select(0, rows)  # [R, d]
         pre = torch.einsum("rd,rkd->rk", xs, tab.enc[slots]) + tab.bias[slots]  # [R, K]
         act = torch.where(tab.rect[slots] & (pre <= tab.theta[slots]), torch.zeros_like(pre), pre)
-        vals = act.float().cpu().numpy()  # host sync: only for readout requests
-        for (rid, pos, slot), v in zip(self._readout_meta, vals):
+        vals = act.float().cpu().numpy()
+        streams = xs.float().cpu().numpy() if self.site_capture[layer] else None
+        for i, (key, pos, slot, capture) in enumerate(self._readout_meta):
+            out = self.readouts.get(key)
+            if out is None:
+                continue
             k = int(self.slot_entries[slot, layer])
-            if k and rid in self.readouts:
-                self.readouts[rid].append((layer, pos, v[:k].tolist()))
+            if k:
+                out.append(("act", layer, pos, vals[i, :k].tolist()))
+            if streams is not None and layer in capture:
+                out.append(("resid", layer, pos, streams[i].tolist()))
 
 
 _RUNTIME: SteeringRuntime | None = None

@@ -198,7 +198,7 @@ def _hook_runner(runner, rt: SteeringRuntime) -> None:
             apply_to[i] = rs.apply_to
             num_prompt[i] = state.num_prompt_tokens
             if rs.readout_key is not None:
-                readout.append((i, rs.readout_key))
+                readout.append((i, rs))
         rt.begin_step(
             req_slots,
             apply_to,

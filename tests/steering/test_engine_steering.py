@@ -322,3 +322,20 @@ def test_tensor_parallel_ranks_steer_identically(eager_server):
     with start_server((*EAGER_SERVER_ARGS, "--tensor-parallel-size", "3")) as tp3:
         got = [ids(complete(tp3, p, c)) for p, c in jobs]
     assert got == want
+
+
+# -- the plugin idle is the plain engine ----------------------------------------------------------
+def test_idle_plugin_equals_plain_vllm(eager_server):
+    """Unsteered requests on a steering server ≡ the same engine without the plugin, and a
+    server started with --no-steering refuses steering instead of ignoring it."""
+    from tests.conftest import EAGER_SERVER_ARGS, start_server
+
+    jobs = [(p, None) for p in PROMPTS[:4]]
+    want = asyncio.run(complete_many(eager_server, jobs))
+    with start_server((*EAGER_SERVER_ARGS, "--no-steering")) as plain:
+        assert asyncio.run(complete_many(plain, jobs)) == want
+        r = httpx.post(f"{plain.url}/v1/completions", headers=auth(plain), timeout=60, json={
+            "model": "SmolLM2-135M-Instruct", "prompt": "hi", "max_tokens": 2,
+            "steering": vec_steer(1)})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "steering"
+        assert httpx.get(f"{plain.url}/v1/steering", headers=auth(plain)).json() == {"enabled": False}

@@ -166,3 +166,39 @@ def test_rewriting_a_slot_clears_old_layers():
     h0 = h.clone()
     run_step(rt, [slot], [2], [0], [9], [0], h, r, 2)
     assert torch.equal(h, h0)
+
+
+def test_readout_files_entry_activations_and_captured_streams():
+    rt = make_runtime()
+    clamp = programs()[1]  # two clamp entries at layer 1
+    clamp.return_activations = True
+    wire = clamp.extra_args(readout_key="req-A")["steering"]
+    rs = rt.admit("internal-A", wire)
+    # a capture-only request: no program, no slot, its layer-2 stream is filed
+    empty = {"v": 1, "hash": "0", "apply_to": 0, "readout": True, "readout_key": "req-B",
+             "capture": [2], "program": {"d": D, "layers": []}}
+    rb = rt.admit("internal-B", empty)
+    assert rb.slot == 0 and rt.allocator.busy == 1
+    for layer in range(L):
+        h = torch.randn(5, D, dtype=torch.float64)
+        r = torch.randn(5, D, dtype=torch.float64)
+        rt.begin_step(np.array([rs.slot, 0]), np.array([0, 0]), np.array([3, 2]), np.array([0, 7]),
+                      np.array([9, 9]), [(0, rs), (1, rb)])
+        set_runtime(rt)
+        try:
+            torch.ops.steering.steer_(h, r, layer)
+        finally:
+            set_runtime(None)
+            rt.end_step()
+        if layer == 2:
+            x_b = (h + r)[3:].numpy().copy()
+    a = rt.pop_readout("req-A")
+    assert sorted((k, lay, pos) for k, lay, pos, _ in a) == [("act", 1, p, ) for p in range(3)]
+    for _, _, _, vals in a:
+        assert len(vals) == 2  # both entries of the slot at layer 1
+    b = rt.pop_readout("req-B")
+    assert [(k, lay, pos) for k, lay, pos, _ in b] == [("resid", 2, 7), ("resid", 2, 8)]
+    np.testing.assert_allclose(np.array([v for *_, v in b]), x_b)
+    assert rt.pop_readout("req-B") is None
+    rt.release(["internal-A", "internal-B"])
+    assert rt.allocator.busy == 0

@@ -1,0 +1,315 @@
+"""PackRegistry: a FeatureSource over several loaded packs, plus the catalog queries.
+
+Addressing:
+  * ``pack/feature``: a named feature of a pack (always unambiguous);
+  * ``feature``: the bare name, when exactly one loaded pack defines it (else AmbiguousFeature,
+    listing the qualified names);
+  * ``pack/SAE:i`` (bare ``SAE:i``): latent i of the pack's SAE with id SAE (e.g. ``L12:1234``),
+    calibrated from the SAE's per-latent p99.
+
+Catalog (for the HTTP routes): :meth:`packs`, :meth:`features`, :meth:`get`, :meth:`search`;
+inspect: :meth:`saes`, :meth:`encode`, :meth:`latent_info`. Everything returned is plain
+JSON-able data except :meth:`resolve` (a Feature) and :meth:`encode` (an array).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from steering.features import AmbiguousFeature, Feature, UnknownFeature
+from steering.packs.format import (
+    MANIFEST_FILE, SAE, Pack, PackError, load_pack, model_fingerprint, site,
+)
+
+__all__ = ["PackRegistry", "model_fingerprint", "bundled_packs_dir", "discover_packs"]
+
+_LATENT_RE = re.compile(r"^(?P<sae>[A-Za-z0-9_.\-]+):(?P<i>\d+)$")
+_WORD_RE = re.compile(r"[a-z0-9]+")
+
+
+def bundled_packs_dir() -> Path:
+    """The repository's ``feature_packs/`` folder."""
+    return Path(__file__).resolve().parents[2] / "feature_packs"
+
+
+def discover_packs(paths: Iterable[str | Path]) -> list[Path]:
+    """Pack folders among ``paths``: a pack folder itself, or the pack folders directly inside."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if (p / MANIFEST_FILE).is_file():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(c for c in p.iterdir() if (c / MANIFEST_FILE).is_file()))
+        else:
+            raise FileNotFoundError(f"{p} is neither a pack folder nor a folder of packs")
+    return out
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower().replace("_", " "))
+
+
+class PackRegistry:
+    """Loaded packs, checked against one model's fingerprint (if given)."""
+
+    def __init__(self, fingerprint: dict[str, Any] | None = None, strict_model: bool = True) -> None:
+        self.fingerprint = fingerprint
+        self.strict_model = strict_model
+        self._packs: dict[str, Pack] = {}
+        self._cache: dict[str, Feature] = {}
+
+    # -- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_paths(cls, paths: Iterable[str | Path], model_dir: str | Path | None = None,
+                   strict_model: bool = True) -> "PackRegistry":
+        """Load every pack under ``paths`` (see :func:`discover_packs`), verified against the
+        model in ``model_dir`` when given."""
+        reg = cls(model_fingerprint(model_dir) if model_dir is not None else None, strict_model)
+        for p in discover_packs(paths):
+            reg.load(p)
+        return reg
+
+    @classmethod
+    def bundled(cls, model_dir: str | Path, extra_paths: Iterable[str | Path] = (),
+                strict_model: bool = True) -> "PackRegistry":
+        """The packs of ``feature_packs/`` that fit the model in ``model_dir`` (packs for other
+        models are skipped), plus every pack under ``extra_paths`` (those must fit)."""
+        reg = cls(model_fingerprint(model_dir), strict_model)
+        for p in discover_packs([bundled_packs_dir()]):
+            try:
+                reg.load(p)
+            except PackError as e:
+                if "built for another model" not in e.problem:
+                    raise
+        for p in discover_packs(extra_paths):
+            reg.load(p)
+        return reg
+
+    def load(self, path: str | Path) -> Pack:
+        pack = load_pack(path, self.fingerprint, self.strict_model)
+        self.add(pack)
+        return pack
+
+    def add(self, pack: Pack) -> None:
+        if pack.name in self._packs:
+            raise PackError(pack.name, f"a pack of that name is already loaded (from {self._packs[pack.name].path})")
+        if self._packs:
+            ref = next(iter(self._packs.values())).manifest["model"]["fingerprint"]
+            fp = pack.manifest["model"]["fingerprint"]
+            if int(ref["hidden_size"]) != int(fp["hidden_size"]):
+                raise PackError(pack.name, "hidden size differs from the other loaded packs")
+        self._packs[pack.name] = pack
+        self._cache.clear()
+
+    def remove(self, name: str) -> None:
+        self._packs.pop(name)
+        self._cache.clear()
+
+    def pack(self, name: str) -> Pack:
+        try:
+            return self._packs[name]
+        except KeyError:
+            raise KeyError(f"no pack {name!r} is loaded") from None
+
+    # -- FeatureSource ----------------------------------------------------------------------
+    def _locate(self, name: str) -> tuple[Pack, str]:
+        """(pack, local name) for a qualified or bare name."""
+        if "/" in name:
+            pname, local = name.split("/", 1)
+            if pname not in self._packs:
+                raise UnknownFeature(f"unknown feature {name!r}: no pack {pname!r} is loaded")
+            pack = self._packs[pname]
+            if local in pack.features or self._latent(pack, local) is not None:
+                return pack, local
+            raise UnknownFeature(f"unknown feature {name!r}: pack {pname!r} has no feature {local!r}")
+        hits = [p for p in self._packs.values()
+                if name in p.features or self._latent(p, name) is not None]
+        if not hits:
+            raise UnknownFeature(f"unknown feature {name!r}")
+        if len(hits) > 1:
+            raise AmbiguousFeature(
+                f"feature {name!r} is ambiguous: use one of {sorted(f'{p.name}/{name}' for p in hits)}")
+        return hits[0], name
+
+    @staticmethod
+    def _latent(pack: Pack, local: str) -> tuple[SAE, int] | None:
+        m = _LATENT_RE.match(local)
+        if not m or m["sae"] not in pack.saes:
+            return None
+        sae, i = pack.saes[m["sae"]], int(m["i"])
+        return (sae, i) if i < sae.d_sae else None
+
+    def resolve(self, name: str) -> Feature:
+        pack, local = self._locate(name)
+        key = f"{pack.name}/{local}"
+        if key in self._cache:
+            return self._cache[key]
+        if local in pack.features:
+            f = pack.features[local]
+            feat = Feature(name=key, layer=f.layer, kind=f.kind, direction=f.direction,
+                           encoder=f.encoder, bias=f.bias, threshold=f.threshold, scale=f.scale,
+                           default_mode=f.default_mode, description=f.description)
+        else:
+            sae, i = self._latent(pack, local)  # type: ignore[misc]
+            feat = sae.latent_feature(i, key)
+        self._cache[key] = feat
+        return feat
+
+    # -- catalog ----------------------------------------------------------------------------
+    def packs(self) -> list[dict[str, Any]]:
+        return [p.summary() for p in sorted(self._packs.values(), key=lambda p: p.name)]
+
+    def _entry(self, pack: Pack, local: str, full: bool = False) -> dict[str, Any]:
+        meta = pack.feature_meta(local)
+        e = {"id": f"{pack.name}/{local}", "name": local, "pack": pack.name,
+             "description": meta.get("description", ""), "tags": meta.get("tags", []),
+             "layer": meta["layer"], "site": meta.get("site", site(meta["layer"])),
+             "kind": meta["kind"], "default_mode": meta.get("default_mode", "add"),
+             "calibration": meta["calibration"]}
+        if full:
+            for k in ("evidence", "source"):
+                if k in meta:
+                    e[k] = meta[k]
+        return e
+
+    def features(self, pack: str | None = None, tag: str | None = None,
+                 layer: int | None = None) -> list[dict[str, Any]]:
+        """Named features (SAE latents are not listed; see :meth:`search` / :meth:`saes`)."""
+        out = []
+        for p in sorted(self._packs.values(), key=lambda p: p.name):
+            if pack is not None and p.name != pack:
+                continue
+            for local, f in p.features.items():
+                if layer is not None and f.layer != layer:
+                    continue
+                e = self._entry(p, local)
+                if tag is not None and tag not in e["tags"]:
+                    continue
+                out.append(e)
+        if pack is not None and pack not in self._packs:
+            raise KeyError(f"no pack {pack!r} is loaded")
+        return out
+
+    def get(self, name: str) -> dict[str, Any]:
+        """Catalog entry of a feature or latent (qualified or unambiguous bare name)."""
+        pack, local = self._locate(name)
+        if local in pack.features:
+            return self._entry(pack, local, full=True)
+        sae, i = self._latent(pack, local)  # type: ignore[misc]
+        return self.latent_info(pack.name, sae.id, i)
+
+    def latent_info(self, pack: str, sae_id: str, i: int) -> dict[str, Any]:
+        p = self.pack(pack)
+        sae = p.saes[sae_id]
+        feat = sae.latent_feature(i, f"{pack}/{sae_id}:{i}")
+        lab = (sae.labels[i] if sae.labels and i < len(sae.labels) else {}) or {}
+        e = {"id": f"{pack}/{sae_id}:{i}", "name": f"{sae_id}:{i}", "pack": pack, "kind": "sae",
+             "layer": sae.layer, "site": site(sae.layer), "latent": i, "sae": sae_id,
+             "description": lab.get("label", ""), "tags": [], "default_mode": "add",
+             "calibration": {"scale": feat.scale, "calibrated": sae.latent_p99 is not None}}
+        for k in ("label", "top_tokens", "examples", "frequency", "explanation"):
+            if k in lab:
+                e[k] = lab[k]
+        named = [f["name"] for f in p.manifest["features"]
+                 if (f.get("source") or {}).get("sae") == sae_id and (f.get("source") or {}).get("latent") == i]
+        if named:
+            e["named_as"] = [f"{pack}/{n}" for n in named]
+        return e
+
+    def search(self, q: str, limit: int = 20, include_latents: bool = True) -> list[dict[str, Any]]:
+        """Rank features (and SAE latents) by token/substring matches of ``q`` against names,
+        tags, descriptions and latent labels / top tokens. Each hit carries its ``score``."""
+        qw = _words(q)
+        ql = q.strip().lower()
+        if not qw and not ql:
+            return []
+        hits: list[tuple[float, str, dict[str, Any]]] = []
+
+        def score_text(name: str, tags: list[str], desc: str, extra: list[str] = ()) -> float:
+            s = 0.0
+            nw, dw = set(_words(name)), set(_words(desc))
+            tw = {w for t in tags for w in _words(t)}
+            ew = {w for t in extra for w in _words(t)}
+            for w in qw:
+                if w in nw:
+                    s += 6
+                elif any(x.startswith(w) or w in x for x in nw):
+                    s += 3
+                if w in tw:
+                    s += 4
+                if w in dw:
+                    s += 2
+                elif len(w) >= 3 and w in desc.lower():
+                    s += 1
+                if w in ew:
+                    s += 1.5
+            if ql and ql == name.lower().replace("_", " ").strip():
+                s += 10
+            return s
+
+        for p in self._packs.values():
+            for local in p.features:
+                e = self._entry(p, local)
+                sc = score_text(local, e["tags"], e["description"])
+                if sc > 0:
+                    hits.append((sc, e["id"], e))
+            if not include_latents:
+                continue
+            for sid, sae in p.saes.items():
+                if not sae.labels:
+                    continue
+                for i, lab in enumerate(sae.labels):
+                    if not lab:
+                        continue
+                    toks = [t if isinstance(t, str) else str(t[0]) for t in lab.get("top_tokens", [])][:8]
+                    sc = 0.6 * score_text("", [], lab.get("label", "") + " " + lab.get("explanation", ""), toks)
+                    if sc > 0:
+                        hits.append((sc, f"{p.name}/{sid}:{i}", {
+                            "id": f"{p.name}/{sid}:{i}", "name": f"{sid}:{i}", "pack": p.name,
+                            "kind": "sae", "layer": sae.layer, "latent": i,
+                            "description": lab.get("label", ""), "top_tokens": toks}))
+        hits.sort(key=lambda t: (-t[0], t[1]))
+        return [{**e, "score": round(s, 3)} for s, _, e in hits[:max(0, int(limit))]]
+
+    # -- SAE access (inspect) ---------------------------------------------------------------
+    def saes(self) -> list[dict[str, Any]]:
+        out = []
+        for p in sorted(self._packs.values(), key=lambda p: p.name):
+            for sid, s in p.saes.items():
+                out.append({"pack": p.name, "id": sid, "layer": s.layer, "site": site(s.layer),
+                            "d_in": s.d_in, "d_sae": s.d_sae, "activation": s.activation, "k": s.k,
+                            "labelled": bool(s.labels), "metrics": s.meta.get("metrics", {})})
+        return out
+
+    def sae(self, layer: int, pack: str | None = None, sae_id: str | None = None) -> SAE:
+        cands = [(p.name, s) for p in self._packs.values() for s in p.saes.values()
+                 if s.layer == layer and (pack is None or p.name == pack)
+                 and (sae_id is None or s.id == sae_id)]
+        if not cands:
+            raise KeyError(f"no SAE at layer {layer}" + (f" in pack {pack!r}" if pack else ""))
+        if len(cands) > 1:
+            raise KeyError(f"several SAEs at layer {layer}: {sorted(f'{n}/{s.id}' for n, s in cands)}; pass pack=")
+        return cands[0][1]
+
+    def encode(self, layer: int, h, pack: str | None = None, sae_id: str | None = None):
+        """SAE latent activations [T, d_sae] (native SAELens units) of residuals h [T, d]."""
+        return self.sae(layer, pack, sae_id).encode(h)
+
+    def labels(self, layer: int, pack: str | None = None) -> list[dict[str, Any]] | None:
+        return self.sae(layer, pack).labels
+
+    def top_latents(self, layer: int, h, k: int = 10, pack: str | None = None) -> list[list[dict[str, Any]]]:
+        """Per position, the k most active latents with their labels (for an inspect view)."""
+        sae = self.sae(layer, pack)
+        acts = np.asarray(sae.encode(h))
+        out = []
+        for row in acts:
+            idx = np.argsort(-row)[:k]
+            out.append([{"latent": int(i), "act": float(row[i]), "label": sae.label(int(i))}
+                        for i in idx if row[i] > 0])
+        return out

@@ -35,14 +35,24 @@ class Encoded:
         return len(self.ids)
 
 
+_MODELS: dict[tuple[str, torch.dtype], tuple[Any, Any]] = {}
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) in eval mode on CPU; float32 by default for collection."""
+    """(model, tokenizer) in eval mode on CPU; float32 by default for collection.
+
+    Cached per (folder, dtype) within the process (the builders only read activations through
+    temporary hooks, so a shared model stays unmodified)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    model.eval()
-    return model, tok
+    key = (str(Path(model_dir).resolve()), dtype)
+    if key not in _MODELS:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        model.eval()
+        _MODELS.clear()  # keep at most one model resident
+        _MODELS[key] = (model, tok)
+    return _MODELS[key]
 
 
 def has_chat_template(tok) -> bool:

@@ -13,6 +13,7 @@ training data (``split="train"``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import random
@@ -111,12 +112,19 @@ def _wiki() -> list[list[dict[str, str]]]:
 _LOADERS = {"chitchat": _chitchat, "wiki": _wiki}
 
 
-def load_corpus(name: str, split: str = "train") -> list[list[dict[str, str]]]:
-    """Conversations of corpus ``name`` in the fixed seeded order; ``split`` = train | calibration | all."""
-    if name not in _LOADERS:
-        raise CorpusError(f"unknown corpus {name!r}; known: {sorted(_LOADERS)}")
+@functools.lru_cache(maxsize=None)
+def _shuffled(name: str) -> tuple:
     convs = _LOADERS[name]()
     random.Random(SPLIT_SEED).shuffle(convs)
+    return tuple(convs)
+
+
+def load_corpus(name: str, split: str = "train") -> list[list[dict[str, str]]]:
+    """Conversations of corpus ``name`` in the fixed seeded order; ``split`` = train | calibration | all.
+    (Parsed once per process; the message dicts are shared: do not mutate them.)"""
+    if name not in _LOADERS:
+        raise CorpusError(f"unknown corpus {name!r}; known: {sorted(_LOADERS)}")
+    convs = list(_shuffled(name))
     if split == "calibration":
         return convs[:CALIBRATION_SAMPLES]
     if split == "train":

@@ -93,9 +93,10 @@ def collect_activations(model_dir: str | Path, layer: int, tokens: int, out_dir:
 
     i = start
     while i < len(convs) and index["tokens"] + n_buf < tokens:
-        chunk = [collect.encode_chat(tok, c, max_tokens=max_tokens) for c in convs[i:i + batch_size]]
+        room = max(1, (tokens - index["tokens"] - n_buf) // 64)  # don't overshoot small requests
+        chunk = [collect.encode_chat(tok, c, max_tokens=max_tokens) for c in convs[i:i + min(batch_size, room)]]
         t0 = t0 if n_buf else time.time()
-        for acts, where in collect.iter_token_activations(model, chunk, layer, batch_size):
+        for acts, where in collect.iter_token_activations(model, chunk, layer, len(chunk)):
             w = np.asarray(where, dtype=np.int64)
             ids = np.array([chunk[s].ids[p] for s, p in where], dtype=np.int64)
             buf_a.append(acts)
@@ -524,7 +525,8 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
     sae_np = sae_t.to_sae(f"L{layer}", layer)
     enc_cal, cal_info = cal.calibration_samples(tok, {"corpus": list(o["corpora"]),
                                                       "samples": max(1, int(o["ce_samples"]) // 2)})
-    metrics.update(downstream_loss(model, enc_cal, layer, sae_np))
+    if int(o["ce_samples"]) > 0:  # 0 skips the (full-model) downstream-loss evaluation
+        metrics.update(downstream_loss(model, enc_cal, layer, sae_np))
     V, I = sparse_codes(sae_t, acts, progress=progress)
     samples = corpus_samples(tok, o["corpora"], "train", o["max_tokens_per_sample"],
                              limit=int(where[:, 0].max()) + 1)

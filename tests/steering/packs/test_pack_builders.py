@@ -57,7 +57,7 @@ def test_contrastive_builder_separates_held_out_pairs(tmp_path, bundled_model):
     np.testing.assert_allclose(again.features["weather"].direction, pack.features["weather"].direction, rtol=1e-5)
 
 
-def _sparse_data(n=6000, d=24, m=48, active=3, seed=0):
+def _sparse_data(n=4000, d=24, m=48, active=3, seed=0):
     rng = np.random.default_rng(seed)
     G = rng.normal(size=(m, d))
     G /= np.linalg.norm(G, axis=1, keepdims=True)
@@ -75,7 +75,7 @@ def test_sae_trainer_lowers_mse_and_reports_metrics():
         init.b_dec.copy_(torch.from_numpy(acts.astype(np.float32)).median(0).values)
     before = reconstruction_metrics(init, acts)
     log = []
-    sae = train_topk_sae(acts, d_sae=48, k=3, epochs=12, batch_size=256, lr=3e-3, aux_k=16,
+    sae = train_topk_sae(acts, d_sae=48, k=3, epochs=8, batch_size=256, lr=3e-3, aux_k=16,
                          dead_after_tokens=2000, seed=0, progress=False, log=log)
     after = reconstruction_metrics(sae, acts)
     assert set(after) >= {"nmse", "fvu", "fve", "l0", "dead_frac"}
@@ -89,6 +89,26 @@ def test_sae_trainer_lowers_mse_and_reports_metrics():
     dense = torch.zeros(50, 48).scatter_(1, i, v).detach().numpy()
     np.testing.assert_allclose(np_sae.encode(x.numpy()), dense, atol=1e-5)
     # seeded: the same run again gives the same weights
-    sae2 = train_topk_sae(acts, d_sae=48, k=3, epochs=1, batch_size=256, lr=3e-3, seed=1, progress=False)
-    sae3 = train_topk_sae(acts, d_sae=48, k=3, epochs=1, batch_size=256, lr=3e-3, seed=1, progress=False)
+    sae2 = train_topk_sae(acts[:1024], d_sae=48, k=3, epochs=1, batch_size=256, lr=3e-3, seed=1, progress=False)
+    sae3 = train_topk_sae(acts[:1024], d_sae=48, k=3, epochs=1, batch_size=256, lr=3e-3, seed=1, progress=False)
     assert torch.equal(sae2.W_dec, sae3.W_dec)
+
+
+def test_train_sae_pipeline_smoke(tmp_path, bundled_model):
+    """collect → train → evaluate → label → match → pack, at toy size (shallow layer, few tokens)."""
+    from steering.packs.sae import train_sae
+
+    p = train_sae(out=tmp_path / "sae", progress=False, model=bundled_model, layer=2, d_sae=64, k=4,
+                  tokens=600, epochs=2, batch_size=128, lr=1e-3, eval_tokens=100, ce_samples=0,
+                  concepts_recipe=TINY, min_corr=-1.0, min_cos=-1.0,
+                  activations_dir=tmp_path / "acts", name="toy-sae")
+    reg = PackRegistry.from_paths([p], bundled_model)
+    s = reg.saes()[0]
+    m = s["metrics"]
+    assert {"nmse", "fvu", "fve", "l0", "dead_frac"} <= set(m)  # CE metrics: see the bundled pack test
+    assert 0 < m["l0"] <= 4
+    labs = reg.labels(2)
+    assert len(labs) == 64 and any(lab.get("examples") for lab in labs)
+    f = reg.get("toy-sae/weather_latent")
+    assert f["kind"] == "sae" and {"cosine_with_contrastive", "activation_corr"} <= set(f["evidence"])
+    assert f["source"]["sae"] == "L2"

@@ -25,6 +25,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
 
 import numpy as np  # noqa: E402
 
+IDLE_S = 2.0
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how rainbows form.",
@@ -56,6 +57,9 @@ def timed_generate(llm, prompts, extra_args_list, n_tokens: int) -> float:
         SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True, extra_args=ea)
         for ea in extra_args_list
     ]
+    # vLLM's idle workers busy-poll their shared-memory queue for ~1 s after each step: let the
+    # other engine go quiet before timing this one (two cores; a spinning reader halves speed).
+    time.sleep(IDLE_S)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     dt = time.perf_counter() - t0
@@ -118,22 +122,29 @@ def main() -> None:
 
     samples: dict[str, list[float]] = {"baseline": []}
     samples.update({k: [] for k in scenarios})
+    paired: dict[str, list[float]] = {k: [] for k in scenarios}
     for r in range(args.repeats):
         for name, ea in scenarios.items():  # alternate: baseline, scenario, baseline, ...
-            samples["baseline"].append(timed_generate(base, prompts, [None] * args.batch, args.tokens))
-            samples[name].append(timed_generate(steer, prompts, ea, args.tokens))
+            b = timed_generate(base, prompts, [None] * args.batch, args.tokens)
+            s = timed_generate(steer, prompts, ea, args.tokens)
+            samples["baseline"].append(b)
+            samples[name].append(s)
+            paired[name].append(s / b)  # adjacent runs: robust to slow drift of the machine
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = []
     print(f"\nbatch {args.batch} × {args.tokens} tokens, dtype {args.dtype}, "
           f"{'eager' if args.enforce_eager else 'compiled'}, median of {args.repeats}")
-    print(f"{'scenario':32s} {'tok/s':>9s} {'ratio':>7s}")
+    print(f"{'scenario':32s} {'tok/s':>9s} {'ratio':>7s} {'paired':>7s}  (paired = median of s/b "
+          "over adjacent runs)")
     print(f"{'baseline (no plugin)':32s} {med['baseline']:9.1f} {1.0:7.3f}")
     for name in scenarios:
         ratio = med[name] / med["baseline"]
-        rows.append({"scenario": name, "tok_s": med[name], "ratio": ratio, "samples": samples[name]})
-        print(f"{name:32s} {med[name]:9.1f} {ratio:7.3f}")
+        pr = statistics.median(paired[name])
+        rows.append({"scenario": name, "tok_s": med[name], "ratio": ratio, "paired_ratio": pr,
+                     "samples": samples[name], "paired": paired[name]})
+        print(f"{name:32s} {med[name]:9.1f} {ratio:7.3f} {pr:7.3f}")
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "args": vars(args), "baseline_tok_s": med["baseline"], "baseline_samples": samples["baseline"],

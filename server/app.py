@@ -21,7 +21,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import generation as gen
-from server.engine import ServeConfig, build_engine_args, create_engine
+from server.catalog import catalog_router
+from server.experiments.manager import ExperimentManager
+from server.experiments.routes import experiments_router
+from server.engine import ServeConfig, build_engine_args, create_engine, load_packs
 from server.errors import (
     AuthError,
     EngineUnavailable,
@@ -44,7 +47,8 @@ except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0+src"
 
 KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/steering", "/health",
-                "/metrics", "/version"}
+                "/metrics", "/version", "/v1/packs", "/v1/features", "/v1/features/search",
+                "/v1/features/inspect", "/v1/presets", "/v1/experiments"}
 
 
 @dataclass
@@ -58,6 +62,8 @@ class AppState:
     model_path: Path | None = None
     max_model_len: int | None = None
     compiler: SteeringCompiler | None = None
+    packs: Any = None  # steering.packs.registry.PackRegistry when steering is on
+    experiments: Any = None  # server.experiments.manager.ExperimentManager (presets, A/B tests)
     gate: SlotGate | None = None
     startup_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
@@ -86,17 +92,21 @@ class AppState:
 
         cfg = self.config
         path = await asyncio.to_thread(resolve_model, cfg.model)
+        steering_cfg = cfg.steering_config()
+        if steering_cfg is not None:  # before the engine: a bad pack fails in seconds
+            self.packs = await asyncio.to_thread(load_packs, cfg, path)
+            logger.info("feature packs: %s", [p["name"] for p in self.packs.packs()])
         args = build_engine_args(cfg, path, self.served_names)
         engine = await asyncio.to_thread(create_engine, args)
         try:
             self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
             self.model_path = path
             self.max_model_len = engine.model_config.max_model_len
-            steering_cfg = cfg.steering_config()
             if steering_cfg is not None:
                 hf = engine.model_config.hf_text_config
                 self.compiler = SteeringCompiler(
-                    steering_cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers)
+                    steering_cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+                    feature_source=self.packs)
                 self.gate = SlotGate(capacity=steering_cfg.max_slots)
             gate = self.gate
             self.metrics.bind(
@@ -223,6 +233,7 @@ def create_app(state: AppState) -> FastAPI:
         async def start() -> None:
             try:
                 await state.start()
+                state.experiments.ready()  # validates the presets file against the packs
             except BaseException as exc:  # noqa: BLE001
                 state.startup_error = exc
                 logger.exception("engine failed to start")
@@ -235,11 +246,14 @@ def create_app(state: AppState) -> FastAPI:
         finally:
             await asyncio.gather(starting, return_exceptions=True)
             state.shutdown()
+            state.experiments.close()
 
     app = FastAPI(title="steer", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(RequestIdAndMetrics, metrics=state.metrics)
     app.state.steer = state
+    if state.experiments is None:
+        state.experiments = ExperimentManager(state)
     auth = [Depends(_auth_dependency(state))]
 
     @app.get("/health")
@@ -268,7 +282,7 @@ def create_app(state: AppState) -> FastAPI:
             {"id": name, "object": "model", "created": state.created, "owned_by": "steer",
              "root": str(state.model_path) if state.model_path else None,
              "max_model_len": state.max_model_len}
-            for name in state.served_names]}
+            for name in state.served_names] + state.experiments.model_entries(state.created)}
 
     @app.get("/v1/steering", dependencies=auth)
     async def steering_status() -> dict[str, Any]:
@@ -289,6 +303,9 @@ def create_app(state: AppState) -> FastAPI:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request) -> Response:
         return await _handle(request, state, chat=False)
+
+    app.include_router(catalog_router(state, auth))
+    app.include_router(experiments_router(state, auth))
 
     return app
 
@@ -332,7 +349,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     """Validate, prepare and run one chat or text completion request."""
     body = await _json_body(request)
     req: gen.GenerationRequest = parse_chat(body) if chat else parse_completion(body)
-    model = _check_model(state, req.model)
+    ab = state.experiments.route(req, request.headers)  # presets, experiments → model, steering
+    model = ab.model or _check_model(state, req.model)
     state.require_engine()
     if chat:
         assert isinstance(req, ChatCompletionRequest)
@@ -353,9 +371,11 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
                   params=gen.sampling_params(req, compiled, request_id), compiled=compiled)
 
     headers = {"x-steering-hash": compiled.hash} if compiled is not None else {}
+    headers.update(ab.headers())
     if req.stream:
         return DisconnectAwareStream(
-            _stream(state, req, job, compiled, model, chat), media_type="text/event-stream",
+            state.experiments.recorded_stream(ab, _stream(state, req, job, compiled, model, chat), job,
+                                              len(prompt_ids)), media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"})
     choices = await _until_client_gone(request, asyncio.ensure_future(_collect(state, job, chat)))
     if choices is None:
@@ -365,6 +385,7 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     activations = await gen.steering_activations(state, job)
     if activations is not None:
         body["steering"]["activations"] = activations
+    state.experiments.finish(ab, job, len(prompt_ids), body)
     return JSONResponse(body, headers=headers)
 
 

@@ -65,6 +65,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="steerable decoder layers: 'all' or a comma list such as '8,12,16-20' (default: all)")
     s.add_argument("--max-steering-strength", type=float, default=32.0,
                    help="largest accepted |strength| or |scale| (default: 32.0)")
+    s.add_argument("--feature-pack", action="append", default=[], metavar="PATH",
+                   help="load a feature pack folder (or a folder of packs); repeatable")
+    s.add_argument("--no-bundled-packs", dest="bundled_packs", action="store_false",
+                   help="do not load the packs in feature_packs/ that fit the model")
+    s.add_argument("--presets", default=None, metavar="YAML",
+                   help="named steering presets, served as '<model>:<preset>' "
+                        "(default: feature_packs/presets.yaml with the bundled packs)")
+    p.add_argument("--data-dir", default=None,
+                   help="where presets, experiments and their results are stored (SQLite; "
+                        "default: $STEER_DATA_DIR or ~/.cache/steer/data)")
     p.set_defaults(func=serve)
 
 
@@ -81,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         enable_prefix_caching=args.enable_prefix_caching, steering=args.steering,
         max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
+        feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
+        presets=args.presets, data_dir=args.data_dir,
         log_level=args.log_level,
     )
 
@@ -117,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description="Steering-enabled inference server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
+    from steering.packs.cli import add_pack_parser
+
+    add_pack_parser(sub)
+    from server.experiments.cli import add_ab_parser
+
+    add_ab_parser(sub)
     return parser
 
 

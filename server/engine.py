@@ -36,6 +36,10 @@ class ServeConfig:
     max_steered_features: int = 32
     steer_layers: list[int] | None = None
     max_steering_strength: float = 32.0
+    feature_packs: list[str] = field(default_factory=list)
+    bundled_packs: bool = True
+    presets: str | None = None  # presets YAML (default: feature_packs/presets.yaml with the bundled packs)
+    data_dir: str | None = None  # experiment store (default: $STEER_DATA_DIR or ~/.cache/steer/data)
     log_level: str = "info"
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +63,17 @@ class ServeConfig:
         if not self.model or self.model in DEFAULT_MODEL_ALIASES:
             return [DEFAULT_MODEL_NAME]
         return [self.model]
+
+
+def load_packs(cfg: ServeConfig, model_path: Path):
+    """The feature packs to serve: those of feature_packs/ that fit the model (unless
+    --no-bundled-packs) plus every --feature-pack, which must fit. Raises PackError naming the
+    pack and the problem (sha mismatch, another model, NaN tensors, missing tensors)."""
+    from steering.packs.registry import PackRegistry
+
+    if cfg.bundled_packs:
+        return PackRegistry.bundled(model_path, extra_paths=cfg.feature_packs)
+    return PackRegistry.from_paths(cfg.feature_packs, model_path)
 
 
 def build_engine_args(cfg: ServeConfig, model_path: Path, served: list[str]) -> AsyncEngineArgs:

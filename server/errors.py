@@ -41,6 +41,18 @@ class ModelNotFound(APIError):
     """The request names a model this server does not serve."""
 
 
+class NotFound(APIError):
+    """The request names a pack or feature that is not loaded."""
+
+
+class Conflict(APIError):
+    """The request would create something that already exists (a preset or experiment name)."""
+
+
+class StoreUnavailable(APIError):
+    """The experiment store (SQLite) failed; completions are still served."""
+
+
 class ContextTooLong(APIError):
     """The prompt (plus requested output) does not fit the model's context."""
 
@@ -63,6 +75,9 @@ class ErrorKind:
 # Most specific first: the first row whose exception type matches wins.
 ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (ModelNotFound, ErrorKind(404, "invalid_request_error", "model_not_found")),
+    (NotFound, ErrorKind(404, "invalid_request_error", "not_found")),
+    (Conflict, ErrorKind(409, "invalid_request_error", "conflict")),
+    (StoreUnavailable, ErrorKind(503, "service_unavailable", "store_unavailable")),
     (ContextTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded")),
     (InvalidRequest, ErrorKind(400, "invalid_request_error")),
     (AuthError, ErrorKind(401, "authentication_error", "invalid_api_key")),

@@ -43,6 +43,8 @@ class Job:
     arrival: float = field(default_factory=time.monotonic)
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # filled from the first output
     captured: list[Any] = field(default_factory=list)  # ("resid", layer, position, stream) records
+    generated_tokens: int = 0  # over all choices, counted in run()
+    finish_reason: str | None = None  # the last one reported
 
 
 def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str) -> None:
@@ -104,7 +106,9 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
     engine = state.require_engine()
     m = state.metrics
     steered = "true" if job.compiled is not None else "false"
-    hold = (state.gate.hold(job.compiled.table_hash) if state.gate is not None and job.compiled
+    # A capture-only readout (empty program) takes no slot.
+    hold = (state.gate.hold(job.compiled.table_hash)
+            if state.gate is not None and job.compiled and job.compiled.program.layers
             else contextlib.nullcontext())
     async with hold:
         prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
@@ -121,8 +125,11 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
                 now = time.monotonic()
                 for o in out.outputs:
                     k = len(o.token_ids)
+                    if o.finish_reason is not None:
+                        job.finish_reason = o.finish_reason
                     if not k:
                         continue
+                    job.generated_tokens += k
                     m.generated_tokens.inc(k)
                     if first_token:
                         m.ttft.labels(steered).observe(now - job.arrival)
@@ -217,16 +224,26 @@ def prompt_logprobs(state: AppState, out: RequestOutput) -> list[dict[str, Any] 
 async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]] | None:
     """Post-steering activations per steered token, fetched from the workers after the request.
 
-    One entry per (token position, layer): ``values`` are act(h) of the request's clamp / scale /
-    ablate entries at that layer, in the order they were applied."""
-    if job.compiled is None or not job.compiled.return_activations:
+    One entry per (token position, layer): ``features`` maps each steered feature (or
+    ``vectors[i]``) at that layer to act(h) after the op. Clamp/scale/ablate entries are read by
+    the op itself; add-mode features from the captured stream."""
+    compiled = job.compiled
+    if compiled is None or not compiled.return_activations:
         return None
     per_rank = await state.require_engine().collective_rpc("steering_readout", args=(job.request_id,))
     records = per_rank[0] or []  # every tensor-parallel rank computes the same values
     job.captured = [r for r in records if r[0] == "resid"]
-    return [{"position": pos, "layer": layer, "values": values}
-            for kind, layer, pos, values in sorted(records, key=lambda r: (r[2], r[1]))
-            if kind == "act"]
+    rows: dict[tuple[int, int], dict[str, float]] = {}
+    for kind, layer, pos, values in records:
+        feats = rows.setdefault((pos, layer), {})
+        if kind == "act":
+            feats.update(zip(compiled.entry_labels.get(layer, []), values))
+        else:
+            for name, feat in compiled.probes:
+                if feat.layer == layer:
+                    feats[name] = float(feat.activation(values))
+    return [{"position": pos, "layer": layer, "features": feats}
+            for (pos, layer), feats in sorted(rows.items()) if feats]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

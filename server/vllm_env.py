@@ -32,15 +32,24 @@ def has_nvidia_gpu() -> bool:
     return os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi") is not None
 
 
-USER_SET = frozenset(k for k in CPU_DEFAULTS if k in os.environ)
+# Names this module defaulted, passed on to child processes (a test's server, a CLI it spawns)
+# so that they do not mistake our defaults for the user's own settings.
+_DEFAULTED_MARK = "STEER_DEFAULTED_ENV"
+_inherited = set(filter(None, os.environ.get(_DEFAULTED_MARK, "").split(",")))
+USER_SET = frozenset(k for k in CPU_DEFAULTS if k in os.environ and k not in _inherited)
 
 
 def apply_defaults() -> None:
     """Set the CPU defaults that are still unset (no-op on GPU machines)."""
     if has_nvidia_gpu():
         return
+    defaulted = set(_inherited)
     for key, value in CPU_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            defaulted.add(key)
+    if defaulted:
+        os.environ[_DEFAULTED_MARK] = ",".join(sorted(defaulted))
 
 
 def bind_tensor_parallel(tp: int) -> None:

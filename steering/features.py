@@ -45,6 +45,14 @@ class Feature:
         d = np.asarray(self.direction, dtype=np.float64)
         return d / np.linalg.norm(d)
 
+    def activation(self, h: np.ndarray) -> np.ndarray:
+        """act(h) for residual-stream rows h [..., d] (the readout the clamp pins)."""
+        h = np.asarray(h, dtype=np.float64)
+        if self.kind != "sae":
+            return h @ self.unit_direction()
+        pre = h @ np.asarray(self.encoder, dtype=np.float64) + self.bias
+        return np.where(pre > self.threshold, pre, 0.0)
+
 
 class FeatureSource(Protocol):
     """Resolves a feature name from a request; raises UnknownFeature / AmbiguousFeature."""

@@ -59,6 +59,12 @@ class CompiledSteering:
     applied: list[dict[str, Any]] = field(default_factory=list)
     capture: tuple[int, ...] = ()
     """Layers whose steered residual stream is read back too (feature inspection)."""
+    entry_labels: dict[int, list[str]] = field(default_factory=dict)
+    """Per layer, the feature/vector behind each clamp/scale/ablate entry, in table order."""
+    probes: list[tuple[str, Feature]] = field(default_factory=list)
+    """Add-mode named features whose act(h) is computed from the captured stream on readout."""
+    salt: str | None = None
+    """Overrides the prefix-cache salt (inspect requests use a unique one)."""
 
     def __post_init__(self) -> None:
         self.table_hash = self.program.table_hash()
@@ -68,7 +74,7 @@ class CompiledSteering:
     @property
     def cache_salt(self) -> str:
         """Prefix-cache salt: KV blocks are never shared across different steering."""
-        return f"steer-{self.hash}"
+        return self.salt or f"steer-{self.hash}"
 
     def extra_args(self, readout_key: str | None = None) -> dict[str, Any]:
         """The ``SamplingParams.extra_args`` that carry this steering to the workers.
@@ -170,10 +176,20 @@ class SteeringCompiler:
 
         program = SteeringProgram(hidden_size=self.hidden_size)
         applied: list[dict[str, Any]] = []
+        labels: dict[int, list[str]] = {}
+        probes: list[tuple[str, Feature]] = []
         for name, spec in features.items():
-            applied.append(self._feature(program, name, spec))
+            item = self._feature(program, name, spec)
+            applied.append(item)
+            if item["mode"] == "add":
+                probes.append((item["feature"], self.features.resolve(str(name))))
+            else:
+                labels.setdefault(item["layer"], []).append(item["feature"])
         for i, spec in enumerate(vectors):
-            applied.append(self._vector(program, i, spec))
+            item = self._vector(program, i, spec)
+            applied.append(item)
+            if item["mode"] != "add":
+                labels.setdefault(item["layer"], []).append(f"vectors[{i}]")
         for layer, lp in program.layers.items():
             if lp.num_entries > self.cfg.max_features:
                 raise SteeringError(
@@ -181,7 +197,9 @@ class SteeringCompiler:
                     f"server maximum {self.cfg.max_features} (--max-steered-features)",
                     "steering",
                 )
-        return CompiledSteering(program, apply_to, readout, applied)
+        capture = tuple(sorted({f.layer for _, f in probes})) if readout else ()
+        return CompiledSteering(program, apply_to, readout, applied, capture=capture,
+                                entry_labels=labels, probes=probes)
 
     # -- pieces -------------------------------------------------------------------------
     def _check_layer(self, layer: Any, param: str) -> int:

@@ -33,6 +33,8 @@ API_KEY = os.environ.get("STEER_TEST_API_KEY", "sk-steer-test")
 # float32: greedy outputs must match the transformers reference token for token.
 DEFAULT_SERVER_ARGS: tuple[str, ...] = ("--dtype", "float32", "--max-model-len", "2048", "--api-key", API_KEY)
 STARTUP_TIMEOUT_S = float(os.environ.get("STEER_TEST_STARTUP_TIMEOUT", "300"))
+# Test servers keep presets and experiments in a throwaway store, not ~/.cache/steer/data.
+os.environ.setdefault("STEER_DATA_DIR", tempfile.mkdtemp(prefix="steer-test-data-"))
 
 
 @pytest.fixture(autouse=True)

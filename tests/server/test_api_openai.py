@@ -25,8 +25,10 @@ def chat_prompt_ids(tokenizer, messages) -> list[int]:
 
 def test_models_list(client: openai.OpenAI) -> None:
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].id == MODEL
     assert models.data[0].object == "model"
+    # The rest are the presets, "<model>:<preset>" with the model as parent.
+    assert all(m.id.startswith(f"{MODEL}:") and m.model_extra["parent"] == MODEL for m in models.data[1:])
 
 
 def test_chat_greedy_exact_and_usage(client: openai.OpenAI, tokenizer) -> None:

@@ -206,7 +206,7 @@ def test_clamp_readout_equals_target(server, mode, target):
     assert positions == list(range(n_prompt + 10 - 1))
     for a in acts:
         assert a["layer"] == 12
-        assert a["values"][0] == pytest.approx(target, abs=2e-3), a
+        assert a["features"]["vectors[0]"] == pytest.approx(target, abs=2e-3), a
 
 
 # -- 6. prefix cache never shares KV across steering ------------------------------------------

@@ -1,0 +1,345 @@
+"""Engine-free HTTP tests of presets and experiments: the real app and steering compiler (bundled
+packs) over a fake engine, a temporary data directory, and an injected failing store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import AppState, create_app
+from server.engine import ServeConfig
+from server.experiments import assign
+from server.experiments.manager import ExperimentManager
+from server.experiments.store import SQLiteStore
+from server.model_store import resolve_model
+from steering.config import SteeringConfig
+from steering.request import SteeringCompiler
+
+MODEL = "SmolLM2-135M-Instruct"
+KEY = "sk-test"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+class FakeEngine:
+    """Answers every request with four tokens; records the steering it was given."""
+
+    errored = False
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def generate(self, prompt, params, request_id):
+        self.seen.append(params.extra_args)
+        out = SimpleNamespace(index=0, text="ahoy", token_ids=[1, 2, 3, 4], finish_reason="length",
+                              logprobs=None)
+        yield SimpleNamespace(outputs=[out], finished=True, prompt_logprobs=None)
+
+    async def abort(self, request_id):
+        pass
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from steering.packs.registry import PackRegistry
+
+    path = resolve_model(None)
+    packs = PackRegistry.bundled(path)
+    return {"tokenizer": AutoTokenizer.from_pretrained(str(path)), "packs": packs,
+            "compiler": SteeringCompiler(SteeringConfig(), hidden_size=576, num_layers=30,
+                                         feature_source=packs)}
+
+
+def make_state(parts: dict[str, Any], data_dir: Path, store: Any = None) -> AppState:
+    state = AppState(config=ServeConfig(api_key=KEY, data_dir=str(data_dir)))
+    state.engine = FakeEngine()
+    state.tokenizer = parts["tokenizer"]
+    state.max_model_len = 2048
+    state.compiler = parts["compiler"]
+    state.packs = parts["packs"]
+    if store is not None:
+        state.experiments = ExperimentManager(state, store=store)
+    return state
+
+
+@pytest.fixture
+def api(parts, tmp_path) -> Iterator[tuple[TestClient, AppState]]:
+    state = make_state(parts, tmp_path)
+    app = create_app(state)  # no lifespan: the fake engine stands in
+    state.experiments.ready()
+    with_client = TestClient(app)
+    yield with_client, state
+    state.experiments.close()
+
+
+def chat(client: TestClient, _headers: dict[str, str] | None = None, **extra: Any) -> Any:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body, headers={**AUTH, **(_headers or {})})
+
+
+def two_variant(name: str = "tone-test", **kw: Any) -> dict[str, Any]:
+    return {"name": name, "unit": "user", "variants": [
+        {"name": "control", "weight": 1, "control": True},
+        {"name": "pirate", "preset": "pirate", "weight": 1}], **kw}
+
+
+def user_for(name: str, variant_index: int, weights=(1, 1)) -> str:
+    return next(f"u{i}" for i in range(1000)
+                if assign.assign(name, f"user:u{i}", list(weights)) == variant_index)
+
+
+def test_bundled_presets_listed_as_models(api):
+    client, _ = api
+    ids = {m["id"]: m for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+    for p in ("formal", "friendly", "no-hedging", "pirate"):
+        assert ids[f"{MODEL}:{p}"]["parent"] == MODEL
+    presets = {p["name"]: p for p in client.get("/v1/presets", headers=AUTH).json()["data"]}
+    assert presets["pirate"]["steering"] == {"features": {"pirate": 1.0}}
+    assert presets["pirate"]["source"] == "file"
+
+
+def test_preset_model_and_merge_rule(api):
+    client, state = api
+    r = chat(client, model=f"{MODEL}:formal")
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == f"{MODEL}:formal"
+    applied = {a["feature"]: a["strength"] for a in r.json()["steering"]["applied"]}
+    assert applied == {"smollm2-tone/formality": 1.0, "smollm2-tone/humor": -0.5}
+    r = chat(client, model=f"{MODEL}:formal", steering={"features": {"formality": 0.25, "pirate": 0.5}})
+    applied = {a["feature"]: a["strength"] for a in r.json()["steering"]["applied"]}
+    assert applied == {"smollm2-tone/formality": 0.25, "smollm2-tone/humor": -0.5,
+                       "smollm2-tone/pirate": 0.5}
+    # Names are matched after resolution: a qualified name overrides the preset's bare one.
+    r = chat(client, model=f"{MODEL}:formal", steering={"features": {"smollm2-tone/formality": -0.25}})
+    applied = {a["feature"]: a["strength"] for a in r.json()["steering"]["applied"]}
+    assert applied == {"smollm2-tone/formality": -0.25, "smollm2-tone/humor": -0.5}
+    r = chat(client, model=f"{MODEL}:formal", steering={"features": {"no_such": 1.0}})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "steering.features.no_such")
+    r = chat(client, model=f"{MODEL}:nope")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_preset_admin_and_bad_inputs(api, parts, tmp_path):
+    client, _ = api
+    ok = {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}, "description": "calm"}
+    r = client.post("/v1/presets", json=ok, headers=AUTH)
+    assert r.status_code == 200 and r.json()["models"] == [f"{MODEL}:calm"]
+    cases = [
+        (ok, 409, "name"),
+        ({**ok, "name": "bad name"}, 400, "name"),
+        ({"name": "x"}, 400, "steering"),
+        ({"name": "x", "steering": {"features": {"no_such": 1.0}}}, 400, "steering.features.no_such"),
+        ({"name": "x", "steering": {"features": {"pirate": 99.0}}}, 400, "steering.features.pirate"),
+        ({"name": "x", "steering": {}}, 400, "steering"),
+        ({"name": "x", "steering": {"features": {"pirate": 1}}, "extra": 1}, 400, "extra"),
+    ]
+    for body, status, param in cases:
+        r = client.post("/v1/presets", json=body, headers=AUTH)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param), (body, r.text)
+    r = client.delete("/v1/presets/pirate", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    assert client.delete("/v1/presets/nope", headers=AUTH).status_code == 404
+    assert client.post("/v1/presets", json=ok).status_code == 401
+
+    # Persisted: a restarted server (same data dir) still has it; then it can be deleted.
+    state2 = make_state(parts, tmp_path)
+    c2 = TestClient(create_app(state2))
+    assert "calm" in {p["name"] for p in c2.get("/v1/presets", headers=AUTH).json()["data"]}
+    assert c2.delete("/v1/presets/calm", headers=AUTH).json()["deleted"] is True
+    assert "calm" not in state2.experiments.presets
+    state2.experiments.close()
+
+
+def test_experiment_bad_inputs(api):
+    client, _ = api
+    control = {"name": "c", "control": True}
+    cases = [
+        ({"name": "e", "variants": []}, "variants"),
+        ({"name": "e"}, "variants"),
+        ({"name": "e", "variants": [control, {"name": "t", "weight": 0}]}, "variants.[1].weight"),
+        ({"name": "e", "variants": [control, {"name": "t", "weight": -1}]}, "variants.[1].weight"),
+        ({"name": "e", "variants": [control, {"name": "c", "weight": 1}]}, "variants.[1].name"),
+        ({"name": "e", "variants": [{"name": "a"}, {"name": "b"}]}, "variants"),
+        ({"name": "e", "variants": [control, {**control, "name": "d"}]}, "variants"),
+        ({"name": "e", "variants": [control, {"name": "t", "steering": {"features": {"zzz": 1}}}]},
+         "variants.[1].steering.features.zzz"),
+        ({"name": "e", "variants": [control, {"name": "t", "steering": {"vectors": [{"layer": 99, "values": [0.0]}]}}]},
+         "variants.[1].steering.vectors[0].layer"),
+        ({"name": "e", "variants": [control, {"name": "t", "preset": "nope"}]}, "variants.[1].preset"),
+        ({"name": "e", "unit": "team", "variants": [control]}, "unit"),
+        ({"name": "e", "status": "done", "variants": [control]}, "status"),
+        ({"name": "e/x", "variants": [control]}, "name"),
+    ]
+    for body, param in cases:
+        r = client.post("/v1/experiments", json=body, headers=AUTH)
+        assert (r.status_code, r.json()["error"]["param"]) == (400, param), (body, r.text)
+    assert client.post("/v1/experiments", json=two_variant(), headers=AUTH).status_code == 200
+    r = client.post("/v1/experiments", json=two_variant(), headers=AUTH)
+    assert r.status_code == 409
+    for path, status, param in (("/v1/experiments/nope", 404, "name"),
+                                ("/v1/experiments/nope/results", 404, "name")):
+        r = client.get(path, headers=AUTH)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param)
+    r = client.patch("/v1/experiments/tone-test", json={"status": "finished"}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "status")
+    r = client.patch("/v1/experiments/tone-test", json={"variants": []}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "variants")
+    r = chat(client, steering={"experiment": "nope"})
+    assert (r.status_code, r.json()["error"]["param"]) == (404, "steering.experiment")
+    r = chat(client, model=f"{MODEL}:exp/nope")
+    assert (r.status_code, r.json()["error"]["param"]) == (404, "model")
+    r = chat(client, model=f"{MODEL}:exp/tone-test", steering={"experiment": "other"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "steering.experiment")
+
+
+def test_assignment_headers_feedback_results_and_restart(api, parts, tmp_path):
+    client, state = api
+    assert client.post("/v1/experiments", json=two_variant(), headers=AUTH).status_code == 200
+    u_control, u_pirate = user_for("tone-test", 0), user_for("tone-test", 1)
+    ids = {}
+    for user, variant in ((u_control, "control"), (u_pirate, "pirate")):
+        for _ in range(3):
+            r = chat(client, user=user, steering={"experiment": "tone-test"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-steer-experiment"] == "tone-test"
+            assert r.headers["x-steer-variant"] == variant
+            assert r.json()["experiment"] == {"name": "tone-test", "variant": variant}
+            ids.setdefault(variant, []).append(r.json()["id"])
+    # The variant's steering reached the engine; the control's did not.
+    assert state.engine.seen[0] is None and state.engine.seen[-1] is not None
+    # Header unit and model-name entry.
+    r = chat(client, model=f"{MODEL}:exp/tone-test", _headers={"x-steer-user": u_pirate})
+    assert r.headers["x-steer-variant"] == "pirate" and r.json()["model"] == f"{MODEL}:exp/tone-test"
+    # Streaming is tagged by headers and recorded too.
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "stream": True, "user": u_control, "steering": {"experiment": "tone-test"}}) as s:
+        assert s.headers["x-steer-variant"] == "control"
+        assert "".join(s.iter_text()).endswith("data: [DONE]\n\n")
+
+    scores = {"control": [1, 2, 3], "pirate": [4, 5, 4.5]}
+    for variant, rids in ids.items():
+        for rid, score in zip(rids, scores[variant]):
+            r = client.post("/v1/experiments/tone-test/feedback", headers=AUTH,
+                            json={"response_id": rid, "score": score,
+                                  "label": "good" if variant == "pirate" else "bad"})
+            assert r.status_code == 200 and r.json()["status"] == "created"
+    r = client.post("/v1/experiments/tone-test/feedback", headers=AUTH,
+                    json={"response_id": ids["pirate"][0], "score": 4})
+    assert r.status_code == 200 and r.json()["status"] == "updated"  # idempotent per response
+    for body, status, param in (({"response_id": "chatcmpl-nope", "score": 1}, 404, "response_id"),
+                                ({"response_id": ids["pirate"][0]}, 400, "score"),
+                                ({"response_id": ids["pirate"][0], "label": "meh"}, 400, "label"),
+                                ({"response_id": ids["pirate"][0], "score": "x"}, 400, "score")):
+        r = client.post("/v1/experiments/tone-test/feedback", headers=AUTH, json=body)
+        assert (r.status_code, r.json()["error"]["param"]) == (status, param)
+
+    res = client.get("/v1/experiments/tone-test/results", headers=AUTH).json()
+    by = {v["name"]: v for v in res["variants"]}
+    assert by["control"]["n"] == 4 and by["pirate"]["n"] == 4 and res["n"] == 8
+    assert by["pirate"]["score"]["n"] == 3 and by["pirate"]["labels"]["good_rate"] == 1.0
+    assert by["pirate"]["generated_tokens"]["p50"] == 4
+    assert by["pirate"]["vs_control"]["score_p_value"] < 0.05
+    metrics = client.get("/metrics").text
+    assert 'steer_experiment_requests_total{experiment="tone-test",variant="pirate"} 4.0' in metrics
+    assert 'steer_experiment_feedback_total{experiment="tone-test",variant="pirate"} 3.0' in metrics
+
+    # Paused: control for everyone, nothing recorded.
+    client.patch("/v1/experiments/tone-test", json={"status": "paused"}, headers=AUTH)
+    r = chat(client, user=u_pirate, steering={"experiment": "tone-test"})
+    assert r.headers["x-steer-variant"] == "control"
+    assert client.get("/v1/experiments/tone-test/results", headers=AUTH).json()["n"] == 8
+
+    # Restart: a new app over the same data directory sees the same experiment and data.
+    state.experiments.close()
+    state2 = make_state(parts, tmp_path)
+    c2 = TestClient(create_app(state2))
+    exp = c2.get("/v1/experiments/tone-test", headers=AUTH).json()
+    assert exp["status"] == "paused" and [v["name"] for v in exp["variants"]] == ["control", "pirate"]
+    res2 = c2.get("/v1/experiments/tone-test/results", headers=AUTH).json()
+    assert res2["n"] == 8 and res2["variants"][1]["score"]["n"] == 3
+    raw = sqlite3.connect(tmp_path / "steer.db").execute("SELECT unit_hash FROM exposures").fetchall()
+    assert all(u_pirate not in h and u_control not in h for (h,) in raw)
+    assert c2.delete("/v1/experiments/tone-test", headers=AUTH).json()["deleted"] is True
+    state2.experiments.close()
+
+
+class FailingStore(SQLiteStore):
+    """Definitions load, then every write or read raises like a broken disk."""
+
+    def record_exposure(self, e):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    def record_feedback(self, *a):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    def observations(self, *a):
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_failing_store_still_serves_and_counts(parts, tmp_path):
+    state = make_state(parts, tmp_path, store=FailingStore.in_dir(tmp_path))
+    client = TestClient(create_app(state))
+    state.experiments.ready()
+    assert client.post("/v1/experiments", json=two_variant("fs"), headers=AUTH).status_code == 200
+    r = chat(client, user="alice", steering={"experiment": "fs"})
+    assert r.status_code == 200 and r.json()["experiment"]["name"] == "fs"
+    state.experiments._pool.submit(lambda: None).result()  # the recording has run
+    m = client.get("/metrics").text
+    assert 'steer_experiment_store_errors_total{op="exposure"} 1.0' in m
+    r = client.post("/v1/experiments/fs/feedback", headers=AUTH, json={"response_id": r.json()["id"], "score": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+    assert client.get("/v1/experiments/fs/results", headers=AUTH).status_code == 503
+    state.experiments.close()
+
+
+def test_unwritable_data_dir_still_serves(parts, tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    state = make_state(parts, blocked / "data")
+    client = TestClient(create_app(state))
+    state.experiments.ready()
+    assert client.get("/metrics").text.count('steer_experiment_store_errors_total{op="load"} 1.0') == 1
+    r = chat(client, model=f"{MODEL}:pirate")
+    assert r.status_code == 200
+    r = client.post("/v1/experiments", json=two_variant("x"), headers=AUTH)
+    assert r.status_code == 503
+    state.experiments.close()
+
+
+def test_presets_file_flag(parts, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("presets:\n  shouty: {steering: {features: {enthusiasm: 1.5}}, description: loud}\n")
+    state = make_state(parts, tmp_path / "d1")
+    state.config.presets = str(good)
+    mgr = ExperimentManager(state)
+    mgr.ready()
+    assert set(mgr.presets) == {"shouty"} and mgr.presets["shouty"]["description"] == "loud"
+    mgr.close()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("presets:\n  broken: {steering: {features: {no_such_feature: 1.0}}}\n")
+    state = make_state(parts, tmp_path / "d2")
+    state.config.presets = str(bad)
+    mgr = ExperimentManager(state)
+    with pytest.raises(ValueError, match="broken.*steering.features.no_such_feature"):
+        mgr.ready()  # a bad --presets file stops the server at start-up
+    mgr.close()
+
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("presets:\n  x: 3\n")
+    state = make_state(parts, tmp_path / "d3")
+    state.config.presets = str(malformed)
+    with pytest.raises(ValueError, match="needs a 'steering' mapping"):
+        ExperimentManager(state)

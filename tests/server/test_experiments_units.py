@@ -1,0 +1,188 @@
+"""Engine-free: assignment, the SQLite store and its migrations, results statistics, merging."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from server.experiments import assign
+from server.experiments.cli import render
+from server.experiments.manager import merge_steering
+from server.experiments.stats import results, srm_check, two_proportion_p
+from server.experiments.store import MIGRATIONS, Exposure, SQLiteStore
+
+
+def test_split_within_two_percent_of_weights():
+    weights = [0.5, 0.3, 0.2]
+    counts = Counter(assign.assign("tone-test", f"user-{i}", weights) for i in range(10_000))
+    for i, w in enumerate(weights):
+        assert abs(counts[i] / 10_000 - w) < 0.02, (i, counts)
+    # Unnormalised weights give the same buckets.
+    assert all(assign.assign("tone-test", f"u{i}", [5, 3, 2]) == assign.assign("tone-test", f"u{i}", weights)
+               for i in range(500))
+
+
+def test_assignment_is_sticky_and_depends_on_the_experiment():
+    for i in range(200):
+        first = assign.assign("exp-a", f"user-{i}", [1, 1])
+        assert all(assign.assign("exp-a", f"user-{i}", [1, 1]) == first for _ in range(5))
+    a = [assign.assign("exp-a", f"user-{i}", [1, 1]) for i in range(1000)]
+    b = [assign.assign("exp-b", f"user-{i}", [1, 1]) for i in range(1000)]
+    assert a != b  # independent hashing per experiment
+    u = assign.uniform("exp-a", "x")
+    assert 0.0 <= u < 1.0 and assign.bucket(0.0, [1, 1]) == 0 and assign.bucket(0.999999, [1, 1]) == 1
+    assert assign.unit_hash("alice") != "alice" and len(assign.unit_hash("alice")) == 64
+
+
+def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) -> Exposure:
+    return Exposure(response_id=rid, experiment="e", variant=variant, unit_hash=assign.unit_hash(rid),
+                    unit_kind="user", started=1.0, finished=1.5, prompt_tokens=5,
+                    generated_tokens=tokens, latency_s=latency, finish_reason="length")
+
+
+def test_migrations_from_empty_and_reopen(tmp_path):
+    store = SQLiteStore.in_dir(tmp_path)
+    assert store.schema_version() == len(MIGRATIONS) == 2
+    store.close()
+    db = sqlite3.connect(tmp_path / "steer.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"schema_version", "presets", "experiments", "exposures", "feedback"} <= tables
+    assert [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+    db.close()
+    again = SQLiteStore.in_dir(tmp_path)  # re-opening applies nothing twice
+    assert again.schema_version() == 2
+    again.close()
+
+
+def test_partial_migration_is_completed(tmp_path):
+    """A database at version 1 (an older server) is brought to the latest version."""
+    path = tmp_path / "steer.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.executescript(MIGRATIONS[0])
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    assert store.schema_version() == 2
+    idx = {r[0] for r in store._all("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "feedback_by_experiment" in idx
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "steer.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    db.execute("INSERT INTO schema_version VALUES (99)")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        SQLiteStore(path)
+
+
+def test_definitions_exposures_and_feedback_survive_reopen(tmp_path):
+    store = SQLiteStore.in_dir(tmp_path)
+    store.put_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
+    spec = {"name": "e", "unit": "user", "variants": [{"name": "a", "weight": 1.0, "control": True}]}
+    store.put_experiment("e", spec, "running")
+    store.record_exposure(_exposure("r1", "a"))
+    store.record_exposure(_exposure("r2", "a"))
+    assert store.record_feedback("e", "r1", 4.0, None) == ("created", "a")
+    assert store.record_feedback("e", "r1", 5.0, "good") == ("updated", "a")  # idempotent per id
+    assert store.record_feedback("e", "nope", 1.0, None) is None
+    assert store.record_feedback("other", "r1", 1.0, None) is None
+    store.set_status("e", "paused")
+    store.close()
+
+    store = SQLiteStore.in_dir(tmp_path)
+    assert [p["name"] for p in store.list_presets()] == ["calm"]
+    [exp] = store.list_experiments()
+    assert exp["name"] == "e" and exp["status"] == "paused"
+    obs = sorted(store.observations("e"), key=lambda o: o["score"] is None)
+    assert len(obs) == 2 and obs[0]["score"] == 5.0 and obs[0]["label"] == "good"
+    assert obs[1]["score"] is None
+    raw = store._all("SELECT unit_hash FROM exposures")
+    assert all(len(r[0]) == 64 and r[0] != "r1" for r in raw)
+    store.delete_experiment("e")
+    assert store.observations("e") == [] and store.list_experiments() == []
+    store.close()
+
+
+def test_results_statistics():
+    spec = {"name": "e", "status": "running", "variants": [
+        {"name": "control", "weight": 1.0, "control": True},
+        {"name": "pirate", "weight": 1.0, "control": False}]}
+    rng = np.random.default_rng(0)
+    obs = []
+    for v, mu, p_good in (("control", 3.0, 0.3), ("pirate", 4.0, 0.7)):
+        for i in range(100):
+            obs.append({"variant": v, "generated_tokens": 10 + i % 5, "latency_s": 0.1 * (1 + i % 10),
+                        "score": float(rng.normal(mu, 1.0)), "label": "good" if rng.random() < p_good else "bad"})
+    res = results(spec, obs)
+    c, t = res["variants"]
+    assert c["n"] == t["n"] == 100 and res["n"] == 200 and res["control"] == "control"
+    lo, hi = c["score"]["ci95"]
+    assert lo < c["score"]["mean"] < hi and 2.6 < c["score"]["mean"] < 3.4
+    assert t["vs_control"]["score_p_value"] < 1e-6 and t["vs_control"]["score_diff"] > 0.5
+    assert t["vs_control"]["good_rate_p_value"] < 0.01 and t["vs_control"]["good_rate_diff"] > 0.2
+    assert c["generated_tokens"]["p50"] == 12 and c["latency_s"]["p95"] == pytest.approx(1.0)
+    assert res["sample_ratio"]["mismatch"] is False and res["warnings"] == []
+    text = render(res)
+    assert "pirate" in text and "control" in text
+
+    skewed = results(spec, obs[:100] + obs[100:110])
+    assert skewed["sample_ratio"]["mismatch"] is True and "sample ratio mismatch" in skewed["warnings"][0]
+    empty = results(spec, [])
+    assert empty["variants"][1]["vs_control"]["score_p_value"] is None
+    assert empty["variants"][0]["score"]["mean"] is None
+
+
+def test_srm_and_proportions_edges():
+    assert srm_check([500, 500], [1, 1])["mismatch"] is False
+    assert srm_check([0, 0], [1, 1])["p_value"] is None
+    assert two_proportion_p(0, 0, 1, 2) is None
+    assert two_proportion_p(5, 10, 5, 10) == pytest.approx(1.0)
+
+
+def test_merge_rule():
+    preset = {"features": {"pirate": 1.0, "formality": 0.5}, "vectors": [{"layer": 1}], "apply_to": "all"}
+    variant = {"features": {"formality": -0.5}}
+    request = {"features": {"pirate": 0.2}, "vectors": [{"layer": 2}], "apply_to": "generated",
+               "return_activations": True}
+    merged = merge_steering(preset, variant, request)
+    assert merged == {"features": {"pirate": 0.2, "formality": -0.5},
+                      "vectors": [{"layer": 1}, {"layer": 2}], "apply_to": "generated",
+                      "return_activations": True}
+    assert merge_steering(None, {}, None) is None
+    assert preset["features"] == {"pirate": 1.0, "formality": 0.5}  # inputs untouched
+
+
+def test_cli_prints_results(monkeypatch, capsys):
+    import httpx
+
+    from server.cli import main
+
+    spec = {"name": "e", "status": "running", "variants": [
+        {"name": "control", "weight": 1.0, "control": True}, {"name": "t", "weight": 1.0}]}
+    obs = [{"variant": v, "generated_tokens": 5, "latency_s": 0.2, "score": s, "label": None}
+           for v, s in (("control", 1.0), ("control", 2.0), ("t", 4.0), ("t", 5.0))]
+    seen = {}
+
+    def fake_get(url, headers, timeout):
+        seen["url"], seen["headers"] = url, headers
+        return httpx.Response(200, json=results(spec, obs))
+
+    monkeypatch.setattr(httpx, "get", fake_get)
+    assert main(["ab", "results", "e", "--url", "http://x:1/", "--api-key", "k"]) == 0
+    out = capsys.readouterr().out
+    assert seen["url"] == "http://x:1/v1/experiments/e/results"
+    assert seen["headers"] == {"authorization": "Bearer k"}
+    assert "control (control)" in out and "sample ratio check" in out
+
+    monkeypatch.setattr(httpx, "get", lambda *a, **k: httpx.Response(
+        404, json={"error": {"message": "no experiment named 'e'"}}))
+    assert main(["ab", "results", "e"]) == 1

@@ -54,9 +54,9 @@ def programs():
     ]
 
 
-def run_step(rt, slots_per_req, n_sched, computed, prompt, apply_to, h, r, layer):
+def run_step(rt, slots_per_req, n_sched, computed, prompt, apply_to, h, r, layer, readout=()):
     rt.begin_step(np.array(slots_per_req), np.array(apply_to), np.array(n_sched),
-                  np.array(computed), np.array(prompt), [])
+                  np.array(computed), np.array(prompt), list(readout))
     set_runtime(rt)
     try:
         torch.ops.steering.steer_(h, r, layer)
@@ -182,14 +182,8 @@ def test_readout_files_entry_activations_and_captured_streams():
     for layer in range(L):
         h = torch.randn(5, D, dtype=torch.float64)
         r = torch.randn(5, D, dtype=torch.float64)
-        rt.begin_step(np.array([rs.slot, 0]), np.array([0, 0]), np.array([3, 2]), np.array([0, 7]),
-                      np.array([9, 9]), [(0, rs), (1, rb)])
-        set_runtime(rt)
-        try:
-            torch.ops.steering.steer_(h, r, layer)
-        finally:
-            set_runtime(None)
-            rt.end_step()
+        run_step(rt, [rs.slot, 0], [3, 2], [0, 7], [9, 9], [0, 0], h, r, layer,
+                 readout=[(0, rs), (1, rb)])
         if layer == 2:
             x_b = (h + r)[3:].numpy().copy()
     a = rt.pop_readout("req-A")

@@ -179,10 +179,10 @@ class SteeringCompiler:
         labels: dict[int, list[str]] = {}
         probes: list[tuple[str, Feature]] = []
         for name, spec in features.items():
-            item = self._feature(program, name, spec)
+            item, feat = self._feature(program, name, spec)
             applied.append(item)
             if item["mode"] == "add":
-                probes.append((item["feature"], self.features.resolve(str(name))))
+                probes.append((item["feature"], feat))
             else:
                 labels.setdefault(item["layer"], []).append(item["feature"])
         for i, spec in enumerate(vectors):
@@ -213,7 +213,7 @@ class SteeringCompiler:
             )
         return layer
 
-    def _feature(self, program: SteeringProgram, name: Any, spec: Any) -> dict[str, Any]:
+    def _feature(self, program: SteeringProgram, name: Any, spec: Any) -> tuple[dict[str, Any], Feature]:
         param = f"steering.features.{name}"
         if self.features is None:
             raise SteeringError(f"unknown feature {name!r}: no feature packs are loaded", param,
@@ -240,7 +240,7 @@ class SteeringCompiler:
         if feat.direction.shape != (self.hidden_size,):
             raise SteeringError(f"feature {feat.name!r} does not fit this model", param)
         self._place(program.at(layer), feat, mode, s)
-        return {"feature": feat.name, "layer": layer, "mode": mode, "strength": s}
+        return {"feature": feat.name, "layer": layer, "mode": mode, "strength": s}, feat
 
     @staticmethod
     def _place(lp, feat: Feature, mode: str, s: float) -> None:

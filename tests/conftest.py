@@ -11,22 +11,17 @@ must have been started with ``--api-key`` :data:`API_KEY` and the default test f
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+
+from server.launch import RunningServer, free_port, local_server  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = os.environ.get("STEER_TEST_API_KEY", "sk-steer-test")
@@ -46,73 +41,10 @@ def _seed_rngs() -> None:
         torch.manual_seed(0)
 
 
-@dataclass
-class RunningServer:
-    url: str  # http://127.0.0.1:PORT
-    api_key: str | None
-    log_path: Path | None = None
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI SDK's base_url."""
-        return f"{self.url}/v1"
-
-    def log_tail(self, chars: int = 4000) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (engine core and workers too), SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-@contextlib.contextmanager
 def start_server(extra_args: Sequence[str] = DEFAULT_SERVER_ARGS, api_key: str | None = API_KEY,
-                 timeout: float = STARTUP_TIMEOUT_S) -> Iterator[RunningServer]:
-    """Run ``steer serve`` with ``extra_args`` on a free port until the block exits.
-
-    Pass ``api_key`` matching any ``--api-key`` in ``extra_args`` (it is only recorded here).
-    """
-    port = free_port()
-    log_dir = Path(tempfile.mkdtemp(prefix="steer-server-"))
-    log_path = log_dir / "server.log"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    server = RunningServer(url=f"http://127.0.0.1:{port}", api_key=api_key, log_path=log_path)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"steer serve exited with {proc.returncode}:\n{server.log_tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"steer serve not healthy after {timeout:.0f}s:\n{server.log_tail()}")
-            time.sleep(1)
-        yield server
-    finally:
-        _stop(proc)
+                 timeout: float = STARTUP_TIMEOUT_S):
+    """Run ``steer serve`` with ``extra_args`` (default: the test flags) until the block exits."""
+    return local_server(extra_args, api_key=api_key, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

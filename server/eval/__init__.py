@@ -1,0 +1,1 @@
+"""Efficacy evaluation of steering features: text scorers, the eval harness, statistics and reports."""

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.experiments.cli import add_ab_parser
 
     add_ab_parser(sub)
+    from server.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

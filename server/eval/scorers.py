@@ -189,14 +189,17 @@ _HEDGES = _phrase_regex([
     "seems", "seem", "seemed", "appears", "appear", "could", "somewhat", "arguably", "i think",
     "i believe", "i guess", "i suppose", "it depends", "depends on", "generally", "typically",
     "usually", "often", "sometimes", "tend to", "tends to", "not sure", "i'm not sure", "uncertain",
-    "approximately", "roughly", "around", "suggest", "suggests", "relatively", "fairly", "rather",
+    "approximately", "roughly", "suggest", "suggests", "relatively", "fairly", "rather",
     "in some cases", "to some extent", "more or less", "kind of", "sort of", "it's possible",
     "not necessarily", "potentially", "presumably", "apparently", "conceivably", "would", "can be",
+    "depending on", "a variety of factors", "various factors", "going forward", "at this point in time",
+    "in due course", "it could be argued", "to a certain extent", "may or may not", "consider",
+    "considering", "worth considering", "subject to", "perspectives", "results may vary",
 ])
 
 
 def hedging(text: str) -> float:
-    """Hedges (might, perhaps, probably, it depends, I think, typically, …) per 100 words."""
+    """Hedges and caveats (might, perhaps, probably, it depends, depending on, potentially, …) per 100 words."""
     return _per100(_count(_HEDGES, text), len(words(text)))
 
 

@@ -11,18 +11,31 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -x -q
 
-.PHONY: setup install model serve test
+.PHONY: setup install model postgres serve test
 
-setup: install model
+setup: install model postgres
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[$(EXTRA),dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRA),dev,postgres]"
 	@# CUDA builds pulled in by vllm's requirements; they break `import transformers` here.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
+
+# PostgreSQL server binaries for the experiment-store tests (they start a throwaway cluster).
+# Installed with apt-get when missing and we are root; otherwise those tests are skipped.
+PG_CTL := $(firstword $(shell command -v pg_ctl 2>/dev/null) $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
+postgres:
+ifeq ($(PG_CTL),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	else \
+		echo "note: PostgreSQL not found and not root: the PostgreSQL store tests will be skipped"; \
+	fi
+endif
 
 model: install
 	$(PY) -m server.model_store

@@ -33,6 +33,16 @@ def _layers(value: str) -> list[int] | None:
     return layers
 
 
+def _store_url(value: str) -> str:
+    """An ``--experiments-db`` URL this server can open."""
+    from server.experiments.store import check_url
+
+    try:
+        return check_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible server")
     p.add_argument("--model", default=None,
@@ -75,6 +85,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None,
                    help="where presets, experiments and their results are stored (SQLite; "
                         "default: $STEER_DATA_DIR or ~/.cache/steer/data)")
+    p.add_argument("--experiments-db", type=_store_url, default=os.environ.get("STEER_EXPERIMENTS_DB"),
+                   metavar="URL",
+                   help="experiment store: postgresql://USER:PW@HOST[:PORT]/DB or sqlite:///PATH "
+                        "(env STEER_EXPERIMENTS_DB; default: steer.db in --data-dir)")
     p.set_defaults(func=serve)
 
 
@@ -92,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
         feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
-        presets=args.presets, data_dir=args.data_dir,
+        presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
         log_level=args.log_level,
     )
 
@@ -138,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from bench.run import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -40,6 +40,7 @@ class ServeConfig:
     bundled_packs: bool = True
     presets: str | None = None  # presets YAML (default: feature_packs/presets.yaml with the bundled packs)
     data_dir: str | None = None  # experiment store (default: $STEER_DATA_DIR or ~/.cache/steer/data)
+    experiments_db: str | None = None  # postgresql://… or sqlite:///… (default: SQLite in data_dir)
     log_level: str = "info"
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 

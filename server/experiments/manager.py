@@ -19,6 +19,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import re
 import time
 import uuid
@@ -40,11 +41,13 @@ from server.errors import (
 )
 from server.experiments import assign as assign_mod
 from server.experiments.store import (
+    DB_ENV,
     ExperimentStore,
     Exposure,
-    SQLiteStore,
     UnavailableStore,
     default_data_dir,
+    open_store,
+    redact,
 )
 from steering.request import SteeringError
 
@@ -114,11 +117,12 @@ class ExperimentManager:
         self.state = state
         cfg = state.config
         if store is None:
+            url = getattr(cfg, "experiments_db", None) or os.environ.get(DB_ENV) or None
             data_dir = Path(getattr(cfg, "data_dir", None) or default_data_dir())
             try:
-                store = SQLiteStore.in_dir(data_dir)
+                store = open_store(url, data_dir)
             except Exception as exc:  # noqa: BLE001  (serve anyway; count and log)
-                logger.error("experiment store in %s unavailable: %s", data_dir, exc)
+                logger.error("experiment store %s unavailable: %s", redact(url) if url else data_dir, exc)
                 store = UnavailableStore(exc)
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-ab-store")

@@ -1,25 +1,36 @@
-"""Persistence of presets, experiments, exposures and feedback: SQLite behind a small interface.
+"""Persistence of presets, experiments, exposures and feedback behind one small interface.
 
-The database lives in the server's data directory (``--data-dir``, env ``STEER_DATA_DIR``, default
-``~/.cache/steer/data``) as ``steer.db`` in WAL mode. Its schema is versioned: ``schema_version``
-holds the applied version, :data:`MIGRATIONS` is the ordered list of SQL scripts; opening a
-database applies the scripts it lacks, each in one transaction.
+Two backends run the same queries and the same versioned migrations:
+
+* SQLite (default): ``steer.db`` in the server's data directory (``--data-dir``, env
+  ``STEER_DATA_DIR``, default ``~/.cache/steer/data``), WAL mode.
+* PostgreSQL: ``--experiments-db postgresql://user:pw@host:port/db`` (env ``STEER_EXPERIMENTS_DB``),
+  through psycopg 3 (``pip install 'steer-server[postgres]'``); see :mod:`.postgres`.
+
+:func:`open_store` picks the backend from the URL. The schema is versioned: ``schema_version``
+holds the applied versions, :data:`MIGRATIONS` is the ordered list of SQL scripts (written in the
+SQL both databases speak); opening a database applies the scripts it lacks, each in one
+transaction under an exclusive lock, so two servers starting at once apply each script once.
 
 Units are stored only as sha256 hashes, never raw user ids.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 DB_FILE = "steer.db"
+DB_ENV = "STEER_EXPERIMENTS_DB"
 
 MIGRATIONS: list[str] = [
     # 1: presets, experiments, exposures, feedback
@@ -27,14 +38,14 @@ MIGRATIONS: list[str] = [
     CREATE TABLE presets (
         name TEXT PRIMARY KEY,
         spec TEXT NOT NULL,
-        created REAL NOT NULL
+        created DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE experiments (
         name TEXT PRIMARY KEY,
         spec TEXT NOT NULL,
         status TEXT NOT NULL,
-        created REAL NOT NULL,
-        updated REAL NOT NULL
+        created DOUBLE PRECISION NOT NULL,
+        updated DOUBLE PRECISION NOT NULL
     );
     CREATE TABLE exposures (
         response_id TEXT PRIMARY KEY,
@@ -42,21 +53,21 @@ MIGRATIONS: list[str] = [
         variant TEXT NOT NULL,
         unit_hash TEXT NOT NULL,
         unit_kind TEXT NOT NULL,
-        started REAL NOT NULL,
-        finished REAL NOT NULL,
+        started DOUBLE PRECISION NOT NULL,
+        finished DOUBLE PRECISION NOT NULL,
         prompt_tokens INTEGER NOT NULL,
         generated_tokens INTEGER NOT NULL,
-        latency_s REAL NOT NULL,
+        latency_s DOUBLE PRECISION NOT NULL,
         finish_reason TEXT
     );
     CREATE INDEX exposures_by_experiment ON exposures (experiment, variant);
     CREATE TABLE feedback (
         response_id TEXT PRIMARY KEY REFERENCES exposures (response_id) ON DELETE CASCADE,
         experiment TEXT NOT NULL,
-        score REAL,
+        score DOUBLE PRECISION,
         label TEXT,
-        created REAL NOT NULL,
-        updated REAL NOT NULL
+        created DOUBLE PRECISION NOT NULL,
+        updated DOUBLE PRECISION NOT NULL
     );
     """,
     # 2: feedback looked up by experiment for results
@@ -70,6 +81,10 @@ def default_data_dir() -> Path:
     """``$STEER_DATA_DIR``, else ``~/.cache/steer/data``."""
     env = os.environ.get("STEER_DATA_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "steer" / "data"
+
+
+class StoreError(RuntimeError):
+    """The store cannot serve a call (e.g. it could not be opened)."""
 
 
 @dataclass
@@ -90,8 +105,8 @@ class Exposure:
 
 
 class ExperimentStore:
-    """The interface the server uses; :class:`SQLiteStore` implements it. Every method may raise
-    (the caller counts and logs failures; requests are served regardless)."""
+    """The interface the server uses; :class:`SQLiteStore` and ``PostgresStore`` implement it.
+    Every method may raise (the caller counts and logs failures; requests are served regardless)."""
 
     def list_presets(self) -> list[dict[str, Any]]: raise NotImplementedError
     def put_preset(self, name: str, spec: dict[str, Any]) -> None: raise NotImplementedError
@@ -107,11 +122,156 @@ class ExperimentStore:
     def close(self) -> None: pass
 
 
-class SQLiteStore(ExperimentStore):
+class Tx:
+    """Statements inside one transaction (or one autocommitted statement) of a :class:`SQLStore`."""
+
+    def __init__(self, conn: Any, placeholder: str) -> None:
+        self.conn, self.placeholder = conn, placeholder
+
+    def execute(self, sql: str, args: tuple = ()) -> Any:
+        if self.placeholder != "?":
+            sql = sql.replace("?", self.placeholder)
+        return self.conn.execute(sql, args)
+
+    def all(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.execute(sql, args).fetchall()]
+
+    def one(self, sql: str, args: tuple = ()) -> dict[str, Any] | None:
+        row = self.execute(sql, args).fetchone()
+        return None if row is None else dict(row)
+
+
+class SQLStore(ExperimentStore):
+    """The queries and migrations, written once with ``?`` placeholders and ``ON CONFLICT``
+    upserts. A backend provides :meth:`_session` (a connection, with a lock held) and
+    :meth:`_transaction` (one transaction; ``exclusive`` also serialises migrations)."""
+
+    placeholder = "?"
+    where = "the database"
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Tx]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    @contextlib.contextmanager
+    def _transaction(self, exclusive: bool = False) -> Iterator[Tx]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+    # -- schema --------------------------------------------------------------------------
+    @staticmethod
+    def _version(tx: Tx) -> int:
+        tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = tx.one("SELECT MAX(version) AS v FROM schema_version")
+        return int(row["v"] or 0) if row else 0
+
+    def schema_version(self) -> int:
+        with self._session() as tx:
+            return self._version(tx)
+
+    def migrate(self) -> int:
+        """Apply the migrations this database lacks; the resulting version."""
+        while True:
+            with self._transaction(exclusive=True) as tx:
+                version = self._version(tx)
+                if version > len(MIGRATIONS):
+                    raise StoreError(f"{self.where} has schema version {version}, newer than this "
+                                     f"server's {len(MIGRATIONS)}")
+                if version == len(MIGRATIONS):
+                    return version
+                for stmt in MIGRATIONS[version].split(";"):
+                    if stmt.strip():
+                        tx.execute(stmt)
+                tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
+
+    # -- presets -------------------------------------------------------------------------
+    def list_presets(self) -> list[dict[str, Any]]:
+        with self._session() as tx:
+            return [json.loads(r["spec"]) for r in tx.all("SELECT spec FROM presets ORDER BY name")]
+
+    def put_preset(self, name: str, spec: dict[str, Any]) -> None:
+        with self._session() as tx:
+            tx.execute("INSERT INTO presets (name, spec, created) VALUES (?, ?, ?)"
+                       " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                       (name, json.dumps(spec), time.time()))
+
+    def delete_preset(self, name: str) -> None:
+        with self._session() as tx:
+            tx.execute("DELETE FROM presets WHERE name = ?", (name,))
+
+    # -- experiments ---------------------------------------------------------------------
+    def list_experiments(self) -> list[dict[str, Any]]:
+        with self._session() as tx:
+            rows = tx.all("SELECT spec, status, created FROM experiments ORDER BY created, name")
+        return [{**json.loads(r["spec"]), "status": r["status"], "created": r["created"]} for r in rows]
+
+    def put_experiment(self, name: str, spec: dict[str, Any], status: str) -> None:
+        now = time.time()
+        with self._session() as tx:
+            tx.execute("INSERT INTO experiments (name, spec, status, created, updated)"
+                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                       " spec = excluded.spec, status = excluded.status, updated = excluded.updated",
+                       (name, json.dumps(spec), status, now, now))
+
+    def set_status(self, name: str, status: str) -> None:
+        with self._session() as tx:
+            tx.execute("UPDATE experiments SET status = ?, updated = ? WHERE name = ?",
+                       (status, time.time(), name))
+
+    def delete_experiment(self, name: str) -> None:
+        """The experiment, its exposures and their feedback."""
+        with self._transaction() as tx:
+            tx.execute("DELETE FROM feedback WHERE experiment = ?", (name,))
+            tx.execute("DELETE FROM exposures WHERE experiment = ?", (name,))
+            tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
+
+    # -- observations --------------------------------------------------------------------
+    def record_exposure(self, e: Exposure) -> None:
+        """Insert one exposure (a response id is recorded once; a repeat is ignored)."""
+        with self._session() as tx:
+            tx.execute(
+                "INSERT INTO exposures (response_id, experiment, variant, unit_hash, unit_kind,"
+                " started, finished, prompt_tokens, generated_tokens, latency_s, finish_reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
+                (e.response_id, e.experiment, e.variant, e.unit_hash, e.unit_kind, e.started,
+                 e.finished, e.prompt_tokens, e.generated_tokens, e.latency_s, e.finish_reason))
+
+    def record_feedback(self, experiment: str, response_id: str, score: float | None,
+                        label: str | None) -> tuple[str, str] | None:
+        """Insert or update the feedback of one exposure: ("created" | "updated", its variant), or
+        None when the experiment has no exposure with that id."""
+        with self._transaction() as tx:
+            row = tx.one("SELECT variant FROM exposures WHERE response_id = ? AND experiment = ?",
+                         (response_id, experiment))
+            if row is None:
+                return None
+            now = time.time()
+            cur = tx.execute("UPDATE feedback SET score = ?, label = ?, updated = ? WHERE response_id = ?",
+                             (score, label, now, response_id))
+            if cur.rowcount:
+                return "updated", row["variant"]
+            tx.execute("INSERT INTO feedback (response_id, experiment, score, label, created, updated)"
+                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO UPDATE SET"
+                       " score = excluded.score, label = excluded.label, updated = excluded.updated",
+                       (response_id, experiment, score, label, now, now))
+            return "created", row["variant"]
+
+    def observations(self, experiment: str) -> list[dict[str, Any]]:
+        """Per exposure: variant, tokens, latency and its feedback (score/label or None)."""
+        with self._session() as tx:
+            return tx.all(
+                "SELECT e.variant, e.generated_tokens, e.latency_s, f.score, f.label"
+                " FROM exposures e LEFT JOIN feedback f ON f.response_id = e.response_id"
+                " WHERE e.experiment = ? ORDER BY e.started, e.response_id", (experiment,))
+
+
+class SQLiteStore(SQLStore):
     """One connection shared under a lock (calls are tiny and run off the event loop)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.where = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
@@ -123,121 +283,25 @@ class SQLiteStore(ExperimentStore):
         self.migrate()
 
     @classmethod
-    def in_dir(cls, data_dir: str | Path) -> "SQLiteStore":
+    def in_dir(cls, data_dir: str | Path) -> SQLiteStore:
         return cls(Path(data_dir).expanduser() / DB_FILE)
 
-    # -- schema --------------------------------------------------------------------------
-    def schema_version(self) -> int:
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Tx]:
         with self._lock:
-            return self._version()
+            yield Tx(self._db, "?")
 
-    def _version(self) -> int:
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)
-
-    def migrate(self) -> int:
-        """Apply the migrations this database lacks; the resulting version."""
+    @contextlib.contextmanager
+    def _transaction(self, exclusive: bool = False) -> Iterator[Tx]:
         with self._lock:
-            version = self._version()
-            if version > len(MIGRATIONS):
-                raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
-                                   f"server's {len(MIGRATIONS)}")
-            for v, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    for stmt in script.split(";"):
-                        if stmt.strip():
-                            self._db.execute(stmt)
-                    self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (v,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-            return self._version()
-
-    def _exec(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._db.execute(sql, args)
-
-    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
-
-    # -- presets -------------------------------------------------------------------------
-    def list_presets(self) -> list[dict[str, Any]]:
-        return [json.loads(r["spec"]) for r in self._all("SELECT spec FROM presets ORDER BY name")]
-
-    def put_preset(self, name: str, spec: dict[str, Any]) -> None:
-        self._exec("INSERT OR REPLACE INTO presets (name, spec, created) VALUES (?, ?, ?)",
-                   (name, json.dumps(spec), time.time()))
-
-    def delete_preset(self, name: str) -> None:
-        self._exec("DELETE FROM presets WHERE name = ?", (name,))
-
-    # -- experiments ---------------------------------------------------------------------
-    def list_experiments(self) -> list[dict[str, Any]]:
-        rows = self._all("SELECT spec, status, created FROM experiments ORDER BY created, name")
-        return [{**json.loads(r["spec"]), "status": r["status"], "created": r["created"]} for r in rows]
-
-    def put_experiment(self, name: str, spec: dict[str, Any], status: str) -> None:
-        now = time.time()
-        self._exec("INSERT OR REPLACE INTO experiments (name, spec, status, created, updated) "
-                   "VALUES (?, ?, ?, ?, ?)", (name, json.dumps(spec), status, now, now))
-
-    def set_status(self, name: str, status: str) -> None:
-        self._exec("UPDATE experiments SET status = ?, updated = ? WHERE name = ?",
-                   (status, time.time(), name))
-
-    def delete_experiment(self, name: str) -> None:
-        """The experiment, its exposures and their feedback."""
-        with self._lock:
+            # IMMEDIATE takes the write lock up front: every transaction here writes.
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM feedback WHERE experiment = ?", (name,))
-                self._db.execute("DELETE FROM exposures WHERE experiment = ?", (name,))
-                self._db.execute("DELETE FROM experiments WHERE name = ?", (name,))
-                self._db.execute("COMMIT")
+                yield Tx(self._db, "?")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-
-    # -- observations --------------------------------------------------------------------
-    def record_exposure(self, e: Exposure) -> None:
-        self._exec(
-            "INSERT OR REPLACE INTO exposures (response_id, experiment, variant, unit_hash, unit_kind,"
-            " started, finished, prompt_tokens, generated_tokens, latency_s, finish_reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (e.response_id, e.experiment, e.variant, e.unit_hash, e.unit_kind, e.started, e.finished,
-             e.prompt_tokens, e.generated_tokens, e.latency_s, e.finish_reason))
-
-    def record_feedback(self, experiment: str, response_id: str, score: float | None,
-                        label: str | None) -> tuple[str, str] | None:
-        """Insert or update the feedback of one exposure: ("created" | "updated", its variant), or
-        None when the experiment has no exposure with that id."""
-        with self._lock:
-            row = self._db.execute("SELECT variant FROM exposures WHERE response_id = ? AND experiment = ?",
-                                   (response_id, experiment)).fetchone()
-            if row is None:
-                return None
-            now = time.time()
-            cur = self._db.execute(
-                "UPDATE feedback SET score = ?, label = ?, updated = ? WHERE response_id = ?",
-                (score, label, now, response_id))
-            if cur.rowcount:
-                return "updated", row[0]
-            self._db.execute(
-                "INSERT INTO feedback (response_id, experiment, score, label, created, updated)"
-                " VALUES (?, ?, ?, ?, ?, ?)", (response_id, experiment, score, label, now, now))
-            return "created", row[0]
-
-    def observations(self, experiment: str) -> list[dict[str, Any]]:
-        """Per exposure: variant, tokens, latency and its feedback (score/label or None)."""
-        rows = self._all(
-            "SELECT e.variant, e.generated_tokens, e.latency_s, f.score, f.label"
-            " FROM exposures e LEFT JOIN feedback f ON f.response_id = e.response_id"
-            " WHERE e.experiment = ?", (experiment,))
-        return [dict(r) for r in rows]
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -245,7 +309,7 @@ class SQLiteStore(ExperimentStore):
 
 
 class UnavailableStore(ExperimentStore):
-    """Stands in when the database could not be opened: every call raises."""
+    """Stands in when the database could not be opened: every call raises :class:`StoreError`."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
@@ -256,5 +320,47 @@ class UnavailableStore(ExperimentStore):
         err = object.__getattribute__(self, "error")
 
         def fail(*_: Any, **__: Any) -> Any:
-            raise sqlite3.OperationalError(f"experiment store unavailable: {err}")
+            raise StoreError(f"experiment store unavailable: {err}")
         return fail
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it names a backend this server can open (ValueError with the reason if not)."""
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in POSTGRES_SCHEMES:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ValueError("PostgreSQL needs the psycopg driver: pip install 'steer-server[postgres]'") from None
+        return url
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///") or url == "sqlite:///":
+            raise ValueError("a SQLite URL names a file: sqlite:///relative/path.db or sqlite:////abs/path.db")
+        return url
+    raise ValueError(f"unsupported experiments database {redact(url)!r}: use postgresql://USER:PASSWORD@HOST"
+                     "[:PORT]/DB or sqlite:///PATH")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def open_store(url: str | None, data_dir: str | Path | None = None) -> ExperimentStore:
+    """The store that ``url`` names (``postgresql://…`` or ``sqlite:///PATH``); without one,
+    ``steer.db`` in ``data_dir`` (default :func:`default_data_dir`). Raises if it cannot be opened."""
+    if not url:
+        return SQLiteStore.in_dir(data_dir or default_data_dir())
+    check_url(url)
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url[len("sqlite:///"):]).expanduser())
+    from server.experiments.postgres import PostgresStore
+
+    return PostgresStore(url)

@@ -16,7 +16,7 @@ from server.app import AppState, create_app
 from server.engine import ServeConfig
 from server.experiments import assign
 from server.experiments.manager import ExperimentManager
-from server.experiments.store import SQLiteStore
+from server.experiments.store import SQLiteStore, open_store
 from server.model_store import resolve_model
 from steering.config import SteeringConfig
 from steering.request import SteeringCompiler
@@ -203,8 +203,11 @@ def test_experiment_bad_inputs(api):
     assert (r.status_code, r.json()["error"]["param"]) == (400, "steering.experiment")
 
 
-def test_assignment_headers_feedback_results_and_restart(api, parts, tmp_path):
-    client, state = api
+def test_assignment_headers_feedback_results_and_restart(backend, parts, tmp_path):
+    """Over SQLite and PostgreSQL: assignment, headers, feedback, results, then a restart."""
+    state = make_state(parts, tmp_path, store=backend.open())
+    client = TestClient(create_app(state))
+    state.experiments.ready()
     assert client.post("/v1/experiments", json=two_variant(), headers=AUTH).status_code == 200
     u_control, u_pirate = user_for("tone-test", 0), user_for("tone-test", 1)
     ids = {}
@@ -263,15 +266,16 @@ def test_assignment_headers_feedback_results_and_restart(api, parts, tmp_path):
 
     # Restart: a new app over the same data directory sees the same experiment and data.
     state.experiments.close()
-    state2 = make_state(parts, tmp_path)
+    state2 = make_state(parts, tmp_path, store=backend.open())
     c2 = TestClient(create_app(state2))
     exp = c2.get("/v1/experiments/tone-test", headers=AUTH).json()
     assert exp["status"] == "paused" and [v["name"] for v in exp["variants"]] == ["control", "pirate"]
     res2 = c2.get("/v1/experiments/tone-test/results", headers=AUTH).json()
     assert res2["n"] == 8 and res2["variants"][1]["score"]["n"] == 3
-    raw = sqlite3.connect(tmp_path / "steer.db").execute("SELECT unit_hash FROM exposures").fetchall()
-    assert all(u_pirate not in h and u_control not in h for (h,) in raw)
+    raw = backend.raw("SELECT unit_hash FROM exposures")
+    assert len(raw) == 8 and all(u_pirate not in h and u_control not in h for (h,) in raw)
     assert c2.delete("/v1/experiments/tone-test", headers=AUTH).json()["deleted"] is True
+    assert backend.raw("SELECT COUNT(*) FROM exposures") == [(0,)]
     state2.experiments.close()
 
 
@@ -302,6 +306,48 @@ def test_failing_store_still_serves_and_counts(parts, tmp_path):
     assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
     assert client.get("/v1/experiments/fs/results", headers=AUTH).status_code == 503
     state.experiments.close()
+
+
+def test_postgres_outage_still_serves_counts_and_recovers(parts, tmp_path, pg_cluster, caplog):
+    """The PostgreSQL server stops mid-test: requests are still served and tagged, the failures
+    are counted and logged; once it is back the store reconnects and records again."""
+    db = pg_cluster.create_db()
+    state = make_state(parts, tmp_path, store=open_store(pg_cluster.url(db)))
+    client = TestClient(create_app(state))
+    state.experiments.ready()
+    flush = lambda: state.experiments._pool.submit(lambda: None).result()  # noqa: E731
+    try:
+        assert client.post("/v1/experiments", json=two_variant("pg"), headers=AUTH).status_code == 200
+        r = chat(client, user="alice", steering={"experiment": "pg"})
+        assert r.status_code == 200
+        flush()
+        pg_cluster.stop()
+        try:
+            for _ in range(2):
+                r = chat(client, user="alice", steering={"experiment": "pg"})
+                assert r.status_code == 200 and r.json()["experiment"]["name"] == "pg"
+            flush()
+            m = client.get("/metrics").text
+            assert 'steer_experiment_store_errors_total{op="exposure"} 2.0' in m
+            logged = [r.getMessage() for r in caplog.records if r.name == "server.experiments.manager"]
+            assert sum("experiment store exposure failed" in x for x in logged) == 2, logged
+            r = client.post("/v1/experiments/pg/feedback", headers=AUTH,
+                            json={"response_id": r.json()["id"], "score": 1})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            assert client.get("/v1/experiments/pg/results", headers=AUTH).status_code == 503
+            assert 'steer_experiment_store_errors_total{op="results"} 1.0' in client.get("/metrics").text
+        finally:
+            pg_cluster.start()
+        r = chat(client, user="alice", steering={"experiment": "pg"})
+        assert r.status_code == 200
+        flush()
+        res = client.get("/v1/experiments/pg/results", headers=AUTH)
+        assert res.status_code == 200 and res.json()["n"] == 2  # before the outage and after it
+        r = client.post("/v1/experiments/pg/feedback", headers=AUTH, json={"response_id": r.json()["id"], "score": 3})
+        assert r.status_code == 200 and r.json()["status"] == "created"
+    finally:
+        state.experiments.close()
+        pg_cluster.drop_db(db)
 
 
 def test_unwritable_data_dir_still_serves(parts, tmp_path):

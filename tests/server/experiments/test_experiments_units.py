@@ -1,8 +1,8 @@
-"""Engine-free: assignment, the SQLite store and its migrations, results statistics, merging."""
+"""Engine-free: assignment, the store and its migrations over both backends (SQLite, PostgreSQL),
+results statistics, merging."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 
 import numpy as np
@@ -12,7 +12,15 @@ from server.experiments import assign
 from server.experiments.cli import render
 from server.experiments.manager import merge_steering
 from server.experiments.stats import results, srm_check, two_proportion_p
-from server.experiments.store import MIGRATIONS, Exposure, SQLiteStore
+from server.experiments.store import (
+    MIGRATIONS,
+    Exposure,
+    SQLiteStore,
+    StoreError,
+    check_url,
+    open_store,
+    redact,
+)
 
 
 def test_split_within_two_percent_of_weights():
@@ -43,54 +51,71 @@ def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) ->
                     generated_tokens=tokens, latency_s=latency, finish_reason="length")
 
 
-def test_migrations_from_empty_and_reopen(tmp_path):
-    store = SQLiteStore.in_dir(tmp_path)
+def test_migrations_from_empty_and_reopen(backend):
+    store = backend.open()
     assert store.schema_version() == len(MIGRATIONS) == 2
     store.close()
-    db = sqlite3.connect(tmp_path / "steer.db")
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"schema_version", "presets", "experiments", "exposures", "feedback"} <= tables
-    assert [r[0] for r in db.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2]
-    db.close()
-    again = SQLiteStore.in_dir(tmp_path)  # re-opening applies nothing twice
+    assert {"schema_version", "presets", "experiments", "exposures", "feedback"} <= backend.tables()
+    assert {"exposures_by_experiment", "feedback_by_experiment"} <= backend.indexes()
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    if backend.name == "sqlite":
+        assert backend.raw("PRAGMA journal_mode") == [("wal",)]
+    again = backend.open()  # re-opening applies nothing twice
     assert again.schema_version() == 2
     again.close()
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
 
 
-def test_partial_migration_is_completed(tmp_path):
+def test_float_columns_keep_full_precision(backend):
+    """Timestamps and latencies round-trip exactly (PostgreSQL's REAL would keep ~7 digits)."""
+    store = backend.open()
+    e = _exposure("r1", "a", latency=0.123456789012)
+    e.started = 1_700_000_000.123456
+    store.record_exposure(e)
+    assert store.observations("e")[0]["latency_s"] == 0.123456789012
+    assert backend.raw("SELECT started FROM exposures") == [(1_700_000_000.123456,)]
+    store.close()
+
+
+def test_partial_migration_is_completed(backend):
     """A database at version 1 (an older server) is brought to the latest version."""
-    path = tmp_path / "steer.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.executescript(MIGRATIONS[0])
-    db.execute("INSERT INTO schema_version VALUES (1)")
-    db.commit()
-    db.close()
-    store = SQLiteStore(path)
+    backend.script("CREATE TABLE schema_version (version INTEGER NOT NULL);" + MIGRATIONS[0]
+                   + ";INSERT INTO schema_version VALUES (1)")
+    assert "feedback_by_experiment" not in backend.indexes()
+    store = backend.open()
     assert store.schema_version() == 2
-    idx = {r[0] for r in store._all("SELECT name FROM sqlite_master WHERE type='index'")}
-    assert "feedback_by_experiment" in idx
+    assert "feedback_by_experiment" in backend.indexes()
+    store.close()
 
 
-def test_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "steer.db"
-    db = sqlite3.connect(path)
-    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    db.execute("INSERT INTO schema_version VALUES (99)")
-    db.commit()
-    db.close()
-    with pytest.raises(RuntimeError, match="newer"):
-        SQLiteStore(path)
+def test_newer_schema_is_refused(backend):
+    backend.script("CREATE TABLE schema_version (version INTEGER NOT NULL);"
+                   "INSERT INTO schema_version VALUES (99)")
+    with pytest.raises(StoreError, match="newer"):
+        backend.open()
 
 
-def test_definitions_exposures_and_feedback_survive_reopen(tmp_path):
-    store = SQLiteStore.in_dir(tmp_path)
+def test_concurrent_openers_migrate_once(backend):
+    """Servers starting at once over one empty database: each script is applied exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: backend.open(), range(4)))
+    assert all(s.schema_version() == 2 for s in stores)
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    for s in stores:
+        s.close()
+
+
+def test_definitions_exposures_and_feedback_survive_reopen(backend):
+    store = backend.open()
     store.put_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
+    store.put_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}})  # upsert
     spec = {"name": "e", "unit": "user", "variants": [{"name": "a", "weight": 1.0, "control": True}]}
     store.put_experiment("e", spec, "running")
     store.record_exposure(_exposure("r1", "a"))
-    store.record_exposure(_exposure("r2", "a"))
+    store.record_exposure(_exposure("r2", "a", tokens=7))
+    store.record_exposure(_exposure("r2", "a", tokens=99))  # a repeated id is recorded once
     assert store.record_feedback("e", "r1", 4.0, None) == ("created", "a")
     assert store.record_feedback("e", "r1", 5.0, "good") == ("updated", "a")  # idempotent per id
     assert store.record_feedback("e", "nope", 1.0, None) is None
@@ -98,18 +123,38 @@ def test_definitions_exposures_and_feedback_survive_reopen(tmp_path):
     store.set_status("e", "paused")
     store.close()
 
-    store = SQLiteStore.in_dir(tmp_path)
-    assert [p["name"] for p in store.list_presets()] == ["calm"]
+    store = backend.open()
+    assert store.list_presets() == [{"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}}]
     [exp] = store.list_experiments()
-    assert exp["name"] == "e" and exp["status"] == "paused"
+    assert exp["name"] == "e" and exp["status"] == "paused" and exp["variants"] == spec["variants"]
     obs = sorted(store.observations("e"), key=lambda o: o["score"] is None)
     assert len(obs) == 2 and obs[0]["score"] == 5.0 and obs[0]["label"] == "good"
-    assert obs[1]["score"] is None
-    raw = store._all("SELECT unit_hash FROM exposures")
-    assert all(len(r[0]) == 64 and r[0] != "r1" for r in raw)
+    assert obs[1]["score"] is None and obs[1]["generated_tokens"] == 7
+    raw = backend.raw("SELECT unit_hash FROM exposures")
+    assert len(raw) == 2 and all(len(r[0]) == 64 and r[0] != "r1" for r in raw)
+    assert backend.raw("SELECT COUNT(*) FROM feedback") == [(1,)]
+    store.delete_preset("calm")
     store.delete_experiment("e")
-    assert store.observations("e") == [] and store.list_experiments() == []
+    assert store.observations("e") == [] and store.list_experiments() == [] and store.list_presets() == []
+    assert backend.raw("SELECT COUNT(*) FROM feedback") == [(0,)]
     store.close()
+
+
+def test_store_urls(tmp_path):
+    assert isinstance(open_store(None, tmp_path), SQLiteStore)
+    assert (tmp_path / "steer.db").exists()
+    s = open_store(f"sqlite:///{tmp_path / 'other.db'}")
+    assert isinstance(s, SQLiteStore) and s.path == tmp_path / "other.db"
+    s.close()
+    for bad, msg in (("mysql://u@h/db", "unsupported"), ("sqlite://", "names a file"),
+                     ("/tmp/x.db", "unsupported")):
+        with pytest.raises(ValueError, match=msg):
+            check_url(bad)
+    with pytest.raises(ValueError) as err:
+        check_url("mysql://u:hunter2@h/db")
+    assert "hunter2" not in str(err.value) and "***" in str(err.value)
+    assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert check_url("postgresql://u@h/db") == "postgresql://u@h/db"
 
 
 def test_results_statistics():

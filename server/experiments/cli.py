@@ -1,4 +1,4 @@
-"""``steer ab results NAME``: an experiment's per-variant results as a table."""
+"""``steer ab``: ``results NAME`` (a table, ``--json``, ``--plot out.png``) and ``run`` (offline A/B)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="the server (default: $STEER_URL or http://127.0.0.1:8000)")
     r.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"), help="(env STEER_API_KEY)")
     r.add_argument("--json", action="store_true", help="print the raw JSON")
+    r.add_argument("--plot", metavar="PNG", default=None,
+                   help="also write per-variant mean score and good-rate with 95%% CIs to this PNG")
     r.set_defaults(func=results_cmd)
 
 
@@ -84,6 +86,10 @@ def results_cmd(args: argparse.Namespace) -> int:
         print(f"steer ab: {resp.status_code}: {msg}", file=sys.stderr)
         return 1
     res = resp.json()
+    if args.plot:
+        from server.experiments.plot import plot_results
+
+        print(f"wrote {plot_results(res, args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0

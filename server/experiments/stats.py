@@ -56,6 +56,17 @@ def two_proportion_p(good_a: int, n_a: int, good_b: int, n_b: int) -> float | No
     return float(2 * sps.norm.sf(abs(z)))
 
 
+def wilson_ci(good: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Wilson score interval of the proportion good / n (None, None when n = 0)."""
+    if n == 0:
+        return None, None
+    z = float(sps.norm.ppf(0.5 + level / 2))
+    p = good / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _pct(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if len(values) else None
 

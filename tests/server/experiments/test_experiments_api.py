@@ -279,6 +279,45 @@ def test_assignment_headers_feedback_results_and_restart(backend, parts, tmp_pat
     state2.experiments.close()
 
 
+def test_results_plot_from_the_api(api, tmp_path, monkeypatch, capsys):
+    """``steer ab results NAME --plot``: a real results body (fake engine, real app and store) as
+    a PNG whose bars and CIs are drawn in the variants' colours."""
+    import httpx
+    import numpy as np
+    from matplotlib.image import imread
+
+    from server.cli import main
+    from server.experiments.plot import CONTROL_COLOR, VARIANT_COLOR
+
+    client, _ = api
+    assert client.post("/v1/experiments", json=two_variant("plot"), headers=AUTH).status_code == 200
+    scores = {0: [1.0, 2.0, 1.5, 2.5], 1: [4.0, 4.5, 3.5, 5.0]}
+    for k, variant_scores in scores.items():
+        for i, score in enumerate(variant_scores):
+            r = chat(client, user=user_for("plot", k), steering={"experiment": "plot"})
+            rid = r.json()["id"]
+            assert client.post("/v1/experiments/plot/feedback", headers=AUTH, json={
+                "response_id": rid, "score": score, "label": "good" if score > 3 else "bad"}).status_code == 200
+    body = client.get("/v1/experiments/plot/results", headers=AUTH).json()
+    assert [v["score"]["n"] for v in body["variants"]] == [4, 4]
+
+    monkeypatch.setattr(httpx, "get", lambda url, headers, timeout: client.get(
+        url.replace("http://x", ""), headers=headers))
+    out = tmp_path / "plots" / "ab.png"
+    assert main(["ab", "results", "plot", "--url", "http://x", "--api-key", KEY, "--plot", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (int(6.4 * 110), int(4.2 * 110))  # figsize * dpi for 2 variants
+    img = (imread(out)[..., :3] * 255).round().astype(int)
+
+    def pixels(hex_color: str) -> int:
+        rgb = [int(hex_color[i:i + 2], 16) for i in (1, 3, 5)]
+        return int((np.abs(img - rgb).sum(axis=-1) <= 3).sum())
+    assert pixels(VARIANT_COLOR) > 50 and pixels(CONTROL_COLOR) > 50  # error bars of both variants
+
+
 class FailingStore(SQLiteStore):
     """Definitions load, then every write or read raises like a broken disk."""
 

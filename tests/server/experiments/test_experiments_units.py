@@ -11,7 +11,7 @@ import pytest
 from server.experiments import assign
 from server.experiments.cli import render
 from server.experiments.manager import merge_steering
-from server.experiments.stats import results, srm_check, two_proportion_p
+from server.experiments.stats import results, srm_check, two_proportion_p, wilson_ci
 from server.experiments.store import (
     MIGRATIONS,
     Exposure,
@@ -184,6 +184,15 @@ def test_results_statistics():
     empty = results(spec, [])
     assert empty["variants"][1]["vs_control"]["score_p_value"] is None
     assert empty["variants"][0]["score"]["mean"] is None
+
+
+def test_wilson_interval():
+    lo, hi = wilson_ci(5, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)  # the textbook value
+    assert wilson_ci(0, 0) == (None, None)
+    lo, hi = wilson_ci(0, 20)
+    assert lo == 0.0 and 0.1 < hi < 0.2
+    assert wilson_ci(20, 20)[1] == 1.0
 
 
 def test_srm_and_proportions_edges():

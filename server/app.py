@@ -374,7 +374,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     headers.update(ab.headers())
     if req.stream:
         return DisconnectAwareStream(
-            state.experiments.recorded_stream(ab, _stream(state, req, job, compiled, model, chat), job,
+            state.experiments.recorded_stream(ab, _stream(state, req, job, compiled, model, chat,
+                                                          ab.body_field()), job,
                                               len(prompt_ids)), media_type="text/event-stream",
             headers={**headers, "cache-control": "no-cache"})
     choices = await _until_client_gone(request, asyncio.ensure_future(_collect(state, job, chat)))
@@ -460,8 +461,10 @@ def _completion_body(req: gen.GenerationRequest, job: gen.Job,
 
 
 async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
-                  compiled: CompiledSteering | None, model: str, chat: bool) -> AsyncIterator[str]:
-    """SSE events: one chunk per choice delta, an optional usage chunk, then ``[DONE]``."""
+                  compiled: CompiledSteering | None, model: str, chat: bool,
+                  experiment: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """SSE events: one chunk per choice delta, an optional usage chunk, then ``[DONE]``. The first
+    chunk carries the request-level fields (``steering``, ``experiment``, prompt ids/logprobs)."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = req.include_usage()
     k = job.params.logprobs
@@ -479,6 +482,8 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                 completion_tokens += len(o.token_ids)
                 chunk = _common(req, job, compiled, model, obj) if first else \
                     {"id": job.request_id, "object": obj, "created": int(time.time()), "model": model}
+                if first and experiment is not None:
+                    chunk["experiment"] = experiment
                 first = False
                 choice: dict[str, Any] = {"index": o.index}
                 if chat:

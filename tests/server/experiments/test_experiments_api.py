@@ -279,6 +279,50 @@ def test_assignment_headers_feedback_results_and_restart(backend, parts, tmp_pat
     state2.experiments.close()
 
 
+def _sse_events(text: str) -> list[Any]:
+    import json
+
+    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_streamed_chunks_carry_the_experiment(api):
+    """stream=True, chat and text completions: the first SSE chunk has the ``experiment`` body
+    field (as the non-streamed body does), the headers name experiment and variant, and the
+    exposure is recorded; a paused experiment tags its control variant."""
+    client, state = api
+    assert client.post("/v1/experiments", json=two_variant(), headers=AUTH).status_code == 200
+    u_pirate = user_for("tone-test", 1)
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}]},
+        "/v1/completions": {"prompt": "Hi"},
+    }
+    for status, variant in (("running", "pirate"), ("paused", "control")):
+        client.patch("/v1/experiments/tone-test", json={"status": status}, headers=AUTH)
+        for path, extra in bodies.items():
+            body = {"model": MODEL, "max_tokens": 4, "stream": True, "user": u_pirate,
+                    "stream_options": {"include_usage": True},
+                    "steering": {"experiment": "tone-test"}, **extra}
+            with client.stream("POST", path, headers=AUTH, json=body) as s:
+                assert s.status_code == 200
+                assert (s.headers["x-steer-experiment"], s.headers["x-steer-variant"]) == ("tone-test", variant)
+                chunks = _sse_events("".join(s.iter_text()))
+            assert chunks[0]["experiment"] == {"name": "tone-test", "variant": variant}, (path, chunks[0])
+            assert chunks[0]["choices"] and chunks[-1]["usage"]["completion_tokens"] == 4
+            assert all("experiment" not in c for c in chunks[1:])
+            # Steering of the variant reached the engine only for the running experiment.
+            assert (state.engine.seen[-1] is not None) == (variant == "pirate")
+    res = client.get("/v1/experiments/tone-test/results", headers=AUTH).json()
+    assert res["n"] == 2  # the two running streams; paused ones record nothing
+    # Without an experiment no chunk has the field.
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "model": MODEL, "max_tokens": 4, "stream": True,
+            "messages": [{"role": "user", "content": "Hi"}]}) as s:
+        assert "x-steer-experiment" not in s.headers
+        assert all("experiment" not in c for c in _sse_events("".join(s.iter_text())))
+
+
 def test_results_plot_from_the_api(api, tmp_path, monkeypatch, capsys):
     """``steer ab results NAME --plot``: a real results body (fake engine, real app and store) as
     a PNG whose bars and CIs are drawn in the variants' colours."""

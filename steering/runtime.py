@@ -45,6 +45,7 @@ class SiteTables:
     rect: torch.Tensor  # [S1, K] bool
     alpha: torch.Tensor  # [S1, K]
     beta: torch.Tensor  # [S1, K]
+    cut: torch.Tensor  # [S1, K] where(rect, theta, -inf): act = 0 where pre <= cut (derived)
 
     @classmethod
     def allocate(cls, s1: int, k: int, d: int, dtype, device) -> "SiteTables":
@@ -53,12 +54,14 @@ class SiteTables:
             add=z(s1, d), enc=z(s1, k, d), dec=z(s1, k, d), bias=z(s1, k), theta=z(s1, k),
             rect=torch.zeros(s1, k, dtype=torch.bool, device=device),
             alpha=z(s1, k), beta=z(s1, k),
+            cut=torch.full((s1, k), float("-inf"), dtype=dtype, device=device),
         )
 
     def clear(self, slot: int) -> None:
         for t in (self.add, self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha,
                   self.beta):
             t[slot].zero_()
+        self.cut[slot].fill_(float("-inf"))
 
 
 @dataclass
@@ -101,7 +104,7 @@ class SteeringRuntime:
         }
         self.token_slots = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [Tmax]
         self._host_slots = np.zeros(max_tokens, dtype=np.int64)
-        self.slot_ids = torch.arange(self.s1, device=device)  # [S1]
+        self.col_slot = torch.arange(self.s1, device=device).repeat_interleave(self.k)  # [S1·K] slot of each entry column
         # Host mirrors of what each slot does where (for gating and readout).
         self.slot_add = np.zeros((self.s1, num_layers), dtype=bool)
         self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
@@ -141,6 +144,8 @@ class SteeringRuntime:
                 for name in ("bias", "theta", "alpha", "beta"):
                     getattr(tab, name)[slot, :k].copy_(torch.from_numpy(e[name]))
                 tab.rect[slot, :k].copy_(torch.from_numpy(e["rectify"].astype(bool)))
+                tab.cut[slot, :k] = torch.where(tab.rect[slot, :k], tab.theta[slot, :k],
+                                                torch.full_like(tab.theta[slot, :k], float("-inf")))
                 self.slot_entries[slot, L] = k
 
     # -- requests ---------------------------------------------------------------------------
@@ -242,20 +247,15 @@ class SteeringRuntime:
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
         if do_entries:
-            n, k, d = self.n_hi, self.k, self.hidden_size
+            nk, d = self.n_hi * self.k, self.hidden_size  # entry columns of the first n_hi slots
             x = hidden + residual  # [T, d]
-            act = self._act(x, tab, n)  # [T, n, K]
-            onehot = (idx[:, None] == self.slot_ids[None, :n]).to(x.dtype)  # [T, n]
-            coef = (tab.alpha[:n] * act + tab.beta[:n]) * onehot[:, :, None]  # [T, n, K]
-            hidden.add_(coef.reshape(T, n * k) @ tab.dec[:n].reshape(n * k, d))  # [T, d]
+            pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
+            act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
+            coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
+            coef.masked_fill_(idx[:, None] != self.col_slot[None, :nk], 0.0)  # other slots' entries
+            hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
         if self._readout_rows is not None:
             self._record_readout(hidden + residual, tab, layer)
-
-    def _act(self, x: torch.Tensor, tab: SiteTables, n: int) -> torch.Tensor:
-        """act for every token against the first n slots' entries: [T, n, K]."""
-        T, k, d = x.shape[0], self.k, self.hidden_size
-        pre = (x @ tab.enc[:n].reshape(n * k, d).T).reshape(T, n, k) + tab.bias[:n]
-        return torch.where(tab.rect[:n] & (pre <= tab.theta[:n]), torch.zeros_like(pre), pre)
 
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
         """File act(h) after the op (and captured streams) for this step's readout tokens.
@@ -291,14 +291,22 @@ def get_runtime() -> SteeringRuntime | None:
     return _RUNTIME
 
 
-@torch.library.custom_op("steering::steer_", mutates_args=("hidden",))
-def steer_(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     """Semantics: hidden[t] += delta(slot[t], hidden[t] + residual[t]) at ``layer``."""
     rt = _RUNTIME
     if rt is not None:
         rt.apply(hidden, residual, layer)
 
 
-@steer_.register_fake
+# A plain dispatcher registration rather than ``torch.library.custom_op``: the latter's Python
+# wrapper costs ~30 µs per call on the CPU (measured), paid at every steered layer of every step
+# even when nothing is steered; a direct kernel registration costs ~4 µs. The schema's ``(a!)``
+# tells torch.compile that ``hidden`` is mutated in place.
+_LIB = torch.library.Library("steering", "DEF")
+_LIB.define("steer_(Tensor(a!) hidden, Tensor residual, int layer) -> ()")
+_LIB.impl("steer_", _steer_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("steering::steer_")
 def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     return None

@@ -291,8 +291,11 @@ def create_app(state: AppState) -> FastAPI:
         if cfg is None or state.gate is None:
             return {"enabled": False}
         stats = await state.require_engine().collective_rpc("steering_stats")
+        comp = state.compiler
         return {"enabled": True, "slots": cfg.max_slots, "max_features": cfg.max_features,
-                "layers": state.compiler.layers_list if state.compiler else None,
+                "hidden_size": comp.hidden_size if comp else None,
+                "num_layers": comp.num_layers if comp else None,
+                "layers": comp.layers_list if comp else None,
                 "max_strength": cfg.max_strength, "resident": state.gate.resident,
                 "waiting": state.gate.waiting, "worker": stats[0]}
 

@@ -1,0 +1,162 @@
+"""Engine-level scenarios S1–S4: generated tok/s with steering ÷ the same model on a vLLM engine
+without the plugin, measured in one run, alternating baseline / scenario, median of repeats.
+
+    S1  plugin installed, no request steered
+    S2  every request the same additive vector at all layers
+    S3  a sweep of C distinct configs in one batch (C = 1, 4, 16, … up to the slot limit);
+        half the batch unsteered, the steered half spread over the C configs
+    S4  clamp of K features per request (K = 8, 32) at one middle layer, distinct per request
+
+Every run generates exactly batch × tokens tokens (greedy, ``ignore_eos``). Both engines live in
+this process; before each timed run the harness waits ``idle_s`` so the other engine's workers stop
+busy-polling (two cores: a spinning reader halves the speed of the other engine).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how rainbows form.",
+    "Describe your ideal weekend.",
+    "What makes a good cup of coffee?",
+    "Tell me about the history of bicycles.",
+    "Give advice to a new gardener.",
+    "Why do cats purr?",
+    "Describe a busy market in the morning.",
+]
+
+
+@dataclass
+class EngineBenchConfig:
+    """What the engine-level scenarios run."""
+
+    model: str
+    """Model folder."""
+    dtype: str = "bfloat16"
+    """Engine dtype (both engines)."""
+    batch: int = 16
+    """Requests per timed run for S1, S2, S4 (S3 uses 2 × its largest C)."""
+    tokens: int = 128
+    """Generated tokens per request."""
+    repeats: int = 3
+    """Timed baseline/scenario pairs per scenario; medians are reported."""
+    sweep: list[int] = field(default_factory=lambda: [1, 4, 16])
+    """S3's numbers of distinct configs (capped at the slot limit)."""
+    clamp_k: list[int] = field(default_factory=lambda: [8, 32])
+    """S4's clamp sizes."""
+    max_slots: int = 16
+    """The steering engine's slot limit (S)."""
+    enforce_eager: bool = False
+    """Skip torch.compile (faster start; the tiny mode uses it)."""
+    idle_s: float = 2.0
+    """Seconds to wait before each timed run (see the module docstring)."""
+
+
+def build_engine(c: EngineBenchConfig, steering_cfg=None):
+    """A vLLM ``LLM``; with the steering plugin when ``steering_cfg`` is given."""
+    from vllm import LLM
+
+    from steering.vllm_plugin import engine_kwargs
+
+    kw = engine_kwargs(steering_cfg) if steering_cfg is not None else {}
+    return LLM(model=c.model, dtype=c.dtype, enforce_eager=c.enforce_eager, seed=0, max_model_len=1024,
+               max_num_seqs=max(c.batch, 2 * max(c.sweep, default=1), 16),
+               enable_prefix_caching=False, **kw)
+
+
+def timed_generate(llm, prompts: list[str], extra_args: list[dict | None], tokens: int,
+                   idle_s: float) -> float:
+    """Generated tokens per second of one batch run (asserts every request ran to ``tokens``)."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, extra_args=ea)
+              for ea in extra_args]
+    time.sleep(idle_s)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    if n != len(prompts) * tokens:
+        raise RuntimeError(f"generated {n} tokens, expected {len(prompts) * tokens}")
+    return n / dt
+
+
+def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[str, list[dict | None]]]:
+    """(steering config, {scenario name: per-request extra_args}) for the scenarios above."""
+    from steering.config import SteeringConfig
+    from steering.request import SteeringCompiler
+
+    cfg = SteeringConfig(max_slots=c.max_slots, max_features=max(c.clamp_k, default=0))
+    comp = SteeringCompiler(cfg, d, n_layers)
+    rng = np.random.default_rng(0)
+
+    def all_layers(v: np.ndarray) -> dict:
+        return comp.compile({"vectors": [{"layer": L, "values": v.tolist(), "scale": 4.0 / n_layers}
+                                         for L in range(n_layers)]}).extra_args()
+
+    out: dict[str, list[dict | None]] = {"S1": [None] * c.batch,
+                                         "S2": [all_layers(rng.standard_normal(d))] * c.batch}
+    for n_cfg in sorted({min(x, c.max_slots) for x in c.sweep}):
+        configs = [all_layers(rng.standard_normal(d)) for _ in range(n_cfg)]
+        steered = [configs[i % n_cfg] for i in range(s3_batch(c) // 2)]
+        out[f"S3_C{n_cfg}"] = [x for pair in zip(steered, [None] * len(steered)) for x in pair]
+    mid = n_layers // 2
+    for k in c.clamp_k:
+        out[f"S4_K{k}"] = [comp.compile({"vectors": [
+            {"layer": mid, "values": rng.standard_normal(d).tolist(), "mode": "clamp", "target": 1.0}
+            for _ in range(k)]}).extra_args() for _ in range(c.batch)]
+    return cfg, out
+
+
+def s3_batch(c: EngineBenchConfig) -> int:
+    return 2 * min(max(c.sweep, default=1), c.max_slots)
+
+
+def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
+    """Run S1–S4; returns {"baseline": {batch: samples}, "scenarios": [rows]}."""
+    import json
+
+    cfg_json = json.loads(open(os.path.join(c.model, "config.json")).read())
+    d, n_layers = cfg_json["hidden_size"], cfg_json["num_hidden_layers"]
+    steer_cfg, scen = scenarios(c, d, n_layers)
+    t = time.perf_counter()
+    base = build_engine(c)
+    steer = build_engine(c, steer_cfg)
+    log(f"engines ready in {time.perf_counter() - t:.0f} s")
+
+    def prompts(n: int) -> list[str]:
+        return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+    for ea in [[None] * c.batch, *scen.values()]:  # warm-up (compile, first-step allocations)
+        timed_generate(base, prompts(len(ea)), [None] * len(ea), 4, 0)
+        timed_generate(steer, prompts(len(ea)), ea, 4, 0)
+    base_samples: dict[int, list[float]] = {}
+    rows = []
+    for name, ea in scen.items():
+        b_s, s_s, paired = [], [], []
+        for _ in range(c.repeats):
+            b = timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s)
+            s = timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s)
+            b_s.append(b)
+            s_s.append(s)
+            paired.append(s / b)  # adjacent runs: robust to slow drift of the machine
+        base_samples.setdefault(len(ea), []).extend(b_s)
+        row = {"scenario": name, "batch": len(ea), "steered_requests": sum(x is not None for x in ea),
+               "distinct_configs": len({json.dumps(x, sort_keys=True) for x in ea if x is not None}),
+               "tok_s": statistics.median(s_s), "baseline_tok_s": statistics.median(b_s),
+               "paired_ratio": statistics.median(paired), "samples": s_s, "baseline_samples": b_s,
+               "paired": paired}
+        row["ratio"] = row["tok_s"] / row["baseline_tok_s"]
+        rows.append(row)
+        log(f"{name:8s} batch {len(ea):3d}: {row['tok_s']:8.1f} tok/s vs {row['baseline_tok_s']:8.1f} "
+            f"→ ratio {row['ratio']:.3f}, paired {row['paired_ratio']:.3f}")
+    del base, steer
+    return {"baseline_samples": base_samples, "scenarios": rows}

@@ -1,0 +1,59 @@
+"""The usual alternative: transformers ``generate()`` with forward hooks applying the same steering.
+
+The steering is S2's (the same additive vector at every layer, through :func:`steering.hf.hf_steering`,
+the reference our op is tested against); the batch is left-padded, greedy, and every row generates
+exactly ``tokens`` tokens (``min_new_tokens`` = ``max_new_tokens``), so tok/s compares with the
+engine's S2 run at the same batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.engine import PROMPTS
+
+
+def run_hf_baseline(model_dir: str, batch: int, tokens: int, repeats: int, dtype: str = "float32",
+                    log=print) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steering.config import SteeringConfig
+    from steering.hf import hf_steering
+    from steering.request import SteeringCompiler
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    d, n_layers = model.config.hidden_size, model.config.num_hidden_layers
+    comp = SteeringCompiler(SteeringConfig(), d, n_layers)
+    v = np.random.default_rng(0).standard_normal(d)
+    compiled = comp.compile({"vectors": [{"layer": L, "values": v.tolist(), "scale": 4.0 / n_layers}
+                                         for L in range(n_layers)]})
+    program = compiled.program
+    enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt", padding=True)
+
+    def generate(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode(), hf_steering(model, program):
+            out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        dt = time.perf_counter() - t0
+        new = out.shape[1] - enc["input_ids"].shape[1]
+        if new != n:
+            raise RuntimeError(f"generated {new} tokens per row, expected {n}")
+        return batch * n / dt
+
+    generate(2)  # warm-up
+    samples = [generate(tokens) for _ in range(repeats)]
+    res = {"dtype": dtype, "batch": batch, "tokens": tokens, "tok_s": statistics.median(samples),
+           "samples": samples}
+    log(f"transformers+hooks ({dtype}) batch {batch}: {res['tok_s']:.1f} tok/s")
+    del model
+    return res

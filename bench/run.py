@@ -1,0 +1,259 @@
+"""``steer bench``: every steering benchmark in one command; prints a table, writes JSON and PNG.
+
+    steer bench --out bench/results/cpu            # the full run (~25 min on the 2-core CPU)
+    steer bench --tiny --out /tmp/b                # 2 requests × 8 tokens: checks the harness only
+
+Parts (``--only`` picks some):
+  engine  S1–S4 tok/s ratios against a vLLM engine without the plugin (bench/engine.py)
+  hf      transformers generate() + hooks with S2's steering at the same batch (bench/hf_baseline.py)
+  server  TTFT / inter-token latency p50/p99 of S1–S3 vs a ``--no-steering`` server at several
+          concurrencies, and S5: TTFT of inline base64 vectors vs named features (bench/server.py)
+
+Each part runs in a child process (engines are torn down completely before the next part); only
+one engine runs at a time. ``--url``/``--api-key`` point the server part at a running steering
+server instead; its unsteered requests are then the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+
+TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="steering benchmarks: ratios vs the same engine without steering",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/results/latest", help="folder for bench.json and bench.png")
+    p.add_argument("--tiny", action="store_true", help="2 requests × 8 tokens, 1 repeat (harness check)")
+    p.add_argument("--only", default="engine,hf,server", help="comma list of parts")
+    p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=None, help="engine batch (default 16)")
+    p.add_argument("--tokens", type=int, default=None, help="generated tokens per request (default 128)")
+    p.add_argument("--repeats", type=int, default=None, help="timed pairs per scenario (default 3)")
+    p.add_argument("--sweep", default=None, help="S3 distinct-config counts (default 1,4,16)")
+    p.add_argument("--clamp-k", default=None, help="S4 clamp sizes (default 8,32)")
+    p.add_argument("--concurrency", default=None, help="server part concurrencies (default 1,8,16)")
+    p.add_argument("--hf-dtype", default="float32",
+                   help="dtype of the transformers baseline (float32 is its faster choice on this CPU)")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--url", default=None, help="use this running steering server for the server part")
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=main)
+
+
+def settings(a: argparse.Namespace) -> dict[str, Any]:
+    tiny = a.tiny
+    return {
+        "batch": a.batch or (2 if tiny else 16), "tokens": a.tokens or (8 if tiny else 128),
+        "repeats": a.repeats or (1 if tiny else 3),
+        "sweep": _ints(a.sweep) if a.sweep else ([1] if tiny else [1, 4, 16]),
+        "clamp_k": _ints(a.clamp_k) if a.clamp_k else ([8] if tiny else [8, 32]),
+        "concurrency": _ints(a.concurrency) if a.concurrency else ([1, 2] if tiny else [1, 8, 16]),
+        "server_tokens": a.tokens or (8 if tiny else 64),
+        "server_requests": 2 if tiny else None,  # None: 2 × concurrency per level
+        "s5_requests": 2 if tiny else 20,
+        "enforce_eager": a.enforce_eager or tiny,
+        "dtype": a.dtype, "hf_dtype": a.hf_dtype, "idle_s": 0.2 if tiny else 2.0,
+    }
+
+
+# -- parts (each runs in a child process) ----------------------------------------------------
+def _phase_engine(spec: dict) -> dict:
+    s, model = spec["settings"], spec["model"]
+    from bench.engine import EngineBenchConfig, run_engine_scenarios
+
+    c = EngineBenchConfig(model=model, dtype=s["dtype"], batch=s["batch"], tokens=s["tokens"],
+                          repeats=s["repeats"], sweep=s["sweep"], clamp_k=s["clamp_k"],
+                          enforce_eager=s["enforce_eager"], idle_s=s["idle_s"])
+    res = run_engine_scenarios(c, log=_log)
+    return {"config": asdict(c), **res}
+
+
+def _phase_hf(spec: dict) -> dict:
+    s, model = spec["settings"], spec["model"]
+    from bench.hf_baseline import run_hf_baseline
+
+    return run_hf_baseline(model, s["batch"], s["tokens"], s["repeats"], s["hf_dtype"], log=_log)
+
+
+def _phase_server(spec: dict) -> dict:
+    s, model, url, api_key = spec["settings"], spec["model"], spec["url"], spec["api_key"]
+    from bench.server import run_latency, run_s5
+    from server.launch import local_server
+
+    lat = dict(concurrencies=s["concurrency"], tokens=s["server_tokens"],
+               requests_per_level=s["server_requests"], log=_log)
+    flags = ["--model", model, "--dtype", s["dtype"], "--max-model-len", "1024"]
+    if s["enforce_eager"]:
+        flags.append("--enforce-eager")
+    out: dict[str, Any] = {}
+    if url:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        out["baseline_kind"] = "unsteered requests on the same steering server"
+        out["latency"] = run_latency(url, headers, ["base", "S1", "S2", "S3"], **lat)
+        out["s5"] = run_s5(url, headers, s["s5_requests"], "formality", log=_log)
+        return out
+    out["baseline_kind"] = "a --no-steering server (no plugin), same flags"
+    with local_server([*flags, "--no-steering"]) as srv:
+        rows = run_latency(srv.url, srv.headers, ["base"], **lat)
+    with local_server(flags) as srv:
+        rows += run_latency(srv.url, srv.headers, ["S1", "S2", "S3"], **lat)
+        out["s5"] = run_s5(srv.url, srv.headers, s["s5_requests"], "formality", log=_log)
+    out["latency"] = rows
+    return out
+
+
+PHASES = {"engine": _phase_engine, "hf": _phase_hf, "server": _phase_server}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _run_phase_child(name: str, spec: dict) -> dict:
+    """Run one part in ``python -m bench.run PART SPEC OUT`` and return its JSON result."""
+    tmp = Path(tempfile.mkdtemp(prefix="steer-bench-"))
+    (tmp / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "bench.run", name, str(tmp / "spec.json"), str(tmp / "out.json")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench part {name!r} failed with exit code {proc.returncode}")
+    res = json.loads((tmp / "out.json").read_text())
+    res["wall_s"] = time.perf_counter() - t0
+    return res
+
+
+# -- summary ---------------------------------------------------------------------------------
+def summarize(result: dict) -> list[dict]:
+    """One row per claim: name, measured value, target, met."""
+    rows = []
+    eng = result.get("engine")
+    if eng:
+        for r in eng["scenarios"]:
+            tgt = TARGETS[r["scenario"].split("_")[0]]
+            rows.append({"claim": f"{r['scenario']} tok/s ratio (batch {r['batch']})",
+                         "value": r["paired_ratio"], "ratio_of_medians": r["ratio"], "target": f">= {tgt}",
+                         "met": r["paired_ratio"] >= tgt})
+    hf = result.get("hf")
+    if eng and hf:
+        s2 = next(r for r in eng["scenarios"] if r["scenario"] == "S2")
+        ratio = s2["tok_s"] / hf["tok_s"]
+        rows.append({"claim": f"S2 steered tok/s over transformers+hooks ({hf['dtype']}, batch {hf['batch']})",
+                     "value": ratio, "target": f">= {TARGETS['hf_ratio']}", "met": ratio >= TARGETS["hf_ratio"]})
+    srv = result.get("server")
+    if srv:
+        s5 = srv["s5"]
+        rows.append({"claim": "S5 TTFT inline base64 vector − named feature (ms)",
+                     "value": s5["inline_minus_named_ms"], "target": f"<= {TARGETS['S5_ms']}",
+                     "met": s5["inline_minus_named_ms"] <= TARGETS["S5_ms"]})
+        base = {r["concurrency"]: r for r in srv["latency"] if r["scenario"] == "base"}
+        for r in srv["latency"]:
+            if r["scenario"] == "base":
+                continue
+            b = base[r["concurrency"]]
+            rows.append({"claim": f"{r['scenario']} c={r['concurrency']} ITL p50 / baseline",
+                         "value": r["itl_s"]["p50"] / b["itl_s"]["p50"], "target": "report", "met": None})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="steering benchmarks")
+    for col in ("claim", "value", "target", "met"):
+        t.add_column(col)
+    for r in rows:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        t.add_row(r["claim"], f"{r['value']:.3f}", r["target"], met)
+    Console(stderr=False).print(t)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    eng = result.get("engine")
+    ax = axes[0]
+    if eng:
+        names = [r["scenario"] for r in eng["scenarios"]]
+        ax.bar(names, [r["paired_ratio"] for r in eng["scenarios"]], color="#4c72b0", label="paired median")
+        for i, r in enumerate(eng["scenarios"]):
+            ax.scatter([i] * len(r["paired"]), r["paired"], color="k", s=10, zorder=3)
+        ax.axhline(1.0, color="gray", lw=1)
+        ax.axhline(0.97, color="red", lw=1, ls="--", label="0.97 target")
+        ax.set_ylabel("steered tok/s ÷ no-plugin tok/s")
+        ax.set_title("engine: throughput ratio (dots = repeats)")
+        ax.legend(loc="lower right")
+    ax = axes[1]
+    srv = result.get("server")
+    if srv:
+        for sc, color in (("base", "gray"), ("S1", "#4c72b0"), ("S2", "#dd8452"), ("S3", "#55a868")):
+            pts = [(r["concurrency"], r["itl_s"]["p50"] * 1e3) for r in srv["latency"] if r["scenario"] == sc]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=color, label=sc)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("inter-token latency p50 (ms)")
+        ax.set_title("server: ITL p50 vs concurrency")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(a: argparse.Namespace) -> int:
+    s = settings(a)
+    from server.model_store import resolve_model
+
+    model = str(resolve_model(a.model))
+    parts = [p for p in a.only.split(",") if p]
+    bad = set(parts) - set(PHASES)
+    if bad:
+        raise SystemExit(f"unknown parts {sorted(bad)}; choose from {sorted(PHASES)}")
+    spec = {"settings": s, "model": model, "url": a.url, "api_key": a.api_key}
+    result: dict[str, Any] = {
+        "command": "steer bench " + " ".join(sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "model": model, "settings": s, "targets": TARGETS,
+    }
+    for part in parts:
+        _log(f"== {part} ==")
+        result[part] = _run_phase_child(part, spec)
+    result["summary"] = summarize(result)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / "bench.png")
+    print_table(result["summary"])
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":  # child-process entry: python -m bench.run PART SPEC.json OUT.json
+    _part, _spec, _out = sys.argv[1:4]
+    Path(_out).write_text(json.dumps(PHASES[_part](json.loads(Path(_spec).read_text()))))

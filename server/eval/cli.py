@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shlex
@@ -42,8 +43,10 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                    help="JSONL of {id, prompt} or a text file (default: the shipped neutral set, 32 prompts)")
     p.add_argument("--limit-prompts", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--samples", type=int, default=2, help="samples per prompt and strength (default: 2)")
+    p.add_argument("--samples", type=int, default=1, help="samples per prompt and strength (default: 1)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per output (default: 64)")
+    p.add_argument("--long-max-tokens", type=int, default=320,
+                   help="tokens per output for length scorers (verbosity), so answers can end (default: 320)")
     p.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default: 1.1)")
@@ -157,7 +160,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
     except (EvalError, OSError, ValueError, KeyError) as exc:
         print(f"steer eval: error: {exc}", file=sys.stderr)
         return 2
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not one line per request
     cfg_kw = dict(strengths=strengths, prompts=prompts, samples=args.samples, max_tokens=args.max_tokens,
+                  long_max_tokens=args.long_max_tokens,
                   temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                   seed=args.seed, concurrency=args.concurrency, mode=args.mode, perplexity=args.perplexity)
     try:

@@ -65,8 +65,9 @@ class EvalConfig:
     features: dict[str, str]  # feature name → scorer name
     strengths: list[float]
     prompts: list[Prompt]
-    samples: int = 2  # choices per (prompt, strength), n in the request
+    samples: int = 1  # choices per (prompt, strength), n in the request
     max_tokens: int = 64
+    long_max_tokens: int = 320  # for scorers that need the whole answer (verbosity)
     temperature: float = 0.7
     top_p: float = 1.0
     repetition_penalty: float = 1.1
@@ -75,6 +76,10 @@ class EvalConfig:
     mode: str | None = None  # steering mode for every feature (None: each feature's default)
     model: str | None = None  # None: the server's first model
     perplexity: bool = True
+
+    def max_tokens_for(self, feature: str) -> int:
+        """Output budget of a feature's requests (its baseline uses the same)."""
+        return self.long_max_tokens if SCORERS[self.features[feature]].needs_full_output else self.max_tokens
 
     def public(self) -> dict[str, Any]:
         d = asdict(self)
@@ -86,8 +91,9 @@ class EvalConfig:
 class Sample:
     """One generated output and its scores."""
 
-    feature: str | None  # None at strength 0 (unsteered, shared)
+    feature: str | None  # None at strength 0 (unsteered, shared by features with this max_tokens)
     strength: float
+    max_tokens: int
     prompt_id: str
     index: int
     text: str
@@ -148,11 +154,11 @@ def steering_body(feature: str, strength: float, mode: str | None) -> dict[str, 
 
 
 async def generate(client: Client, cfg: EvalConfig, model: str, feature: str | None, strength: float,
-                   prompt: Prompt, prompt_index: int) -> list[Sample]:
+                   max_tokens: int, prompt: Prompt, prompt_index: int) -> list[Sample]:
     """The ``cfg.samples`` outputs of one prompt at one strength (one request, fixed seed)."""
     body: dict[str, Any] = {
         "model": model, "messages": [{"role": "user", "content": prompt.prompt}],
-        "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "max_tokens": max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "repetition_penalty": cfg.repetition_penalty, "n": cfg.samples,
         "seed": cfg.seed * 100_003 + prompt_index, "return_token_ids": True,
     }
@@ -163,7 +169,7 @@ async def generate(client: Client, cfg: EvalConfig, model: str, feature: str | N
     out = []
     for ch in sorted(resp["choices"], key=lambda c: c["index"]):
         text = ch["message"]["content"] or ""
-        out.append(Sample(feature=feature if strength != 0 else None, strength=strength,
+        out.append(Sample(feature=feature if strength != 0 else None, strength=strength, max_tokens=max_tokens,
                           prompt_id=prompt.id, index=ch["index"], text=text,
                           tokens=len(ch.get("token_ids") or []), finish_reason=ch.get("finish_reason"),
                           scores={name: s(text) for name, s in SCORERS.items()},
@@ -221,11 +227,13 @@ async def run_samples(client: Client, cfg: EvalConfig, progress: bool = True) ->
     """Generate and score every (feature, strength, prompt); returns the model name and the samples."""
     model = cfg.model or await client.model()
     jobs = []
-    grid: list[tuple[str | None, float]] = [(None, 0.0)] if 0 in cfg.strengths else []
-    grid += [(f, s) for f in cfg.features for s in cfg.strengths if s != 0]
-    for feature, strength in grid:
+    budgets = sorted({cfg.max_tokens_for(f) for f in cfg.features})
+    grid: list[tuple[str | None, float, int]] = [(None, 0.0, m) for m in budgets] if 0 in cfg.strengths else []
+    grid += [(f, s, cfg.max_tokens_for(f)) for f in cfg.features for s in cfg.strengths if s != 0]
+    for feature, strength, budget in grid:
         for i, p in enumerate(cfg.prompts):
-            jobs.append(lambda f=feature, s=strength, p=p, i=i: generate(client, cfg, model, f, s, p, i))
+            jobs.append(lambda f=feature, s=strength, m=budget, p=p, i=i:
+                        generate(client, cfg, model, f, s, m, p, i))
     batches = await _gather(jobs, cfg.concurrency, "generate", progress)
     samples = [s for batch in batches for s in batch]
     if cfg.perplexity:

@@ -32,6 +32,7 @@ class Scorer:
     """A named text → float measure.
 
     ``unit`` says what the number is; ``binary`` scorers return 0 or 1 per text.
+    ``needs_full_output`` scorers (length) are only meaningful on answers that ended by themselves.
     """
 
     name: str
@@ -39,6 +40,8 @@ class Scorer:
     unit: str
     fn: Callable[[str], float]
     binary: bool = False
+    #: Scores the whole answer (length): the harness gives it room to finish (``long_max_tokens``).
+    needs_full_output: bool = False
 
     def __call__(self, text: str) -> float:
         return float(self.fn(text))
@@ -114,7 +117,7 @@ _CODE_PATTERNS = [
     re.compile(r"\b[a-z]+_[a-z_]+\b|\b[a-z]+[A-Z][a-zA-Z]+\b"),  # snake_case / camelCase identifiers
     re.compile(r"\b(?:python|javascript|java|typescript|sql|html|css|api|json|variable|function|"
                r"algorithm|compiler|syntax|code|coding|programming|programmer|script|debug|array|"
-               r"string|integer|boolean|loop|method|library|git|database|server)\b", re.IGNORECASE),
+               r"integer|boolean|git|github|database|repository|runtime|backend|frontend)\b", re.IGNORECASE),
 ]
 
 
@@ -278,7 +281,7 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in [
     Scorer("hedging", "hedge words and phrases (might, perhaps, it depends, …)", "per 100 words", hedging),
     Scorer("refusal", "refusal / apology phrase (I'm sorry, but; I can't help; as an AI)", "share of outputs",
            refusal, binary=True),
-    Scorer("verbosity", "length of the output", "words", verbosity),
+    Scorer("verbosity", "length of the output", "words", verbosity, needs_full_output=True),
     Scorer("humor", "humor lexicon (joke, funny, laugh, pun, haha, …)", "per 100 words", humor),
     Scorer("enthusiasm", "exclamation marks, intensifiers and ALL-CAPS words", "per 100 words", enthusiasm),
     Scorer("repetition", "repeated word 3-grams (degenerate loops)", "share of 3-grams", repetition),

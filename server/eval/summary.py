@@ -45,11 +45,13 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
                     seed: int = 0) -> dict[str, Any]:
     """Results of one feature: per strength the score, perplexity and repetition; vs strength 0
     the paired statistics; over strengths the Spearman ρ; and the pass/fail of the bar."""
-    mine = [s for s in samples if s.feature == feature or s.feature is None]
+    budget = cfg.max_tokens_for(feature)
+    mine = [s for s in samples if s.feature == feature or (s.feature is None and s.max_tokens == budget)]
     by_s: dict[float, dict[str, list[float]]] = {}
     ppl: dict[float, list[float]] = {}
     rep: dict[float, list[float]] = {}
     toks: dict[float, list[float]] = {}
+    capped: dict[float, list[float]] = {}
     examples: dict[str, str] = {}
     first_prompt = cfg.prompts[0].id if cfg.prompts else None
     for s in mine:
@@ -57,6 +59,7 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
         ppl.setdefault(s.strength, []).append(s.perplexity)
         rep.setdefault(s.strength, []).append(s.scores["repetition"])
         toks.setdefault(s.strength, []).append(s.tokens)
+        capped.setdefault(s.strength, []).append(1.0 if s.finish_reason == "length" else 0.0)
         if s.prompt_id == first_prompt and s.index == 0:
             examples[strength_key(s.strength)] = s.text
     base = stats.per_prompt_means(by_s.get(0.0, {}))
@@ -72,6 +75,7 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
             "ppl_median": med, "ppl_q25": _q(ppl[st], 25), "ppl_q75": _q(ppl[st], 75),
             "ppl_ratio": (med / base_ppl) if (med is not None and base_ppl) else None,
             "repetition_mean": float(np.mean(rep[st])), "tokens_mean": float(np.mean(toks[st])),
+            "capped_share": float(np.mean(capped[st])),
         }
         if st != 0 and base:
             row["vs_baseline"] = stats.paired(pm, base, seed=seed)
@@ -80,7 +84,7 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
     at_one = per_strength.get("1", {})
     bar = stats.passes_bar(at_one.get("vs_baseline"), dr["over_means"]["rho"], at_one.get("ppl_ratio"))
     sc = SCORERS[scorer]
-    return {"feature": feature, "scorer": scorer, "unit": sc.unit, "scorer_description": sc.description,
+    return {"feature": feature, "scorer": scorer, "max_tokens": budget, "unit": sc.unit, "scorer_description": sc.description,
             "strengths": per_strength, "spearman": dr, "bar": bar, "examples": examples}
 
 

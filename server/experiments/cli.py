@@ -22,6 +22,32 @@ def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="also write per-variant mean score and good-rate with 95%% CIs to this PNG")
     r.set_defaults(func=results_cmd)
 
+    o = sub.add_parser("run", help="offline A/B: a prompt set through every variant, same seeds, "
+                                   "automatic scores, side-by-side HTML + JSON report")
+    o.add_argument("--experiment", required=True, help="the experiment whose variants to run")
+    o.add_argument("--prompts", required=True, metavar="FILE",
+                   help='JSONL of {"id", "prompt"} or a text file, one prompt per line')
+    o.add_argument("--out", default=None, metavar="DIR",
+                   help="where report.html and report.json go (default: ./ab-run-NAME)")
+    o.add_argument("--scorers", default=None, metavar="A,B",
+                   help="text scorers to apply (default: all of server.eval.scorers)")
+    o.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    o.add_argument("--samples", type=int, default=1, help="outputs per prompt and variant (default: 1)")
+    o.add_argument("--max-tokens", type=int, default=64, help="(default: 64)")
+    o.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
+    o.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
+    o.add_argument("--seed", type=int, default=0,
+                   help="base seed; prompt i uses seed*100003+i in every variant (default: 0)")
+    o.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    o.add_argument("--url", default=os.environ.get("STEER_URL", "http://127.0.0.1:8000"),
+                   help="the server (default: $STEER_URL or http://127.0.0.1:8000)")
+    o.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"), help="(env STEER_API_KEY)")
+    o.add_argument("--local", action="store_true",
+                   help="start an engine of its own (steer serve on a free port) instead of --url")
+    o.add_argument("--serve-args", default="", metavar="ARGS",
+                   help="with --local: flags for steer serve, e.g. '--dtype float32 --data-dir DIR'")
+    o.set_defaults(func=run_cmd)
+
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
@@ -112,4 +138,69 @@ def results_cmd(args: argparse.Namespace) -> int:
     console.print(f"sample ratio check: p = {_fmt(res['sample_ratio']['p_value'])}")
     for w in res.get("warnings", []):
         console.print(f"[bold red]WARNING[/]: {w}")
+    return 0
+
+
+def run_cmd(args: argparse.Namespace) -> int:
+    """``steer ab run``: offline A/B over a prompt set; writes report.html and report.json."""
+    import asyncio
+    import contextlib
+    import logging
+    import shlex
+    from pathlib import Path
+
+    import httpx
+
+    from server.eval.harness import Client, EvalError, load_prompts
+    from server.experiments.offline import RunConfig, pick_scorers, run
+    from server.experiments.offline_report import render_html
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        scorers = pick_scorers(args.scorers)
+        prompts = load_prompts(args.prompts, limit=args.limit)
+    except (ValueError, OSError, EvalError) as exc:
+        print(f"steer ab run: {exc}", file=sys.stderr)
+        return 2
+    cfg = RunConfig(experiment=args.experiment, prompts=prompts, scorers=scorers, samples=args.samples,
+                    max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, concurrency=args.concurrency)
+
+    def progress(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r  {done}/{total} requests", end="" if done < total else "\n", file=sys.stderr)
+
+    async def go(url: str, api_key: str | None) -> dict[str, Any]:
+        client = Client(url, api_key)
+        try:
+            return await run(client, cfg, progress)
+        finally:
+            await client.close()
+
+    with contextlib.ExitStack() as stack:
+        url, key = args.url, args.api_key
+        if args.local:
+            from server.launch import local_server
+
+            print("starting a local engine …", file=sys.stderr)
+            srv = stack.enter_context(local_server(shlex.split(args.serve_args)))
+            url, key = srv.url, None
+        try:
+            report = asyncio.run(go(url, key))
+        except EvalError as exc:
+            print(f"steer ab run: {exc}", file=sys.stderr)
+            return 1
+        except httpx.HTTPError as exc:
+            print(f"steer ab run: cannot reach {url}: {exc}", file=sys.stderr)
+            return 2
+    out = Path(args.out or f"ab-run-{args.experiment}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (out / "report.html").write_text(render_html(report), encoding="utf-8")
+    head = ["scorer", *(v["name"] + (" (control)" if v["control"] else "") for v in report["variants"])]
+    rows = [head] + [[s, *(_fmt(v["scores"][s]["mean"]) for v in report["variants"])] for s in scorers]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(f"wrote {out / 'report.html'} and {out / 'report.json'}", file=sys.stderr)
     return 0

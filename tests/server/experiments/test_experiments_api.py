@@ -27,16 +27,20 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 class FakeEngine:
-    """Answers every request with four tokens; records the steering it was given."""
+    """Answers every request with four tokens (a pirate line when steered); records the steering
+    and seed it was given."""
 
     errored = False
 
     def __init__(self) -> None:
         self.seen: list[Any] = []
+        self.seeds: list[int | None] = []
 
     async def generate(self, prompt, params, request_id):
         self.seen.append(params.extra_args)
-        out = SimpleNamespace(index=0, text="ahoy", token_ids=[1, 2, 3, 4], finish_reason="length",
+        self.seeds.append(params.seed)
+        text = "Arr matey, ahoy!" if params.extra_args else "Hello there, friend."
+        out = SimpleNamespace(index=0, text=text, token_ids=[1, 2, 3, 4], finish_reason="length",
                               logprobs=None)
         yield SimpleNamespace(outputs=[out], finished=True, prompt_logprobs=None)
 
@@ -321,6 +325,61 @@ def test_streamed_chunks_carry_the_experiment(api):
             "messages": [{"role": "user", "content": "Hi"}]}) as s:
         assert "x-steer-experiment" not in s.headers
         assert all("experiment" not in c for c in _sse_events("".join(s.iter_text())))
+
+
+def test_offline_run_mechanics(api):
+    """``steer ab run``'s core over the real app (fake engine): each prompt keeps its seed in
+    every variant, the variant's steering reaches the engine, scores are summarised per variant
+    and paired against the control, nothing is recorded as an exposure, and the HTML has one
+    column per variant and one row per prompt."""
+    import asyncio
+
+    import httpx
+
+    from server.eval.harness import Client, Prompt
+    from server.experiments.offline import RunConfig, run
+    from server.experiments.offline_report import render_html
+
+    client, state = api
+    assert client.post("/v1/experiments", json=two_variant("off"), headers=AUTH).status_code == 200
+    prompts = [Prompt("a", "Hi <b>there</b>"), Prompt("b", "Tell me a story."), Prompt("c", "What is 2+2?")]
+    cfg = RunConfig(experiment="off", prompts=prompts, scorers=["pirate", "verbosity"], seed=3,
+                    max_tokens=4, concurrency=1)
+
+    async def go():
+        c = Client("http://t", KEY)
+        await c.http.aclose()
+        c.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app), base_url="http://t",
+                                   headers=AUTH)
+        try:
+            return await run(c, cfg)
+        finally:
+            await c.close()
+    report = asyncio.run(go())
+
+    assert report["model"] == MODEL and report["config"]["seeds"] == [300009, 300010, 300011]
+    # concurrency 1: requests in order, variants of one prompt next to each other, same seed.
+    assert state.engine.seeds == [300009, 300009, 300010, 300010, 300011, 300011]
+    assert [x is not None for x in state.engine.seen] == [False, True] * 3
+    by = {v["name"]: v for v in report["variants"]}
+    assert by["control"]["n"] == by["pirate"]["n"] == 3 and by["pirate"]["preset"] == "pirate"
+    assert by["control"]["scores"]["verbosity"]["mean"] == 3.0  # "Hello there, friend."
+    assert by["pirate"]["scores"]["verbosity"]["mean"] == 3.0
+    assert by["pirate"]["scores"]["pirate"]["mean"] > 0 == by["control"]["scores"]["pirate"]["mean"]
+    vs = by["pirate"]["scores"]["pirate"]["vs_control"]
+    assert vs["diff"] == by["pirate"]["scores"]["pirate"]["mean"]
+    assert by["pirate"]["scores"]["verbosity"]["vs_control"] == {"diff": 0.0, "p_value": None}
+    assert "vs_control" not in by["control"]["scores"]["pirate"]
+    texts = {(o["variant"], o["prompt_id"]): o["text"] for o in report["outputs"]}
+    assert texts[("pirate", "a")] == "Arr matey, ahoy!" and texts[("control", "a")] == "Hello there, friend."
+    assert client.get("/v1/experiments/off/results", headers=AUTH).json()["n"] == 0  # not exposures
+
+    page = render_html(report)
+    assert page.count('<th class="variant" data-variant="control">') == 2  # summary + side by side
+    assert page.count('<th class="variant" data-variant="pirate">') == 2
+    assert [page.count(f'data-prompt="{p.id}"') for p in prompts] == [1, 1, 1]
+    assert "Hi &lt;b&gt;there&lt;/b&gt;" in page and "<b>there</b>" not in page  # escaped
+    assert "Arr matey, ahoy!" in page and "<script" not in page and "http" not in page
 
 
 def test_results_plot_from_the_api(api, tmp_path, monkeypatch, capsys):

@@ -1,8 +1,10 @@
 """Presets (named steering configs) and A/B experiments over them.
 
-``store``   SQLite persistence behind :class:`ExperimentStore` (versioned migrations).
-``assign``  deterministic, sticky variant assignment.
-``manager`` in-memory registry + request routing (``<base>:<preset>``, ``steering.experiment``).
-``stats``   per-variant results, Welch t-test, two-proportion z-test, sample-ratio check.
-``routes``  the admin API; ``cli`` the ``steer ab`` command.
+``store``    persistence behind :class:`ExperimentStore`: SQLite (default) with versioned migrations;
+``postgres`` the PostgreSQL backend of the same interface and migrations (``--experiments-db``).
+``assign``   deterministic, sticky variant assignment.
+``manager``  in-memory registry + request routing (``<base>:<preset>``, ``steering.experiment``).
+``stats``    per-variant results, Welch t-test, two-proportion z-test, Wilson CI, sample-ratio check.
+``routes``   the admin API; ``cli`` the ``steer ab`` command (``results``, ``--plot`` via ``plot``,
+             ``run``: the offline A/B of ``offline``, rendered by ``offline_report``).
 """

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
+    from server.eval.demo import add_demo_parser
+
+    add_demo_parser(sub)
     from bench.run import add_parser as add_bench_parser
 
     add_bench_parser(sub)

@@ -127,6 +127,7 @@ def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device) -> rt_m
         tab.alpha[1:].fill_(-1.0)  # clamp: act -> target
         tab.beta[1:].copy_(rnd(slots, k).abs() * 4)
         tab.rect[1:, : k // 2] = True
+        tab.cut.copy_(torch.where(tab.rect, tab.theta, torch.full_like(tab.theta, float("-inf"))))
     rt.token_slots[:tokens].copy_((torch.arange(tokens, device=device) + 1) % s1)  # T=1: slot 1
     rt.num_tokens = tokens
     return rt
@@ -135,7 +136,7 @@ def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device) -> rt_m
 def check_fused(rt, x0, r0, T: int, k: int) -> tuple[float, float]:
     """Max |error| of the fused kernel and of the torch op against a float32 torch reference."""
     ref_rt = make_runtime(x0.shape[1], T, rt.cfg.max_slots, k, torch.float32, x0.device)
-    for name in ("add", "enc", "dec", "bias", "theta", "alpha", "beta"):
+    for name in ("add", "enc", "dec", "bias", "theta", "alpha", "beta", "cut"):
         getattr(ref_rt.tables[0], name).copy_(getattr(rt.tables[0], name).float())
     ref_rt.tables[0].rect.copy_(rt.tables[0].rect)
     h32 = x0.float().clone()

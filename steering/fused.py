@@ -69,9 +69,12 @@ def steer_fused(hidden: torch.Tensor, residual: torch.Tensor, token_slots: torch
                 k: int) -> None:
     """Apply one site's tables (:class:`steering.runtime.SiteTables`) to ``hidden`` [T, d] in place."""
     T, d = hidden.shape
-    bd = 64 if d % 64 == 0 else 32
     k_pad = max(triton.next_power_of_2(max(k, 1)), 2)
+    # d-chunk: ~8K elements per [K_PAD, BD] tile, at most d; fewer, longer steps than BD = 64.
+    bd = min(triton.next_power_of_2(d), max(64, 8192 // k_pad if k else 2048))
+    while d % bd:
+        bd //= 2
     _steer_kernel[(T,)](hidden, residual, token_slots, tab.add, tab.enc, tab.dec, tab.bias,
                         tab.theta, tab.rect, tab.alpha, tab.beta,
                         D=d, K=max(k, 1), K_PAD=k_pad, BD=bd, HAS_ENTRIES=k > 0,
-                        num_warps=4 if k_pad <= 32 else 8)
+                        num_warps=8 if k_pad * bd >= 4096 else 4)

@@ -10,7 +10,7 @@ from typing import Any
 
 
 def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("ab", help="A/B experiments on a running server")
+    p = subparsers.add_parser("ab", help="A/B experiments: a server's results, offline runs")
     sub = p.add_subparsers(dest="ab_command", required=True, metavar="COMMAND")
     r = sub.add_parser("results", help="print an experiment's results")
     r.add_argument("name", help="the experiment")
@@ -183,8 +183,10 @@ def run_cmd(args: argparse.Namespace) -> int:
             from server.launch import local_server
 
             print("starting a local engine …", file=sys.stderr)
-            srv = stack.enter_context(local_server(shlex.split(args.serve_args)))
-            url, key = srv.url, None
+            serve_args = shlex.split(args.serve_args)
+            keyed = any(a.startswith("--api-key") for a in serve_args)
+            srv = stack.enter_context(local_server(serve_args, api_key=args.api_key if keyed else None))
+            url, key = srv.url, srv.api_key
         try:
             report = asyncio.run(go(url, key))
         except EvalError as exc:

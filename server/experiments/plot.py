@@ -16,8 +16,11 @@ from server.experiments.stats import wilson_ci
 CONTROL_COLOR, VARIANT_COLOR = "#8c8c8c", "#1f77b4"
 
 
-def _panel(ax: Any, names: list[str], controls: list[bool], points: list[tuple[float | None, float | None, float | None]],
-           counts: list[int], title: str, ylabel: str) -> None:
+Point = tuple[float | None, float | None, float | None]  # mean, CI low, CI high
+
+
+def _panel(ax: Any, names: list[str], controls: list[bool], points: list[Point], counts: list[int],
+           title: str, ylabel: str) -> None:
     for i, ((mean, lo, hi), control) in enumerate(zip(points, controls)):
         color = CONTROL_COLOR if control else VARIANT_COLOR
         if mean is None:

@@ -334,11 +334,13 @@ def check_url(url: str) -> str:
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise ValueError("PostgreSQL needs the psycopg driver: pip install 'steer-server[postgres]'") from None
+            raise ValueError("PostgreSQL needs the psycopg driver: "
+                             "pip install 'steer-server[postgres]'") from None
         return url
     if scheme == "sqlite":
         if not url.startswith("sqlite:///") or url == "sqlite:///":
-            raise ValueError("a SQLite URL names a file: sqlite:///relative/path.db or sqlite:////abs/path.db")
+            raise ValueError("a SQLite URL names a file: sqlite:///relative/path.db or "
+                             "sqlite:////abs/path.db")
         return url
     raise ValueError(f"unsupported experiments database {redact(url)!r}: use postgresql://USER:PASSWORD@HOST"
                      "[:PORT]/DB or sqlite:///PATH")

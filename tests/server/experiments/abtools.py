@@ -12,6 +12,7 @@ again and again (a server restart), ``raw()`` queries it past the store.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -61,7 +62,7 @@ class PgCluster:
                 self.user = "nobody"
             shutil.chown(self.root, user=self.user)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                  "--no-sync", "--no-instructions")
+                  "--locale=C", "--no-sync")
         self.start()
 
     def _run(self, tool: str, *args: str) -> None:
@@ -122,7 +123,7 @@ class Backend:
     def raw(self, sql: str, args: tuple = ()) -> list[tuple[Any, ...]]:
         """Run ``sql`` past the store (``?`` placeholders) on a connection of its own."""
         if self.name == "sqlite":
-            with sqlite3.connect(self.url[len("sqlite:///"):]) as db:
+            with contextlib.closing(sqlite3.connect(self.url[len("sqlite:///"):])) as db, db:
                 return [tuple(r) for r in db.execute(sql, args).fetchall()]
         import psycopg
 
@@ -134,7 +135,7 @@ class Backend:
         """Run several statements (``;``-separated) in one transaction."""
         stmts = [s for s in sql.split(";") if s.strip()]
         if self.name == "sqlite":
-            with sqlite3.connect(self.url[len("sqlite:///"):]) as db:
+            with contextlib.closing(sqlite3.connect(self.url[len("sqlite:///"):])) as db, db:
                 for s in stmts:
                     db.execute(s)
             return

@@ -199,7 +199,8 @@ def run_cmd(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
-    head = ["scorer", *(v["name"] + (" (control)" if v["control"] else "") for v in report["variants"])]
+    head = ["scorer", *(v["name"] + (" (control)" if v["control"] and v["name"] != "control" else "")
+                        for v in report["variants"])]
     rows = [head] + [[s, *(_fmt(v["scores"][s]["mean"]) for v in report["variants"])] for s in scorers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:

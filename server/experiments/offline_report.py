@@ -41,7 +41,7 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 def _variant_head(v: dict[str, Any]) -> str:
-    tag = " (control)" if v["control"] else ""
+    tag = " (control)" if v["control"] and v["name"] != "control" else ""
     how = f"preset {v['preset']}" if v.get("preset") else (
         json.dumps(v["steering"], sort_keys=True) if v.get("steering") else "unsteered")
     return (f'<th class="variant" data-variant="{_e(v["name"])}">{_e(v["name"])}{tag}'

@@ -327,35 +327,41 @@ def test_streamed_chunks_carry_the_experiment(api):
         assert all("experiment" not in c for c in _sse_events("".join(s.iter_text())))
 
 
-def test_offline_run_mechanics(api):
-    """``steer ab run``'s core over the real app (fake engine): each prompt keeps its seed in
-    every variant, the variant's steering reaches the engine, scores are summarised per variant
-    and paired against the control, nothing is recorded as an exposure, and the HTML has one
-    column per variant and one row per prompt."""
-    import asyncio
+def test_offline_run_mechanics(api, tmp_path, monkeypatch, capsys):
+    """``steer ab run`` over the real app (fake engine, in-process transport): each prompt keeps
+    its seed in every variant, the variant's steering reaches the engine, scores are summarised
+    per variant and paired against the control, nothing is recorded as an exposure, and the HTML
+    has one column per variant and one row per prompt."""
+    import json
 
     import httpx
 
-    from server.eval.harness import Client, Prompt
-    from server.experiments.offline import RunConfig, run
-    from server.experiments.offline_report import render_html
+    from server.cli import main
+    from server.eval import harness
 
     client, state = api
     assert client.post("/v1/experiments", json=two_variant("off"), headers=AUTH).status_code == 200
-    prompts = [Prompt("a", "Hi <b>there</b>"), Prompt("b", "Tell me a story."), Prompt("c", "What is 2+2?")]
-    cfg = RunConfig(experiment="off", prompts=prompts, scorers=["pirate", "verbosity"], seed=3,
-                    max_tokens=4, concurrency=1)
+    prompts = [{"id": "a", "prompt": "Hi <b>there</b>"}, {"id": "b", "prompt": "Tell me a story."},
+               {"id": "c", "prompt": "What is 2+2?"}]
+    pfile = tmp_path / "prompts.jsonl"
+    pfile.write_text("".join(json.dumps(p) + "\n" for p in prompts))
 
-    async def go():
-        c = Client("http://t", KEY)
-        await c.http.aclose()
-        c.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app), base_url="http://t",
-                                   headers=AUTH)
-        try:
-            return await run(c, cfg)
-        finally:
-            await c.close()
-    report = asyncio.run(go())
+    def in_process(self, url, api_key=None, timeout=600.0):
+        assert (url, api_key) == ("http://t", KEY)
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app), base_url=url,
+                                      headers={"Authorization": f"Bearer {api_key}"})
+    monkeypatch.setattr(harness.Client, "__init__", in_process)
+    out = tmp_path / "report"
+    assert main(["ab", "run", "--experiment", "off", "--prompts", str(pfile), "--url", "http://t",
+                 "--api-key", KEY, "--scorers", "pirate,verbosity", "--seed", "3", "--max-tokens", "4",
+                 "--concurrency", "1", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["scorer", "control", "pirate"] and "verbosity" in table
+    report = json.loads((out / "report.json").read_text())
+    page = (out / "report.html").read_text()
+    assert main(["ab", "run", "--experiment", "off", "--prompts", str(pfile), "--url", "http://t",
+                 "--api-key", KEY, "--scorers", "pirate,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
 
     assert report["model"] == MODEL and report["config"]["seeds"] == [300009, 300010, 300011]
     # concurrency 1: requests in order, variants of one prompt next to each other, same seed.
@@ -374,10 +380,9 @@ def test_offline_run_mechanics(api):
     assert texts[("pirate", "a")] == "Arr matey, ahoy!" and texts[("control", "a")] == "Hello there, friend."
     assert client.get("/v1/experiments/off/results", headers=AUTH).json()["n"] == 0  # not exposures
 
-    page = render_html(report)
     assert page.count('<th class="variant" data-variant="control">') == 2  # summary + side by side
     assert page.count('<th class="variant" data-variant="pirate">') == 2
-    assert [page.count(f'data-prompt="{p.id}"') for p in prompts] == [1, 1, 1]
+    assert [page.count(f'data-prompt="{p["id"]}"') for p in prompts] == [1, 1, 1]
     assert "Hi &lt;b&gt;there&lt;/b&gt;" in page and "<b>there</b>" not in page  # escaped
     assert "Arr matey, ahoy!" in page and "<script" not in page and "http" not in page
 

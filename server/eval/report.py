@@ -27,6 +27,12 @@ def _ci(pair: list[Any] | None) -> str:
     return f" [{_f(pair[0], 2)}, {_f(pair[1], 2)}]"
 
 
+def _fluent(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "–"
+    return f"{m['strength']:g} ({_f(m.get('diff'))}, p {_f(m.get('p_wilcoxon'), 2)})"
+
+
 def safe_name(feature: str) -> str:
     """A file name for a feature (``pack/L12:5`` → ``pack_L12_5``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", feature)
@@ -39,8 +45,8 @@ def markdown(result: dict[str, Any], png_prefix: str = "") -> str:
     feats = result["features"]
     lines = [
         "| feature | layer | scorer (unit) | Δ at 1 [95% CI] | p (Wilcoxon) | d_z at 1 [95% CI] | ρ over doses "
-        "| ρ over samples | ppl ×, at 1 | rep. at 0 → 1 | bar |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ρ over samples | ppl ×, at 1 | rep. at 0 → 1 | bar | fluent up to (Δ, p) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, f in feats.items():
         st = f["strengths"]
@@ -54,7 +60,7 @@ def markdown(result: dict[str, Any], png_prefix: str = "") -> str:
             f"| {_f(vs.get('p_wilcoxon'), 2)} | {_f(vs.get('cohen_dz'), 2)}{_ci(vs.get('cohen_dz_ci95'))} "
             f"| {_f(f['spearman']['over_means']['rho'], 2)} | {_f(f['spearman']['over_samples']['rho'], 2)} "
             f"| {_f(one.get('ppl_ratio'), 2)} | {_f(zero.get('repetition_mean'), 2)} → {_f(one.get('repetition_mean'), 2)} "
-            f"| {verdict} |")
+            f"| {verdict} | {_fluent(f.get('max_fluent'))} |")
     lines += ["", "Score mean per strength (and median perplexity under the unsteered model):", "",
               "| feature | " + " | ".join(f"{s:g}" for s in strengths) + " |",
               "| --- | " + " | ".join("---" for _ in strengths) + " |"]

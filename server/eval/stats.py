@@ -75,16 +75,30 @@ def cohen_dz(diffs: Sequence[float]) -> float | None:
     return float(d.mean() / sd)
 
 
-def bootstrap_ci(diffs: Sequence[float], stat, seed: int = 0, n: int = BOOTSTRAP,
+def _rows_mean(x: np.ndarray) -> np.ndarray:
+    return x.mean(axis=1)
+
+
+def _rows_dz(x: np.ndarray) -> np.ndarray:
+    """Cohen's d_z per row (NaN where the sd is 0, except 0 where the row is all zeros)."""
+    sd = x.std(axis=1, ddof=1)
+    m = x.mean(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(sd > 0, m / np.where(sd > 0, sd, 1.0), np.where(m == 0, 0.0, np.nan))
+    return out
+
+
+def bootstrap_ci(diffs: Sequence[float], stat=_rows_mean, seed: int = 0, n: int = BOOTSTRAP,
                  level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap CI of ``stat`` over resampled prompts (seeded)."""
+    """Percentile bootstrap CI over resampled prompts (seeded); ``stat`` maps an [n, k] array of
+    resamples to n values (row means by default; ``_rows_dz`` for Cohen's d_z)."""
     d = np.asarray(diffs, dtype=float)
     if len(d) < 2:
         return None, None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(d), size=(n, len(d)))
-    vals = [stat(d[i]) for i in idx]
-    vals = np.asarray([v for v in vals if v is not None and math.isfinite(v)], dtype=float)
+    vals = np.asarray(stat(d[idx]), dtype=float)
+    vals = vals[np.isfinite(vals)]
     if len(vals) == 0:
         return None, None
     lo, hi = np.percentile(vals, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
@@ -97,8 +111,8 @@ def paired(steered: Mapping[str, float], baseline: Mapping[str, float], seed: in
     d = np.asarray([steered[p] - baseline[p] for p in common], dtype=float)
     if len(d) == 0:
         return {"n": 0}
-    dlo, dhi = bootstrap_ci(d, lambda x: float(x.mean()), seed)
-    zlo, zhi = bootstrap_ci(d, cohen_dz, seed + 1)
+    dlo, dhi = bootstrap_ci(d, _rows_mean, seed)
+    zlo, zhi = bootstrap_ci(d, _rows_dz, seed + 1)
     return {
         "n": len(common),
         "mean": _num(np.mean([steered[p] for p in common])),

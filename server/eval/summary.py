@@ -44,7 +44,9 @@ def strength_key(s: float) -> str:
 def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sample],
                     seed: int = 0) -> dict[str, Any]:
     """Results of one feature: per strength the score, perplexity and repetition; vs strength 0
-    the paired statistics; over strengths the Spearman ρ; and the pass/fail of the bar."""
+    the paired statistics; over strengths the Spearman ρ; the pass/fail of the bar; and
+    ``max_fluent``, the largest positive strength whose median perplexity stays ≤ 2× the baseline's
+    (with its Δ and p): the dose to use when strength 1 is too strong."""
     budget = cfg.max_tokens_for(feature)
     mine = [s for s in samples if s.feature == feature or (s.feature is None and s.max_tokens == budget)]
     by_s: dict[float, dict[str, list[float]]] = {}
@@ -80,12 +82,20 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
         if st != 0 and base:
             row["vs_baseline"] = stats.paired(pm, base, seed=seed)
         per_strength[strength_key(st)] = row
+    fluent = [r for r in per_strength.values() if r["strength"] > 0 and r["ppl_ratio"] is not None
+              and r["ppl_ratio"] <= stats.PPL_RATIO_MAX]
+    top = max(fluent, key=lambda r: r["strength"]) if fluent else None
+    max_fluent = None if top is None else {
+        "strength": top["strength"], "ppl_ratio": top["ppl_ratio"],
+        "diff": (top.get("vs_baseline") or {}).get("diff"),
+        "p_wilcoxon": (top.get("vs_baseline") or {}).get("p_wilcoxon")}
     dr = stats.dose_response(by_s)
     at_one = per_strength.get("1", {})
     bar = stats.passes_bar(at_one.get("vs_baseline"), dr["over_means"]["rho"], at_one.get("ppl_ratio"))
     sc = SCORERS[scorer]
     return {"feature": feature, "scorer": scorer, "max_tokens": budget, "unit": sc.unit, "scorer_description": sc.description,
-            "strengths": per_strength, "spearman": dr, "bar": bar, "examples": examples}
+            "strengths": per_strength, "spearman": dr, "bar": bar, "max_fluent": max_fluent,
+            "examples": examples}
 
 
 def summarize(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -96,6 +106,7 @@ def summarize(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, di
         info = feature_info.get(feature) or {}
         summ["layer"] = info.get("layer")
         summ["pack"] = info.get("pack")
+        summ["tags"] = list(info.get("tags") or [])
         summ["mode"] = cfg.mode or info.get("default_mode", "add")
         out[feature] = summ
     return out

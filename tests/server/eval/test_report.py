@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -22,7 +23,7 @@ def _sample(feature, strength, i, text, ppl):
                   perplexity=ppl)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def result():
     cfg = EvalConfig(features={"golden_gate": "golden_gate"}, strengths=[-1.0, 0.0, 1.0, 2.0], prompts=PROMPTS)
     samples = []
@@ -48,6 +49,8 @@ def test_summary_numbers(result):
     assert f["bar"] == {"direction_p<0.01": True, "spearman>0.8": True, "ppl_ratio<=2": True, "pass": True}
     assert f["layer"] == 10 and f["mode"] == "add" and f["max_tokens"] == 64
     assert f["examples"]["1"] == "The Golden Gate Bridge."
+    assert f["max_fluent"] == {"strength": 1.0, "ppl_ratio": pytest.approx(1.6), "diff": pytest.approx(10 / 12),
+                               "p_wilcoxon": pytest.approx(2 / 2 ** 10)}
 
 
 def test_report_files(result, tmp_path):
@@ -56,11 +59,14 @@ def test_report_files(result, tmp_path):
     md = paths["md"].read_text()
     assert "| golden_gate | 10 | golden_gate (share of outputs) | 0.833" in md
     assert "**pass**" in md and "[golden_gate](golden_gate.png)" in md
+    assert "| 1 (0.833, p 0.002) |" in md  # fluent up to strength 1 (2 has 4× the perplexity)
+
     png = paths["golden_gate"].read_bytes()
     assert png[:4] == b"\x89PNG" and len(png) < 80_000
 
 
 def test_weak_feature_names_the_failed_checks(result):
+    result = copy.deepcopy(result)
     f = result["features"]["golden_gate"]
     f["bar"] = {"direction_p<0.01": True, "spearman>0.8": False, "ppl_ratio<=2": False, "pass": False}
     assert "weak: spearman>0.8, ppl_ratio<=2" in report.markdown(result)

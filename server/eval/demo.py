@@ -66,9 +66,9 @@ def variants(feature: str, amplify: float) -> list[Variant]:
     """baseline / ablated / amplified for ``feature`` (its qualified name)."""
     return [
         Variant("baseline", "Baseline (no steering)", None),
-        Variant("ablated", "Ablated (clamped to 0)",
+        Variant("ablated", "Ablated (clamp to 0)",
                 {"features": {feature: {"mode": "ablate"}}, "apply_to": "all"}),
-        Variant("amplified", f"Amplified (clamped to {amplify:g})",
+        Variant("amplified", f"Amplified (clamp, strength {amplify:g})",
                 {"features": {feature: {"mode": "clamp", "strength": amplify}}, "apply_to": "all"}),
     ]
 
@@ -181,8 +181,8 @@ async def _one(client: DemoClient, cfg: DemoConfig, model: str, feature: str, pr
             "messages": [{"role": "user", "content": prompt.prompt}, {"role": "assistant", "content": text}],
         })
     span = response_span(ins["tokens"], resp["prompt_token_ids"], choice["token_ids"], choice.get("finish_reason"))
-    tokens = merge_split_chars([(t["token"], float(t["features"][feature])) for t in span], text)
-    acts = [a for _, a in tokens]
+    acts = [float(t["features"][feature]) for t in span]
+    tokens = merge_split_chars([(t["token"], a) for t, a in zip(span, acts)], text)
     score = scorer(text) if scorer is not None else None
     return {
         "text": text, "finish_reason": choice.get("finish_reason"), "generated_tokens": len(choice["token_ids"]),
@@ -446,7 +446,21 @@ def screenshot(html_path: Path, png_path: Path, width: int = 1400, height: int =
                         f"--user-data-dir={profile}", f"--screenshot={png_path.resolve()}",
                         f"--window-size={width},{height}", html_path.resolve().as_uri()],
                        check=True, capture_output=True, timeout=120)
-    return png_path.exists()
+    if not png_path.exists():
+        return False
+    _shrink_png(png_path)
+    return True
+
+
+def _shrink_png(path: Path) -> None:
+    """Re-save as a 256-colour palette PNG (a third of the size; text stays crisp) when Pillow is present."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ from server.eval.scorers import Scorer, scorer_for
 
 DEFAULT_FEATURE = "golden_gate"
 DEFAULT_PROMPTS = PROMPTS_DIR / "demo_golden_gate.jsonl"
-#: Clamp target in calibration units for "amplified": on SmolLM2's golden_gate, 1.0 already brings
-#: the bridge into most outputs, 1.5 into nearly all while staying readable, 2.0 drifts into run-on
-#: capitalised phrases and 3.0 is gibberish (see README, "Feature ablation demo").
+#: Clamp strength (calibration units) of "amplified". Measured on SmolLM2's golden_gate with the
+#: shipped prompts (64 tokens, seed 0): 1.0, 1.25, 1.5 and 2.0 all reach a 9/10 topic rate; the
+#: outputs' mean activation rises 10.7 → 13.4 → 14.5 and stays at 14.5 at 2.0, where the text
+#: drifts into run-on capitalised phrases; 3.0 is gibberish.
 DEFAULT_AMPLIFY = 1.5
 #: The engine the demo starts without --url: float32, so a rerun reproduces every token on CPU.
 DEFAULT_SERVE_ARGS = "--dtype float32 --max-model-len 2048"

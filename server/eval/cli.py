@@ -20,6 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from server.eval import report
 from server.eval.harness import DEFAULT_PROMPTS, Client, EvalConfig, EvalError, load_prompts, run_samples
 from server.eval.scorers import SCORERS, scorer_for
@@ -176,8 +178,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
             with local_server(serve_args) as srv:
                 result, samples = asyncio.run(evaluate(srv.url, None, requested, args.pack, cfg_kw))
             result["server"]["serve_args"] = serve_args
-    except (EvalError, RuntimeError) as exc:
-        print(f"steer eval: error: {exc}", file=sys.stderr)
+    except (EvalError, RuntimeError, httpx.HTTPError) as exc:
+        print(f"steer eval: error: {exc!r}" if isinstance(exc, httpx.HTTPError) else f"steer eval: error: {exc}",
+              file=sys.stderr)
         return 1
     paths = write_all(result, samples, args.out)
     print(report.markdown(result, png_prefix=None))

@@ -509,7 +509,9 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
 
         sae_t = TopKSAE(acts.shape[1], int(o["d_sae"]), int(o["k"]))
         sae_t.load_state_dict(load_file(str(ckpt)))
-        log = json.loads(ckpt.with_suffix(".log.json").read_text()) if ckpt.with_suffix(".log.json").exists() else []
+        saved = json.loads(ckpt.with_suffix(".log.json").read_text()) if ckpt.with_suffix(".log.json").exists() else []
+        # {"log", "train_seconds"}; a bare list from before the time was kept
+        log, train_seconds = (saved, None) if isinstance(saved, list) else (saved["log"], saved["train_seconds"])
     else:
         from safetensors.torch import save_file
 
@@ -517,7 +519,8 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
                                int(o["batch_size"]), float(o["lr"]), seed=int(o["seed"]),
                                progress=progress, log=log)
         save_file({k_: v.detach().contiguous() for k_, v in sae_t.state_dict().items()}, str(ckpt))
-        ckpt.with_suffix(".log.json").write_text(json.dumps(log))
+        train_seconds = round(time.time() - t1, 1)
+        ckpt.with_suffix(".log.json").write_text(json.dumps({"log": log, "train_seconds": train_seconds}))
     t2 = time.time()
     sae_t.eval()
     metrics = reconstruction_metrics(sae_t, eval_acts)
@@ -544,7 +547,8 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
                      "batch_size": int(o["batch_size"]), "lr": float(o["lr"]), "seed": int(o["seed"]),
                      "aux_k": 512, "decoder": "unit-norm rows",
                      "collection_tokens_per_s": index.get("tokens_per_s"),
-                     "train_seconds": round(t2 - t1, 1), "label_eval_seconds": round(t3 - t2, 1),
+                     "train_seconds": train_seconds, "checkpoint": ckpt.name,
+                     "label_eval_seconds": round(t3 - t2, 1),
                      "log": log[-5:]},
     }
     fp = model_fingerprint(model_dir)

@@ -7,6 +7,13 @@ without the plugin, measured in one run, alternating baseline / scenario, median
         half the batch unsteered, the steered half spread over the C configs
     S4  clamp of K features per request (K = 8, 32) at one middle layer, distinct per request
 
+Each repeat of S2–S4 times three adjacent runs: the engine without the plugin, the steering
+engine with the same requests unsteered, and the steering engine with the scenario's steering. The
+first pair gives the ratio against no plugin (what the targets are judged on), the second the
+ratio against the same engine (the per-request cost of steering alone, without the plugin's
+installation cost, which S1 measures). S2's repeats also time transformers ``generate()`` with
+hooks (bench/hf_baseline.py) right after, for a paired "ours ÷ theirs".
+
 Every run generates exactly batch × tokens tokens (greedy, ``ignore_eos``). Both engines live in
 this process; before each timed run the harness waits ``idle_s`` so the other engine's workers stop
 busy-polling (two cores: a spinning reader halves the speed of the other engine).
@@ -58,6 +65,9 @@ class EngineBenchConfig:
     """Skip torch.compile (faster start; the tiny mode uses it)."""
     idle_s: float = 2.0
     """Seconds to wait before each timed run (see the module docstring)."""
+    hf_dtype: str | None = "bfloat16"
+    """dtype of the transformers + hooks baseline timed next to each S2 repeat (paired, so a slow
+    minute of the machine hits both); None skips it."""
 
 
 def build_engine(c: EngineBenchConfig, steering_cfg=None):
@@ -144,25 +154,50 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     for ea in [[None] * c.batch, *scen.values()]:  # warm-up (compile, first-step allocations)
         timed_generate(base, prompts(len(ea)), [None] * len(ea), 4, 0)
         timed_generate(steer, prompts(len(ea)), ea, 4, 0)
+    hf = None
+    if c.hf_dtype and "S2" in scen:
+        from bench.hf_baseline import HFSteered
+
+        hf = HFSteered(c.model, c.batch, c.hf_dtype)
+        hf.tok_s(2)
     base_samples: dict[int, list[float]] = {}
     rows = []
     for name, ea in scen.items():
-        b_s, s_s, paired = [], [], []
+        b_s, u_s, s_s, h_s, paired, same, hf_paired = [], [], [], [], [], [], []
+        steered = any(x is not None for x in ea)
         for _ in range(c.repeats):
             b = timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s)
+            if steered:  # the same requests unsteered on the steering engine
+                u = timed_generate(steer, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s)
+                u_s.append(u)
             s = timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s)
             b_s.append(b)
             s_s.append(s)
             paired.append(s / b)  # adjacent runs: robust to slow drift of the machine
+            if steered:
+                same.append(s / u)
+            if hf is not None and name == "S2":
+                time.sleep(c.idle_s)
+                h = hf.tok_s(c.tokens)
+                h_s.append(h)
+                hf_paired.append(s / h)
         base_samples.setdefault(len(ea), []).extend(b_s)
         row = {"scenario": name, "batch": len(ea), "steered_requests": sum(x is not None for x in ea),
                "distinct_configs": len({_hash(x) for x in ea if x is not None}),
                "tok_s": statistics.median(s_s), "baseline_tok_s": statistics.median(b_s),
                "paired_ratio": statistics.median(paired), "samples": s_s, "baseline_samples": b_s,
-               "paired": paired}
+               "paired": paired,
+               "same_engine_ratio": statistics.median(same) if same else None,
+               "same_engine_paired": same, "unsteered_samples": u_s}
         row["ratio"] = row["tok_s"] / row["baseline_tok_s"]
+        if h_s:
+            row["hf"] = {"dtype": c.hf_dtype, "tok_s": statistics.median(h_s), "samples": h_s,
+                         "paired": hf_paired, "paired_ratio": statistics.median(hf_paired)}
         rows.append(row)
         log(f"{name:8s} batch {len(ea):3d}: {row['tok_s']:8.1f} tok/s vs {row['baseline_tok_s']:8.1f} "
-            f"→ ratio {row['ratio']:.3f}, paired {row['paired_ratio']:.3f}")
+            f"→ paired {row['paired_ratio']:.3f}"
+            + (f", same engine {row['same_engine_ratio']:.3f}" if same else "")
+            + (f", ÷ transformers {row['hf']['paired_ratio']:.2f}" if h_s else ""))
+    del hf
     del base, steer
     return {"baseline_samples": base_samples, "scenarios": rows}

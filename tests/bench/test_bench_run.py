@@ -28,6 +28,12 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     for r in eng:
         assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0
         assert math.isclose(r["ratio"], r["tok_s"] / r["baseline_tok_s"])
+    assert eng[0]["same_engine_ratio"] is None  # S1 steers nothing: no same-engine control
+    for r in eng[1:]:  # steered scenarios also ran their requests unsteered on the steering engine
+        assert len(r["unsteered_samples"]) == 1 and r["same_engine_ratio"] > 0
+        assert math.isclose(r["same_engine_ratio"], r["samples"][0] / r["unsteered_samples"][0])
+    paired_hf = eng[1]["hf"]  # transformers timed next to S2's repeat
+    assert paired_hf["tok_s"] > 0 and math.isclose(paired_hf["paired_ratio"], eng[1]["samples"][0] / paired_hf["samples"][0])
     s3 = eng[2]
     assert (s3["batch"], s3["steered_requests"], s3["distinct_configs"]) == (2, 1, 1)
     assert eng[0]["steered_requests"] == 0 and eng[1]["distinct_configs"] == 1
@@ -46,6 +52,8 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     assert all(len(v) == 2 for v in s5["samples_s"].values())
 
     claims = [row["claim"] for row in res["summary"]]
+    assert any(c.startswith("S2 steered tok/s ÷ transformers+hooks") and c.endswith("paired runs") for c in claims)
     assert any(c.startswith("S2 steered tok/s over transformers+hooks") for c in claims)
+    assert any(c.startswith("S4_K8 tok/s ÷ same requests unsteered") for c in claims)
     assert any(c.startswith("S5 TTFT") for c in claims)
     assert "steering benchmarks" in capsys.readouterr().out

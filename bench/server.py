@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import statistics
+import time
 from typing import Any
 
 import httpx
@@ -79,28 +80,42 @@ async def _model_info(url: str, headers: dict) -> tuple[str, int, int]:
     return model, int(st["hidden_size"]), int(st["num_layers"])
 
 
-def run_latency(url: str, headers: dict, scenarios: list[str], concurrencies: list[int], tokens: int,
-                requests_per_level: int | None, shape: tuple[int, int] | None = None,
+def run_latency(servers: dict[str, tuple[str, dict]], concurrencies: list[int], tokens: int,
+                requests_per_level: int | None, rounds: int = 1, idle_s: float = 0.0,
                 log=print) -> list[dict]:
     """Rows of {scenario, concurrency, tok_s, ttft_s, itl_s} for each scenario and concurrency.
 
-    Scenario "base" sends unsteered requests (run it on a ``--no-steering`` server for the
-    baseline); S1–S3 need a steering server. ``shape`` = (hidden size, layers) if known."""
-    model = asyncio.run(_model_name(url, headers))
-    rows = []
+    ``servers`` maps each scenario to the (url, headers) it runs on: "base" sends unsteered
+    requests (on a ``--no-steering`` server for the baseline), S1–S3 need a steering server. At each
+    concurrency the scenarios run one after another, ``rounds`` times, each run after ``idle_s``
+    of quiet (the other server's workers stop polling); a row holds the medians over rounds of
+    tok/s and of each percentile, and every round's numbers under ``rounds``."""
+    info = {}  # url → (model, hidden size, layers); a --no-steering server only needs the model
+    for sc, (url, headers) in servers.items():
+        if url not in info or (sc != "base" and info[url][1] is None):
+            info[url] = (asyncio.run(_model_info(url, headers)) if sc != "base"
+                         else (asyncio.run(_model_name(url, headers)), None, None))
+    runs: dict[tuple[str, int], list[dict]] = {}
     for c in concurrencies:
         n = requests_per_level or 2 * c
-        for sc in scenarios:
-            if sc == "base":
-                bodies: list[dict | None] = [None] * n
-            else:
-                d, n_layers = shape or asyncio.run(_model_info(url, headers))[1:]
-                bodies = steering_bodies(sc, n, d, n_layers, seed=c)
-            res = asyncio.run(load_run(url, headers, model, bodies, c, tokens))
-            rows.append({"scenario": sc, "concurrency": c, **res})
-            log(f"{sc:4s} c={c:2d}: {res['tok_s']:7.1f} tok/s, TTFT p50 {res['ttft_s']['p50'] * 1e3:7.1f} ms "
-                f"p99 {res['ttft_s']['p99'] * 1e3:7.1f} ms, ITL p50 {res['itl_s']['p50'] * 1e3:6.1f} ms "
-                f"p99 {res['itl_s']['p99'] * 1e3:6.1f} ms")
+        for r in range(rounds):
+            for sc, (url, headers) in servers.items():
+                model, d, n_layers = info[url]
+                bodies = [None] * n if sc == "base" else steering_bodies(sc, n, d, n_layers, seed=c)
+                time.sleep(idle_s)
+                res = asyncio.run(load_run(url, headers, model, bodies, c, tokens))
+                runs.setdefault((sc, c), []).append(res)
+                log(f"{sc:4s} c={c:2d} round {r + 1}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
+                    f"{res['ttft_s']['p50'] * 1e3:7.1f} ms p99 {res['ttft_s']['p99'] * 1e3:7.1f} ms, ITL p50 "
+                    f"{res['itl_s']['p50'] * 1e3:6.1f} ms p99 {res['itl_s']['p99'] * 1e3:6.1f} ms")
+    rows = []
+    for (sc, c), rs in runs.items():
+        med = lambda key, q: statistics.median(x[key][q] for x in rs)  # noqa: E731
+        rows.append({"scenario": sc, "concurrency": c, "requests": rs[0]["requests"],
+                     "tok_s": statistics.median(x["tok_s"] for x in rs),
+                     "ttft_s": {q: med("ttft_s", q) for q in rs[0]["ttft_s"]},
+                     "itl_s": {q: med("itl_s", q) for q in rs[0]["itl_s"]},
+                     "rounds": rs})
     return rows
 
 

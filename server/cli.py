@@ -64,6 +64,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks across requests (default: on)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
+                   help="exit 1 (stopping the engine's processes) if the engine is neither up nor "
+                        "failed after this long; a vLLM engine core can hang after a failed start "
+                        "(0: wait forever; default: 900)")
     s = p.add_argument_group("steering")
     s.add_argument("--no-steering", dest="steering", action="store_false",
                    help="run without the steering plugin (the benchmarks' baseline)")
@@ -111,6 +115,41 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )
 
 
+def startup_watchdog(state, timeout_s: float, on_timeout):
+    """After ``timeout_s``, call ``on_timeout(message)`` if the engine is neither up nor failed.
+
+    Returns the started daemon timer (cancel it to disarm), or None when ``timeout_s`` <= 0."""
+    import threading
+
+    if timeout_s <= 0:
+        return None
+
+    def check() -> None:
+        if state.engine is None and state.startup_error is None:
+            on_timeout(f"the engine did not start within {timeout_s:g} s (--startup-timeout)")
+
+    timer = threading.Timer(timeout_s, check)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _abort_startup(message: str) -> None:
+    """Stop every process this server started (engine core, workers) and exit 1 at once: the
+    thread waiting for a hung engine core would otherwise keep the interpreter from exiting."""
+    import contextlib
+
+    import psutil
+
+    print(f"steer serve: error: {message}", file=sys.stderr, flush=True)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=10)
+    os._exit(1)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; exit 1 if the engine failed to start."""
     import uvicorn
@@ -135,6 +174,7 @@ def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_fatal = fatal
+    startup_watchdog(state, args.startup_timeout, _abort_startup)
     server.run()
     return 1 if state.startup_error is not None else 0
 

@@ -93,7 +93,7 @@ def _phase_engine(spec: dict) -> dict:
     c = EngineBenchConfig(model=model, dtype=s["dtype"], batch=s["batch"], tokens=s["tokens"],
                           repeats=s["repeats"], sweep=s["sweep"], clamp_k=s["clamp_k"],
                           enforce_eager=s["enforce_eager"], idle_s=s["idle_s"],
-                          hf_dtype=s.get("hf_paired_dtype"))
+                          hf_dtype=s["hf_paired_dtype"])
     res = run_engine_scenarios(c, log=_log)
     return {"config": asdict(c), **res}
 
@@ -130,7 +130,7 @@ def _phase_server(spec: dict) -> dict:
     out["baseline_kind"] = "a --no-steering server (no plugin), same flags, alternating with the steering server"
     with local_server([*flags, "--no-steering"]) as base, local_server(flags) as srv:
         servers = {"base": (base.url, base.headers), **{sc: (srv.url, srv.headers) for sc in scen}}
-        out["latency"] = run_latency(servers, rounds=s.get("server_rounds", 1), idle_s=s["idle_s"], **lat)
+        out["latency"] = run_latency(servers, rounds=s["server_rounds"], idle_s=s["idle_s"], **lat)
         out["s5"] = run_s5(srv.url, srv.headers, s["s5_requests"], "formality", log=_log)
     return out
 
@@ -178,12 +178,13 @@ def summarize(result: dict) -> list[dict]:
                               "paired runs",
                      "value": h["paired_ratio"], "target": f">= {TARGETS['hf_ratio']}",
                      "met": h["paired_ratio"] >= TARGETS["hf_ratio"]})
-    if s2 and hf:
+    if s2 and hf:  # judged against the target only when there is no paired measurement
         ratio = s2["tok_s"] / hf["tok_s"]
+        judged = not s2.get("hf")
         rows.append({"claim": f"S2 steered tok/s over transformers+hooks ({hf['dtype']}, batch {hf['batch']}), "
                               "separate part",
-                     "value": ratio, "target": f">= {TARGETS['hf_ratio']}" if not s2.get("hf") else "report",
-                     "met": ratio >= TARGETS["hf_ratio"] if not s2.get("hf") else None})
+                     "value": ratio, "target": f">= {TARGETS['hf_ratio']}" if judged else "report",
+                     "met": ratio >= TARGETS["hf_ratio"] if judged else None})
     srv = result.get("server")
     if srv:
         s5 = srv["s5"]
@@ -225,11 +226,13 @@ def plot(result: dict, path: Path) -> None:
     if eng:
         names = [r["scenario"] for r in eng["scenarios"]]
         ax.bar(names, [r["paired_ratio"] for r in eng["scenarios"]], color="#4c72b0", label="paired median")
+        same_label = "÷ unsteered, same engine"  # legend entry on the first marker only
         for i, r in enumerate(eng["scenarios"]):
             ax.scatter([i] * len(r["paired"]), r["paired"], color="k", s=10, zorder=3)
             if r.get("same_engine_ratio") is not None:
                 ax.scatter([i + 0.25], [r["same_engine_ratio"]], marker="D", color="#dd8452", s=22, zorder=4,
-                           label="÷ unsteered, same engine" if i == 1 else None)
+                           label=same_label)
+                same_label = None
         ax.axhline(1.0, color="gray", lw=1)
         ax.axhline(0.97, color="red", lw=1, ls="--", label="0.97 target")
         ax.set_ylabel("steered tok/s ÷ no-plugin tok/s")

@@ -90,20 +90,21 @@ def run_latency(servers: dict[str, tuple[str, dict]], concurrencies: list[int], 
     concurrency the scenarios run one after another, ``rounds`` times, each run after ``idle_s``
     of quiet (the other server's workers stop polling); a row holds the medians over rounds of
     tok/s and of each percentile, and every round's numbers under ``rounds``."""
-    info = {}  # url → (model, hidden size, layers); a --no-steering server only needs the model
+    models: dict[str, str] = {}  # url → served model
+    shapes: dict[str, tuple[int, int]] = {}  # url → (hidden size, layers), steering servers only
     for sc, (url, headers) in servers.items():
-        if url not in info or (sc != "base" and info[url][1] is None):
-            info[url] = (asyncio.run(_model_info(url, headers)) if sc != "base"
-                         else (asyncio.run(_model_name(url, headers)), None, None))
+        if url not in models:
+            models[url] = asyncio.run(_model_name(url, headers))
+        if sc != "base" and url not in shapes:
+            shapes[url] = asyncio.run(_model_info(url, headers))[1:]
     runs: dict[tuple[str, int], list[dict]] = {}
     for c in concurrencies:
         n = requests_per_level or 2 * c
         for r in range(rounds):
             for sc, (url, headers) in servers.items():
-                model, d, n_layers = info[url]
-                bodies = [None] * n if sc == "base" else steering_bodies(sc, n, d, n_layers, seed=c)
+                bodies = [None] * n if sc == "base" else steering_bodies(sc, n, *shapes[url], seed=c)
                 time.sleep(idle_s)
-                res = asyncio.run(load_run(url, headers, model, bodies, c, tokens))
+                res = asyncio.run(load_run(url, headers, models[url], bodies, c, tokens))
                 runs.setdefault((sc, c), []).append(res)
                 log(f"{sc:4s} c={c:2d} round {r + 1}: {res['tok_s']:7.1f} tok/s, TTFT p50 "
                     f"{res['ttft_s']['p50'] * 1e3:7.1f} ms p99 {res['ttft_s']['p99'] * 1e3:7.1f} ms, ITL p50 "

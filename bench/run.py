@@ -8,6 +8,8 @@ Parts (``--only`` picks some):
   hf      transformers generate() + hooks with S2's steering at the same batch (bench/hf_baseline.py)
   server  TTFT / inter-token latency p50/p99 of S1–S3 vs a ``--no-steering`` server at several
           concurrencies, and S5: TTFT of inline base64 vectors vs named features (bench/server.py)
+  openmp  the plugin-free engine with vLLM's GNU OpenMP vs Intel's libiomp5, which steer serve (and
+          every part here) preloads on CPU machines: the serving default, before vs after
 
 Each part runs in a child process (engines are torn down completely before the next part); only
 one engine runs at a time. ``--url``/``--api-key`` point the server part at a running steering
@@ -28,8 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+from server import vllm_env  # noqa: F401,E402  (CPU defaults, Intel OpenMP for engines: as steer serve runs)
 
 TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
 REPO = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/results/latest", help="folder for bench.json and bench.png")
     p.add_argument("--tiny", action="store_true", help="2 requests × 8 tokens, 1 repeat (harness check)")
-    p.add_argument("--only", default="engine,hf,server", help="comma list of parts")
+    p.add_argument("--only", default="engine,hf,server,openmp", help="comma list of parts")
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=None, help="engine batch (default 16)")
@@ -135,7 +136,16 @@ def _phase_server(spec: dict) -> dict:
     return out
 
 
-PHASES = {"engine": _phase_engine, "hf": _phase_hf, "server": _phase_server}
+def _phase_openmp(spec: dict) -> dict:
+    s, model = spec["settings"], spec["model"]
+    from bench.engine import EngineBenchConfig, run_openmp_comparison
+
+    c = EngineBenchConfig(model=model, dtype=s["dtype"], batch=s["batch"], tokens=s["tokens"],
+                          repeats=s["repeats"], enforce_eager=s["enforce_eager"], idle_s=s["idle_s"])
+    return run_openmp_comparison(c, log=_log)
+
+
+PHASES = {"engine": _phase_engine, "hf": _phase_hf, "server": _phase_server, "openmp": _phase_openmp}
 
 
 def _log(msg: str) -> None:
@@ -198,6 +208,11 @@ def summarize(result: dict) -> list[dict]:
             b = base[r["concurrency"]]
             rows.append({"claim": f"{r['scenario']} c={r['concurrency']} ITL p50 / baseline",
                          "value": r["itl_s"]["p50"] / b["itl_s"]["p50"], "target": "report", "met": None})
+    omp = result.get("openmp")
+    if omp and "paired_ratio" in omp:
+        rows.append({"claim": f"no-plugin engine tok/s, Intel OpenMP (served default) ÷ GNU OpenMP "
+                              f"(batch {omp['batch']})",
+                     "value": omp["paired_ratio"], "target": "report", "met": None})
     return rows
 
 

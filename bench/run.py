@@ -8,8 +8,7 @@ Parts (``--only`` picks some):
   hf      transformers generate() + hooks with S2's steering at the same batch (bench/hf_baseline.py)
   server  TTFT / inter-token latency p50/p99 of S1–S3 vs a ``--no-steering`` server at several
           concurrencies, and S5: TTFT of inline base64 vectors vs named features (bench/server.py)
-  openmp  the plugin-free engine with vLLM's GNU OpenMP vs Intel's libiomp5, which steer serve (and
-          every part here) preloads on CPU machines: the serving default, before vs after
+  openmp  the plugin-free engine with vLLM's GNU OpenMP vs Intel's libiomp5 (STEER_CPU_OPENMP=intel)
 
 Each part runs in a child process (engines are torn down completely before the next part); only
 one engine runs at a time. ``--url``/``--api-key`` point the server part at a running steering
@@ -30,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from server import vllm_env  # noqa: F401,E402  (CPU defaults, Intel OpenMP for engines: as steer serve runs)
+from server import vllm_env  # noqa: F401,E402  (the CPU defaults steer serve runs with)
 
 TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
 REPO = Path(__file__).resolve().parent.parent
@@ -210,7 +209,7 @@ def summarize(result: dict) -> list[dict]:
                          "value": r["itl_s"]["p50"] / b["itl_s"]["p50"], "target": "report", "met": None})
     omp = result.get("openmp")
     if omp and "paired_ratio" in omp:
-        rows.append({"claim": f"no-plugin engine tok/s, Intel OpenMP (served default) ÷ GNU OpenMP "
+        rows.append({"claim": f"no-plugin engine tok/s, Intel OpenMP (STEER_CPU_OPENMP=intel) ÷ GNU OpenMP "
                               f"(batch {omp['batch']})",
                      "value": omp["paired_ratio"], "target": "report", "met": None})
     return rows

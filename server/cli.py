@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+import psutil
 
 if TYPE_CHECKING:
     from server.engine import ServeConfig
@@ -136,12 +139,12 @@ def startup_watchdog(state, timeout_s: float, on_timeout):
 
 def _abort_startup(message: str) -> None:
     """Stop every process this server started (engine core, workers) and exit 1 at once: the
-    thread waiting for a hung engine core would otherwise keep the interpreter from exiting."""
-    import contextlib
+    thread waiting for a hung engine core would otherwise keep the interpreter from exiting.
 
-    import psutil
-
-    print(f"steer serve: error: {message}", file=sys.stderr, flush=True)
+    Runs on the watchdog's thread while the main thread may be anywhere (importing vLLM, writing
+    to stderr): it imports nothing and writes its message with a raw ``os.write``, so it takes
+    neither an import lock nor the ``sys.stderr`` buffer's lock."""
+    os.write(2, f"steer serve: error: {message}\n".encode())
     children = psutil.Process().children(recursive=True)
     for child in children:
         with contextlib.suppress(psutil.Error):

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -142,15 +144,34 @@ def _abort_startup(message: str) -> None:
     thread waiting for a hung engine core would otherwise keep the interpreter from exiting.
 
     Runs on the watchdog's thread while the main thread may be anywhere (importing vLLM, writing
-    to stderr): it imports nothing and writes its message with a raw ``os.write``, so it takes
-    neither an import lock nor the ``sys.stderr`` buffer's lock."""
+    to stderr, spawning the engine core): it imports nothing and writes its message with a raw
+    ``os.write``, so it takes neither an import lock nor the ``sys.stderr`` buffer's lock. A
+    process spawned while it looks shows up in a later look: it stops (a stopped process cannot
+    fork) and kills descendants until none has appeared for ``_QUIET_S``."""
     os.write(2, f"steer serve: error: {message}\n".encode())
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-    psutil.wait_procs(children, timeout=10)
+    me = psutil.Process()
+    quiet_since = start = time.monotonic()
+    while time.monotonic() - quiet_since < _QUIET_S and time.monotonic() - start < _MAX_S:
+        stopped: dict[int, psutil.Process] = {}
+        while new := [p for p in me.children(recursive=True) if p.pid not in stopped]:
+            for child in new:  # stop first, so that no child forks (or is orphaned) meanwhile
+                with contextlib.suppress(psutil.Error):
+                    child.send_signal(signal.SIGSTOP)
+                stopped[child.pid] = child
+        for child in stopped.values():
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        if stopped:
+            psutil.wait_procs(list(stopped.values()), timeout=10)
+            quiet_since = time.monotonic()
+        time.sleep(0.05)
     os._exit(1)
+
+
+_QUIET_S = 0.5
+"""How long ``_abort_startup`` must find no descendant before it exits..."""
+_MAX_S = 30.0
+"""...or how long it sweeps at most (a thread that keeps spawning must not keep it alive)."""
 
 
 def serve(args: argparse.Namespace) -> int:

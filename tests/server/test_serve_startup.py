@@ -12,6 +12,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import psutil
 import pytest
 
 from server.cli import startup_watchdog
@@ -42,26 +43,68 @@ def test_zero_disables_it() -> None:
     assert startup_watchdog(SimpleNamespace(engine=None, startup_error=None), 0, lambda m: None) is None
 
 
-def test_serve_exits_1_and_leaves_no_process_behind() -> None:
-    """A 2 s deadline is too short for any real engine start: the process group must be empty after."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()), "--enforce-eager",
-         "--startup-timeout", "2"],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+def _group_left(pgid: int, within_s: float) -> list[str]:
+    """Command lines of the processes still in ``pgid`` after ``within_s`` (none: [])."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return []
+        if time.monotonic() > deadline:
+            left = [" ".join(p.cmdline()) or p.name() for p in psutil.process_iter()
+                    if _pgid(p.pid) == pgid]
+            os.killpg(pgid, signal.SIGKILL)
+            return left or ["(exited while listed)"]
+        time.sleep(0.2)
+
+
+def _pgid(pid: int) -> int | None:
     try:
-        _, err = proc.communicate(timeout=120)
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _run_in_own_group(argv: list[str], tmp_path, timeout_s: float) -> tuple[int, str, list[str]]:
+    """Run ``argv`` as a new session; (exit code, stderr, processes of its group left behind).
+
+    stderr goes to a file, not a pipe: a leftover process holding the pipe would otherwise make
+    the wait hang instead of being reported."""
+    err_path = tmp_path / "stderr"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 1
-    assert b"steer serve: error: the engine did not start within 2 s (--startup-timeout)" in err
-    deadline = time.monotonic() + 15
-    while True:  # every engine process was killed (they share the server's process group)
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("processes of the timed-out server are still running")
-        time.sleep(0.2)
+        pytest.fail(f"still running after {timeout_s} s; stderr:\n{err_path.read_text()[-3000:]}")
+    return rc, err_path.read_text(), _group_left(proc.pid, 15)
+
+
+def test_serve_exits_1_and_leaves_no_process_behind(tmp_path) -> None:
+    """A 2 s deadline is too short for any real engine start: the process group must be empty after."""
+    rc, err, left = _run_in_own_group(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(free_port()), "--enforce-eager",
+         "--startup-timeout", "2"], tmp_path, 120)
+    assert rc == 1, err[-3000:]
+    assert "steer serve: error: the engine did not start within 2 s (--startup-timeout)" in err
+    assert left == []  # every engine process was killed (they share the server's process group)
+
+
+SPAWNS_WHILE_ABORTING = """
+import subprocess, sys, threading, time
+from server.cli import _abort_startup
+threading.Timer(0.3, _abort_startup, ("test deadline",)).start()
+for _ in range(100):  # spawning goes on while the watchdog kills: each child must still be caught
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    time.sleep(0.005)
+time.sleep(60)
+"""
+
+
+def test_abort_catches_processes_spawned_while_it_kills(tmp_path) -> None:
+    rc, err, left = _run_in_own_group([sys.executable, "-c", SPAWNS_WHILE_ABORTING], tmp_path, 60)
+    assert rc == 1 and "steer serve: error: test deadline" in err, err[-3000:]
+    assert left == []

@@ -86,6 +86,7 @@ class LayerProgram:
 
 _ENTRY_FIELDS = ("enc", "dec", "bias", "theta", "rectify", "alpha", "beta")
 _ENTRY_DTYPES = {"rectify": np.uint8}
+_ENTRY_NAMES = "".join(_ENTRY_FIELDS).encode()
 
 
 @dataclass
@@ -104,34 +105,41 @@ class SteeringProgram:
         return max((lp.num_entries for lp in self.layers.values()), default=0)
 
     # -- identity ---------------------------------------------------------------------
-    def _canonical(self) -> list[tuple[int, bytes | None, dict[str, bytes]]]:
+    def canonical(self) -> list[tuple[int, bytes | None, dict[str, bytes] | None]]:
+        """Per steered layer in order: (layer, add as <f4 bytes or None, entry field bytes or
+        None when the layer has no entries). Compute it once the program is complete and hand
+        it to ``table_hash`` and ``to_wire``, which otherwise compute it each."""
         out = []
         for layer in sorted(self.layers):
             lp = self.layers[layer]
             add = lp.add_f32()
-            ent = {k: np.ascontiguousarray(v).tobytes() for k, v in lp.entries_f32().items()}
+            ent = ({k: np.ascontiguousarray(v).tobytes() for k, v in lp.entries_f32().items()}
+                   if lp.num_entries else None)
             out.append((layer, None if add is None else add.astype("<f4").tobytes(), ent))
         return out
 
-    def table_hash(self) -> str:
+    def table_hash(self, canonical: list | None = None) -> str:
         """Content hash of the tables: equal hashes share a slot."""
         h = hashlib.sha256(f"steering-program/v{WIRE_VERSION}/d={self.hidden_size}".encode())
-        for layer, add, ent in self._canonical():
+        for layer, add, ent in canonical if canonical is not None else self.canonical():
             h.update(f"|L{layer}|".encode())
             h.update(b"-" if add is None else add)
+            if ent is None:  # the same bytes as the loop below over empty fields
+                h.update(_ENTRY_NAMES)
+                continue
             for name in _ENTRY_FIELDS:
                 h.update(name.encode())
                 h.update(ent[name])
         return h.hexdigest()
 
     # -- wire -------------------------------------------------------------------------
-    def to_wire(self) -> dict:
+    def to_wire(self, canonical: list | None = None) -> dict:
         layers = []
-        for layer, add, ent in self._canonical():
+        for layer, add, ent in canonical if canonical is not None else self.canonical():
             item: dict = {"layer": layer, "k": self.layers[layer].num_entries}
             if add is not None:
                 item["add"] = add
-            if item["k"]:
+            if ent is not None:
                 item.update(ent)
             layers.append(item)
         return {"d": self.hidden_size, "layers": layers}

@@ -37,6 +37,7 @@ APPLY_TO = {"all": 0, "prompt": 1, "generated": 2}
 _TOP_KEYS = {"features", "vectors", "apply_to", "return_activations"}
 _VECTOR_KEYS = {"layer", "values", "base64", "scale", "mode", "target"}
 _FEATURE_KEYS = {"strength", "mode"}
+_JSON_NUMBERS = frozenset((int, float))  # exact types; bool is neither
 
 
 class SteeringError(ValueError):
@@ -67,7 +68,8 @@ class CompiledSteering:
     """Overrides the prefix-cache salt (inspect requests use a unique one)."""
 
     def __post_init__(self) -> None:
-        self.table_hash = self.program.table_hash()
+        self._canonical = self.program.canonical()  # the program is complete: serialise it once
+        self.table_hash = self.program.table_hash(self._canonical)
         h = hashlib.sha256(f"{self.table_hash}|{self.apply_to}".encode()).hexdigest()
         self.hash = h[:32]
 
@@ -86,7 +88,7 @@ class CompiledSteering:
             "hash": self.table_hash,
             "apply_to": APPLY_TO[self.apply_to],
             "readout": self.return_activations,
-            "program": self.program.to_wire(),
+            "program": self.program.to_wire(self._canonical),
         }
         if self.return_activations and readout_key is not None:
             wire["readout_key"] = readout_key
@@ -264,8 +266,9 @@ class SteeringCompiler:
         d = self.hidden_size
         if has_values:
             vals = spec["values"]
-            if not isinstance(vals, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals
+            if not isinstance(vals, list) or not (
+                _JSON_NUMBERS.issuperset(map(type, vals))  # what a JSON body holds: fast
+                or all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals)
             ):
                 raise SteeringError("values must be a list of numbers", f"{param}.values")
             if len(vals) != d:

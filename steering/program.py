@@ -151,7 +151,7 @@ class SteeringProgram:
         for item in wire["layers"]:
             lp = prog.at(int(item["layer"]))
             if "add" in item:
-                lp.add = np.frombuffer(item["add"], dtype="<f4").astype(np.float64)
+                lp.add = np.frombuffer(item["add"], dtype="<f4").copy()  # float32, as the tables take it
             k = int(item["k"])
             if k:
                 arr = {

@@ -125,28 +125,32 @@ class SteeringRuntime:
 
     # -- slot contents ----------------------------------------------------------------------
     def write_slot(self, slot: int, program: SteeringProgram) -> None:
+        """Put ``program`` in ``slot``, touching only the rows it or the slot's last program uses
+        (a slot row the op reads must be zero where the program has nothing)."""
         for L, tab in self.tables.items():
-            if self.slot_add[slot, L] or self.slot_entries[slot, L] or L in program.layers:
-                tab.clear(slot)
-        self.slot_add[slot] = False
-        self.slot_entries[slot] = 0
-        for L, lp in program.layers.items():
-            tab = self.tables[L]
-            add = lp.add_f32()
+            lp = program.layers.get(L)
+            add = lp.add_f32() if lp is not None else None
             if add is not None:
                 tab.add[slot].copy_(torch.from_numpy(add))
-                self.slot_add[slot, L] = True
-            k = lp.num_entries
+            elif self.slot_add[slot, L]:
+                tab.add[slot].zero_()
+            self.slot_add[slot, L] = add is not None
+            k = lp.num_entries if lp is not None else 0
+            had = int(self.slot_entries[slot, L])
+            if had > k:  # entries beyond the new program's: back to "no entry"
+                for t in (tab.enc, tab.dec, tab.bias, tab.theta, tab.rect, tab.alpha, tab.beta):
+                    t[slot, k:had].zero_()
+                tab.cut[slot, k:had].fill_(float("-inf"))
             if k:
                 e = lp.entries_f32()
                 tab.enc[slot, :k].copy_(torch.from_numpy(e["enc"]))
                 tab.dec[slot, :k].copy_(torch.from_numpy(e["dec"]))
                 for name in ("bias", "theta", "alpha", "beta"):
                     getattr(tab, name)[slot, :k].copy_(torch.from_numpy(e[name]))
-                tab.rect[slot, :k].copy_(torch.from_numpy(e["rectify"].astype(bool)))
-                tab.cut[slot, :k] = torch.where(tab.rect[slot, :k], tab.theta[slot, :k],
-                                                torch.full_like(tab.theta[slot, :k], float("-inf")))
-                self.slot_entries[slot, L] = k
+                rect = e["rectify"].astype(bool)
+                tab.rect[slot, :k].copy_(torch.from_numpy(rect))
+                tab.cut[slot, :k].copy_(torch.from_numpy(np.where(rect, e["theta"], -np.inf)))
+            self.slot_entries[slot, L] = k
 
     # -- requests ---------------------------------------------------------------------------
     def admit(self, req_id: str, wire: dict) -> _ReqSteering:

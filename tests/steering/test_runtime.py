@@ -168,6 +168,22 @@ def test_rewriting_a_slot_clears_old_layers():
     assert torch.equal(h, h0)
 
 
+@pytest.mark.parametrize("first", range(3))
+@pytest.mark.parametrize("second", range(3))
+def test_a_rewritten_slot_holds_exactly_what_a_fresh_one_would(first, second):
+    """write_slot touches only the rows the old or the new program uses; the result must be
+    table-for-table what writing the new program into an unused slot gives."""
+    progs = programs()
+    used, fresh = make_runtime(), make_runtime()
+    used.write_slot(2, progs[first].program)
+    used.write_slot(2, progs[second].program)
+    fresh.write_slot(2, progs[second].program)
+    for layer in used.tables:
+        for name, t in vars(used.tables[layer]).items():
+            assert torch.equal(t, getattr(fresh.tables[layer], name)), (layer, name)
+    assert (used.slot_add == fresh.slot_add).all() and (used.slot_entries == fresh.slot_entries).all()
+
+
 def test_readout_files_entry_activations_and_captured_streams():
     rt = make_runtime()
     clamp = programs()[1]  # two clamp entries at layer 1

@@ -83,6 +83,11 @@ def build_engine(c: EngineBenchConfig, steering_cfg=None):
                enable_prefix_caching=False, **kw)
 
 
+def prompts(n: int) -> list[str]:
+    """``n`` prompts, cycling through PROMPTS."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
 def timed_generate(llm, prompts: list[str], extra_args: list[dict | None], tokens: int,
                    idle_s: float) -> float:
     """Generated tokens per second of one batch run (asserts every request ran to ``tokens``)."""
@@ -150,9 +155,6 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     steer = build_engine(c, steer_cfg)
     base = build_engine(c)
     log(f"engines ready in {time.perf_counter() - t:.0f} s")
-
-    def prompts(n: int) -> list[str]:
-        return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
     for ea in [[None] * c.batch, *scen.values()]:  # warm-up (compile, first-step allocations)
         timed_generate(base, prompts(len(ea)), [None] * len(ea), 4, 0)
@@ -260,13 +262,13 @@ def run_openmp_comparison(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     gnu, gnu_pids = _build_with_preload(c, ":".join(others))
     libs = {"gnu": _openmp_libs(gnu_pids), "intel": _openmp_libs(intel_pids)}
     log(f"OpenMP runtimes mapped in the engine processes: {libs}")
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(c.batch)]
+    batch = prompts(c.batch)
     for llm in (gnu, intel):
-        timed_generate(llm, prompts, [None] * c.batch, 4, 0)
+        timed_generate(llm, batch, [None] * c.batch, 4, 0)
     g_s, i_s = [], []
     for rep in range(c.repeats):  # GNU first on even repeats, Intel first on odd ones
         for llm, out in ((gnu, g_s), (intel, i_s))[:: 1 if rep % 2 == 0 else -1]:
-            out.append(timed_generate(llm, prompts, [None] * c.batch, c.tokens, c.idle_s))
+            out.append(timed_generate(llm, batch, [None] * c.batch, c.tokens, c.idle_s))
     paired = [i / g for i, g in zip(i_s, g_s)]
     res = {"batch": c.batch, "tokens": c.tokens, "intel_openmp": iomp, "mapped": libs,
            "gnu_tok_s": statistics.median(g_s), "intel_tok_s": statistics.median(i_s),

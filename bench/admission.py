@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.server import PROMPT, _vec_b64
+from bench.server import PROMPT, _vec_b64, all_layers
 
 SCENARIOS = ("none", "S2", "S3")
 
@@ -35,15 +36,13 @@ SCENARIOS = ("none", "S2", "S3")
 def burst_bodies(scenario: str, c: int, model: str, d: int, layers: int, seed: int) -> list[bytes]:
     """``c`` encoded completion bodies of one scenario (1 token each)."""
     rng = np.random.default_rng(seed)
-    shared = _vec_b64(rng.standard_normal(d))
+    shared = rng.standard_normal(d)
     out = []
     for _ in range(c):
         body: dict[str, Any] = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0,
                                 "stream": True}
         if scenario != "none":
-            b = shared if scenario == "S2" else _vec_b64(rng.standard_normal(d))
-            body["steering"] = {"vectors": [{"layer": L, "base64": b, "scale": 4.0 / layers}
-                                            for L in range(layers)]}
+            body["steering"] = all_layers(shared if scenario == "S2" else rng.standard_normal(d), layers)
         out.append(json.dumps(body).encode())
     return out
 
@@ -137,7 +136,7 @@ def micro(repeats: int = 7, n: int = 50, d: int = 576, layers: int = 30) -> dict
 
     out = {f"compile_{k}_ms": per_request(lambda p: comp.compile(p).extra_args(), v) for k, v in payloads.items()}
     wires = [comp.compile(p).extra_args()["steering"] for p in payloads["base64"]]
-    counter = iter(range(10**9))
+    counter = itertools.count()
 
     def admit(w: dict) -> None:  # a new program each time: every admission writes its slot
         rid = f"r{next(counter)}"

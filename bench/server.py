@@ -31,16 +31,17 @@ def steering_bodies(scenario: str, n: int, d: int, n_layers: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     if scenario == "S1":
         return [None] * n
-
-    def all_layers(v: np.ndarray) -> dict:
-        b = _vec_b64(v)
-        return {"vectors": [{"layer": L, "base64": b, "scale": 4.0 / n_layers} for L in range(n_layers)]}
-
     if scenario == "S2":
-        return [all_layers(rng.standard_normal(d))] * n
+        return [all_layers(rng.standard_normal(d), n_layers)] * n
     if scenario == "S3":  # distinct configs, half the requests unsteered
-        return [all_layers(rng.standard_normal(d)) if i % 2 == 0 else None for i in range(n)]
+        return [all_layers(rng.standard_normal(d), n_layers) if i % 2 == 0 else None for i in range(n)]
     raise ValueError(scenario)
+
+
+def all_layers(v: np.ndarray, n_layers: int) -> dict:
+    """The ``steering`` object adding ``v`` (inline base64) at every layer, 4 / n_layers each."""
+    b = _vec_b64(v)
+    return {"vectors": [{"layer": L, "base64": b, "scale": 4.0 / n_layers} for L in range(n_layers)]}
 
 
 async def load_run(url: str, headers: dict, model: str, bodies: list[dict | None], concurrency: int,

@@ -57,11 +57,11 @@ class SiteTables:
             cut=torch.full((s1, k), float("-inf"), dtype=dtype, device=device),
         )
 
-    def clear(self, slot: int) -> None:
-        for t in (self.add, self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha,
-                  self.beta):
-            t[slot].zero_()
-        self.cut[slot].fill_(float("-inf"))
+    def clear_entries(self, slot: int, start: int, stop: int) -> None:
+        """Entries ``start:stop`` of ``slot`` back to "no entry" (zeros; ``cut`` = -inf)."""
+        for t in (self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha, self.beta):
+            t[slot, start:stop].zero_()
+        self.cut[slot, start:stop].fill_(float("-inf"))
 
 
 @dataclass
@@ -137,10 +137,8 @@ class SteeringRuntime:
             self.slot_add[slot, L] = add is not None
             k = lp.num_entries if lp is not None else 0
             had = int(self.slot_entries[slot, L])
-            if had > k:  # entries beyond the new program's: back to "no entry"
-                for t in (tab.enc, tab.dec, tab.bias, tab.theta, tab.rect, tab.alpha, tab.beta):
-                    t[slot, k:had].zero_()
-                tab.cut[slot, k:had].fill_(float("-inf"))
+            if had > k:  # entries beyond the new program's
+                tab.clear_entries(slot, k, had)
             if k:
                 e = lp.entries_f32()
                 tab.enc[slot, :k].copy_(torch.from_numpy(e["enc"]))

@@ -69,6 +69,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse KV blocks across requests (default: on)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log a line per HTTP request (default: on); under heavy load the line costs "
+                        "the one event loop that also parses and compiles requests")
     p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
                    help="exit 1 (stopping the engine's processes) if the engine is neither up nor "
                         "failed after this long; a vLLM engine core can hang after a failed start "
@@ -116,7 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
         feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
         presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
-        log_level=args.log_level,
+        log_level=args.log_level, access_log=args.access_log,
     )
 
 
@@ -192,7 +195,7 @@ def serve(args: argparse.Namespace) -> int:
     state = AppState(config=config)
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=config.host, port=config.port, log_level=config.log_level,
-        timeout_graceful_shutdown=5))
+        access_log=config.access_log, timeout_graceful_shutdown=5))
 
     def fatal(_: BaseException) -> None:
         server.should_exit = True

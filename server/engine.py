@@ -42,6 +42,7 @@ class ServeConfig:
     data_dir: str | None = None  # experiment store (default: $STEER_DATA_DIR or ~/.cache/steer/data)
     experiments_db: str | None = None  # postgresql://… or sqlite:///… (default: SQLite in data_dir)
     log_level: str = "info"
+    access_log: bool = True  # one log line per HTTP request (uvicorn's access log)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
 
     def steering_config(self) -> SteeringConfig | None:

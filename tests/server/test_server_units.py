@@ -38,6 +38,7 @@ def test_serve_defaults() -> None:
     sc = cfg.steering_config()
     assert (sc.max_slots, sc.max_features, sc.layers, sc.max_strength) == (16, 32, None, 32.0)
     assert cfg.served_names() == [DEFAULT_MODEL_NAME]
+    assert cfg.access_log
 
 
 def test_serve_flags() -> None:
@@ -54,6 +55,26 @@ def test_serve_flags() -> None:
     assert args.worker_cls.startswith("steering.vllm_plugin.")
     assert args.additional_config["steering"]["max_slots"] == 4
     assert args.generation_config == "vllm"
+
+
+@pytest.mark.parametrize("flag, logged", [([], True), (["--no-access-log"], False)])
+def test_access_log_flag_reaches_uvicorn(monkeypatch: pytest.MonkeyPatch, flag, logged) -> None:
+    import uvicorn
+
+    from server.cli import serve
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, config):
+            seen.append(config)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", Recorder)
+    assert serve(build_parser().parse_args(["serve", "--startup-timeout", "0", *flag])) == 0
+    assert [c.access_log for c in seen] == [logged]
 
 
 def test_no_steering_engine_args() -> None:

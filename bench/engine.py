@@ -61,7 +61,9 @@ class EngineBenchConfig:
     clamp_k: list[int] = field(default_factory=lambda: [8, 32])
     """S4's clamp sizes."""
     max_slots: int = 16
-    """The steering engine's slot limit (S)."""
+    """The steering engine's slot limit (S); S3's sweep stops there."""
+    only: list[str] | None = None
+    """Scenario families to run ("S1" … "S4"); None runs them all."""
     enforce_eager: bool = False
     """Skip torch.compile (faster start; the tiny mode uses it)."""
     idle_s: float = 2.0
@@ -79,7 +81,7 @@ def build_engine(c: EngineBenchConfig, steering_cfg=None):
 
     kw = engine_kwargs(steering_cfg) if steering_cfg is not None else {}
     return LLM(model=c.model, dtype=c.dtype, enforce_eager=c.enforce_eager, seed=0, max_model_len=1024,
-               max_num_seqs=max(c.batch, 2 * max(c.sweep, default=1), 16),
+               max_num_seqs=max(c.batch, s3_batch(c), 16),
                enable_prefix_caching=False, **kw)
 
 
@@ -129,6 +131,8 @@ def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[st
         out[f"S4_K{k}"] = [comp.compile({"vectors": [
             {"layer": mid, "values": rng.standard_normal(d).tolist(), "mode": "clamp", "target": 1.0}
             for _ in range(k)]}).extra_args() for _ in range(c.batch)]
+    if c.only is not None:
+        out = {name: ea for name, ea in out.items() if name.split("_")[0] in c.only}
     return cfg, out
 
 

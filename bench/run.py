@@ -39,6 +39,14 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
 
 
+def _scenario_list(s: str) -> list[str]:
+    names = [x.strip().upper() for x in s.split(",") if x.strip()]
+    bad = sorted(set(names) - {"S1", "S2", "S3", "S4"})
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {bad or s!r}; choose from S1,S2,S3,S4")
+    return names
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="steering benchmarks: ratios vs the same engine without steering",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per scenario (default 5)")
     p.add_argument("--sweep", default=None, help="S3 distinct-config counts (default 1,4,16)")
     p.add_argument("--clamp-k", default=None, help="S4 clamp sizes (default 8,32)")
+    p.add_argument("--max-slots", type=int, default=16,
+                   help="the steering engine's slot limit (default 16, as steer serve); S3 sweeps "
+                        "up to it, e.g. --max-slots 256 --sweep 16,64,256")
+    p.add_argument("--scenarios", default=None, type=_scenario_list,
+                   help="engine scenarios to run, comma list of S1,S2,S3,S4 (default: all)")
     p.add_argument("--concurrency", default=None, help="server part concurrencies (default 1,8,16)")
     p.add_argument("--hf-dtype", default=None,
                    help="dtypes of the transformers baseline, comma list (default float32,bfloat16; "
@@ -72,6 +85,7 @@ def settings(a: argparse.Namespace) -> dict[str, Any]:
         "repeats": a.repeats or (1 if tiny else 5),
         "sweep": _ints(a.sweep) if a.sweep else ([1] if tiny else [1, 4, 16]),
         "clamp_k": _ints(a.clamp_k) if a.clamp_k else ([8] if tiny else [8, 32]),
+        "max_slots": a.max_slots, "scenarios": a.scenarios,
         "concurrency": _ints(a.concurrency) if a.concurrency else ([1, 2] if tiny else [1, 8, 16]),
         "server_tokens": a.tokens or (8 if tiny else 64),
         "server_requests": 2 if tiny else None,  # None: 2 × concurrency per level
@@ -92,6 +106,7 @@ def _phase_engine(spec: dict) -> dict:
 
     c = EngineBenchConfig(model=model, dtype=s["dtype"], batch=s["batch"], tokens=s["tokens"],
                           repeats=s["repeats"], sweep=s["sweep"], clamp_k=s["clamp_k"],
+                          max_slots=s["max_slots"], only=s["scenarios"],
                           enforce_eager=s["enforce_eager"], idle_s=s["idle_s"],
                           hf_dtype=s["hf_paired_dtype"])
     res = run_engine_scenarios(c, log=_log)

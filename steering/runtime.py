@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 
 APPLY_ALL, APPLY_PROMPT, APPLY_GENERATED = 0, 1, 2
 MAX_READOUT_REQUESTS = 4096
+GATHER_ABOVE_SLOTS = 64
+"""With host gating, clamp entries are computed per token from gathered rows once more than this
+many slots (n_hi, slot 0 included) are in play; below it, matmuls over all their columns win.
+Placed by ``python -m bench.clamp_paths`` (2-core CPU, d = 576, bf16): at n_hi = 65 gathering
+costs 0.25–1.04× the matmuls for T = 1…2048 and K = 8, 32; at n_hi = 257, 0.07–0.29×; at
+n_hi <= 17 and T >= 256 it costs 1.8–13×."""
+GATHER_CHUNK = 256
+"""Tokens per gathered block: bounds the [chunk, K, d] copies (and keeps them in cache)."""
 
 
 @dataclass
@@ -249,15 +257,42 @@ class SteeringRuntime:
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
         if do_entries:
-            nk, d = self.n_hi * self.k, self.hidden_size  # entry columns of the first n_hi slots
-            x = hidden + residual  # [T, d]
-            pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
-            act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
-            coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
-            coef.masked_fill_(idx[:, None] != self.col_slot[None, :nk], 0.0)  # other slots' entries
-            hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
+            if self.host_gating and self.n_hi > GATHER_ABOVE_SLOTS:
+                for a in range(0, T, GATHER_CHUNK):
+                    self._entries_gathered(hidden[a : a + GATHER_CHUNK], residual[a : a + GATHER_CHUNK],
+                                           tab, idx[a : a + GATHER_CHUNK])
+            else:
+                self._entries_all_slots(hidden, residual, tab, idx)
         if self._readout_rows is not None:
             self._record_readout(hidden + residual, tab, layer)
+
+    def _entries_all_slots(self, hidden: torch.Tensor, residual: torch.Tensor, tab: SiteTables,
+                           idx: torch.Tensor) -> None:
+        """The entries' delta as two matmuls over the entry columns of the first n_hi slots, other
+        slots' columns zeroed per token: graph-safe, and cheapest while few slots are in use.
+
+        Semantics: hidden[t] += Σ_k coef(slot[t], k)·dec[slot[t], k], as in the module docstring."""
+        nk, d = self.n_hi * self.k, self.hidden_size  # entry columns of the first n_hi slots
+        x = hidden + residual  # [T, d]
+        pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
+        act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
+        coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
+        coef.masked_fill_(idx[:, None] != self.col_slot[None, :nk], 0.0)  # other slots' entries
+        hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
+
+    @staticmethod
+    def _entries_gathered(hidden: torch.Tensor, residual: torch.Tensor, tab: SiteTables,
+                          idx: torch.Tensor) -> None:
+        """The same delta from each token's own K entries, gathered: work per token independent of
+        how many slots are in use. Slot 0 and unused entries hold zeros (cut -inf), so add 0.
+
+        Semantics: as :meth:`_entries_all_slots`."""
+        x = hidden + residual  # [t, d]
+        enc = tab.enc.index_select(0, idx)  # [t, K, d]
+        pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias.index_select(0, idx))  # [t, K]
+        act = pre.masked_fill_(pre <= tab.cut.index_select(0, idx), 0.0)  # [t, K]
+        coef = torch.addcmul(tab.beta.index_select(0, idx), tab.alpha.index_select(0, idx), act)  # [t, K]
+        hidden.add_(torch.bmm(coef.unsqueeze(1), tab.dec.index_select(0, idx)).squeeze(1))  # [t, d]
 
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
         """File act(h) after the op (and captured streams) for this step's readout tokens.

@@ -7,6 +7,7 @@ import torch
 from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.request import SteeringCompiler
+from steering import runtime
 from steering.runtime import SteeringRuntime, set_runtime
 
 D, L, S, K = 12, 3, 4, 3
@@ -65,8 +66,11 @@ def run_step(rt, slots_per_req, n_sched, computed, prompt, apply_to, h, r, layer
         rt.end_step()
 
 
-@pytest.mark.parametrize("host_gating", [True, False])
-def test_mixed_batch_matches_reference(host_gating):
+@pytest.mark.parametrize("host_gating,gather", [(True, False), (True, True), (False, False)])
+def test_mixed_batch_matches_reference(host_gating, gather, monkeypatch):
+    if gather:  # every step takes the gathered clamp path, in blocks of 2 tokens
+        monkeypatch.setattr(runtime, "GATHER_ABOVE_SLOTS", 0)
+        monkeypatch.setattr(runtime, "GATHER_CHUNK", 2)
     rt = make_runtime(host_gating)
     progs = programs()
     slots = []
@@ -91,6 +95,38 @@ def test_mixed_batch_matches_reference(host_gating):
             for _ in range(n):
                 want = x0[t] if prog is None else reference(prog.program, x0[t], layer)
                 # tables hold float32: the reference rounds the same way except the summed add vector
+                np.testing.assert_allclose(got[t], want, rtol=1e-6, atol=1e-6)
+                t += 1
+
+
+def test_many_slots_in_play_take_the_gathered_path_and_keep_the_semantics(monkeypatch):
+    """Past GATHER_ABOVE_SLOTS slots, clamps are computed from each token's gathered rows, in
+    blocks of GATHER_CHUNK tokens; the result is the reference's, and slot-0 tokens stay exact."""
+    s = runtime.GATHER_ABOVE_SLOTS + 6
+    rt = SteeringRuntime(SteeringConfig(max_slots=s, max_features=K), num_layers=L, hidden_size=D,
+                         max_tokens=2 * runtime.GATHER_CHUNK + 64, dtype=torch.float64,
+                         device=torch.device("cpu"), host_gating=True)
+    progs = programs()
+    for slot, p in ((s, progs[1]), (3, progs[2])):  # a clamp program in the last slot
+        rt.write_slot(slot, p.program)
+
+    def all_slots_unused(*a):
+        raise AssertionError("the all-slots path ran with more than GATHER_ABOVE_SLOTS slots in play")
+
+    monkeypatch.setattr(rt, "_entries_all_slots", all_slots_unused)
+    req_slots, req_prog = [0, s, 3, s], [None, progs[1], progs[2], progs[1]]
+    n_sched = [40, runtime.GATHER_CHUNK, 30, 3]  # spans three gathered blocks
+    T = sum(n_sched)
+    for layer in range(L):
+        h = torch.randn(T, D, dtype=torch.float64)
+        r = torch.randn(T, D, dtype=torch.float64)
+        h0, x0 = h.clone(), (h + r).numpy().copy()
+        run_step(rt, req_slots, n_sched, [0] * 4, [10**6] * 4, [0] * 4, h, r, layer)
+        assert torch.equal(h[:40], h0[:40])
+        got, t = (h + r).numpy(), 0
+        for prog, n in zip(req_prog, n_sched):
+            for _ in range(n):
+                want = x0[t] if prog is None else reference(prog.program, x0[t], layer)
                 np.testing.assert_allclose(got[t], want, rtol=1e-6, atol=1e-6)
                 t += 1
 

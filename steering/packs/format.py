@@ -174,6 +174,8 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "float
     out = {}
     for k, v in tensors.items():
         a = np.ascontiguousarray(np.asarray(v, dtype=np.float32))
+        if not a.flags.writeable:  # e.g. a view of a read-only safetensors buffer
+            a = a.copy()
         out[k] = torch.from_numpy(a).to(td).contiguous()
     save_file(out, str(path), metadata=metadata)
 

@@ -233,7 +233,7 @@ def train_topk_sae(acts: np.ndarray, d_sae: int = 4608, k: int = 32, epochs: flo
         sched.step()
         model.normalize_decoder()
         if step % 20 == 0 or step == steps - 1:
-            rec = {"step": step, "fvu": float(mse / var), "aux": float(aux), "dead_frac": float(dead.float().mean())}
+            rec = {"step": step, "fvu": (mse / var).item(), "aux": aux.item(), "dead_frac": dead.float().mean().item()}
             bar.set_postfix(fvu=f"{rec['fvu']:.3f}", dead=f"{rec['dead_frac']:.3f}")
             if log is not None:
                 log.append(rec)

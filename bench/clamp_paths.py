@@ -7,8 +7,8 @@ place ``steering.runtime.GATHER_ABOVE_SLOTS`` (where gathering each token's rows
 "all slots": two matmuls over the K entry columns of every slot up to the highest in use (n_hi),
 other slots' columns zeroed per token — work grows with n_hi. "gathered": each token's own K
 rows gathered and applied with batched mat-vecs, in blocks of ``GATHER_CHUNK`` tokens — work
-independent of n_hi. Tokens are spread over slots 1..n_hi-1 (every slot in play holds K random
-entries). Times are medians of ``--repeats`` blocks, µs per call of the op at one layer.
+independent of n_hi. The runtime is ``bench.gpu_op.make_runtime``'s with host gating: tokens
+spread over slots 0..n_hi-1, every slot but 0 holding K random entries, half of them rectified. Times are medians of ``--repeats`` blocks, µs per call of the op at one layer.
 """
 
 from __future__ import annotations
@@ -20,26 +20,8 @@ import time
 
 import torch
 
+from bench.gpu_op import make_runtime
 from steering import runtime as rt_mod
-from steering.config import SteeringConfig
-
-
-def make(d: int, tokens: int, n_hi: int, k: int, dtype) -> rt_mod.SteeringRuntime:
-    """A one-site runtime with slots 1..n_hi-1 filled and the tokens spread over them."""
-    cfg = SteeringConfig(max_slots=n_hi - 1, max_features=k, layers=[0])
-    rt = rt_mod.SteeringRuntime(cfg, num_layers=1, hidden_size=d, max_tokens=tokens, dtype=dtype,
-                                device=torch.device("cpu"), host_gating=True)
-    g = torch.Generator().manual_seed(0)
-    tab = rt.tables[0]
-    tab.enc[1:].copy_(torch.nn.functional.normalize(torch.randn(n_hi - 1, k, d, generator=g), dim=-1))
-    tab.dec[1:].copy_(tab.enc[1:])
-    tab.alpha[1:].fill_(-1.0)
-    tab.beta[1:].copy_(torch.rand(n_hi - 1, k, generator=g) * 4)
-    tab.cut[1:].fill_(float("-inf"))
-    rt.token_slots[:tokens].copy_(torch.arange(tokens) % (n_hi - 1) + 1)
-    rt.site_entries[0] = True
-    rt.n_hi = n_hi
-    return rt
 
 
 def _time(fn, calls: int, repeats: int) -> float:
@@ -60,7 +42,7 @@ def run(d: int, tokens: list[int], slots: list[int], ks: list[int], dtype, repea
         for k in ks:
             for t in tokens:
                 for n_hi in slots:
-                    rt = make(d, t, n_hi, k, dtype)
+                    rt = make_runtime(d, t, n_hi - 1, k, dtype, torch.device("cpu"), host_gating=True)
                     g = torch.Generator().manual_seed(1)
                     h = torch.randn(t, d, generator=g).to(dtype)
                     r = (torch.randn(t, d, generator=g) * 5).to(dtype)

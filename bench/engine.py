@@ -131,7 +131,7 @@ def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[st
         out[f"S4_K{k}"] = [comp.compile({"vectors": [
             {"layer": mid, "values": rng.standard_normal(d).tolist(), "mode": "clamp", "target": 1.0}
             for _ in range(k)]}).extra_args() for _ in range(c.batch)]
-    if c.only is not None:
+    if c.only is not None:  # filtered after building, so a scenario's vectors do not depend on which run
         out = {name: ea for name, ea in out.items() if name.split("_")[0] in c.only}
     return cfg, out
 

@@ -107,11 +107,15 @@ class DecoderLayer(torch.nn.Module):
         return (F.silu(gate) * up) @ self.down.T, residual
 
 
-def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device) -> rt_mod.SteeringRuntime:
-    """A one-site runtime with every slot filled and tokens spread over slots 0..S."""
+def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device,
+                 host_gating: bool = False) -> rt_mod.SteeringRuntime:
+    """A one-site runtime with every slot filled and tokens spread over slots 0..S. With
+    ``host_gating`` only the clamp entries run, over all S + 1 slots (the caller may set n_hi)."""
     cfg = SteeringConfig(max_slots=slots, max_features=k, layers=[0])
     rt = rt_mod.SteeringRuntime(cfg, num_layers=1, hidden_size=d, max_tokens=max(tokens, 1),
-                                dtype=dtype, device=device, host_gating=False)
+                                dtype=dtype, device=device, host_gating=host_gating)
+    if host_gating:
+        rt.site_entries[0] = k > 0
     g = torch.Generator(device="cpu").manual_seed(1)
     tab = rt.tables[0]
     s1 = slots + 1

@@ -38,7 +38,7 @@ ifeq ($(PG_CTL),)
 endif
 
 model: install
-	$(PY) -m server.model_store
+	$(PY) -m steering.model_store
 
 serve: setup
 	$(VENV)/bin/steer serve $(SERVE_ARGS)

@@ -88,7 +88,7 @@ class AppState:
         """Materialize the model, start the engine, then build tokenizer and steering tables."""
         from transformers import AutoTokenizer
 
-        from server.model_store import resolve_model
+        from steering.model_store import resolve_model
 
         cfg = self.config
         path = await asyncio.to_thread(resolve_model, cfg.model)

@@ -1,4 +1,4 @@
-"""The ``steer`` command. ``steer serve`` takes flags shaped like ``vllm serve``."""
+"""``steer serve``: flags shaped like ``vllm serve``, the server process and its start-up watchdog."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import AppState, create_app
-    from server.model_store import DEFAULT_MODEL_ALIASES, resolve_model
+    from steering.model_store import DEFAULT_MODEL_ALIASES, resolve_model
 
     if args.model and args.model not in DEFAULT_MODEL_ALIASES:
         try:
@@ -207,33 +207,24 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """``steer serve`` alone (``python -m server.cli serve``); the whole ``steer`` command with
+    its client tools is :func:`clients.cli.build_parser`."""
     parser = argparse.ArgumentParser(prog="steer", description="Steering-enabled inference server.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_serve_parser(sub)
-    from steering.packs.cli import add_pack_parser
-
-    add_pack_parser(sub)
-    from server.experiments.cli import add_ab_parser
-
-    add_ab_parser(sub)
-    from server.eval.cli import add_eval_parser
-
-    add_eval_parser(sub)
-    from server.eval.demo import add_demo_parser
-
-    add_demo_parser(sub)
-    from bench.run import add_parser as add_bench_parser
-
-    add_bench_parser(sub)
+    add_serve_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, set up logging at the command's ``--log-level`` and run the command."""
+    args = parser.parse_args(argv)
     level = getattr(args, "log_level", "info").upper()
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class ServeConfig:
 
     def served_names(self) -> list[str]:
         """Names clients may put in ``model``: the flag, else the default name or the --model value."""
-        from server.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
+        from steering.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
 
         if self.served_model_name:
             return list(self.served_model_name)
@@ -101,7 +101,7 @@ def build_engine_args(cfg: ServeConfig, model_path: Path, served: list[str]) -> 
         kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
     steering_cfg = cfg.steering_config()
     if steering_cfg is not None:
-        from steering.vllm_plugin import engine_kwargs
+        from steering.vllm_shim import engine_kwargs
 
         for key, value in engine_kwargs(steering_cfg).items():
             if isinstance(value, dict) and isinstance(kwargs.get(key), dict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 
@@ -27,9 +27,6 @@ class SteeringConfig:
 
     max_vectors: int = 32
     """Most raw vectors one request may carry."""
-
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Reserved for future options; travels with the config to the workers."""
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:

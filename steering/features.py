@@ -6,12 +6,16 @@ Feature packs implement :class:`FeatureSource`; the request compiler only sees :
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
 FeatureKind = Literal["direction", "sae"]
-MODES = ("add", "clamp", "scale", "ablate")
+"""``direction``: act(h) = h·d̂; ``sae``: act(h) = JumpReLU_θ(e·h + b)."""
+KINDS: tuple[str, ...] = get_args(FeatureKind)
+Mode = Literal["add", "clamp", "scale", "ablate"]
+"""What steering does with a feature: see :mod:`steering.request` for the algebra."""
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 class UnknownFeature(KeyError):

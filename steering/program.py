@@ -10,8 +10,8 @@ A program is pure data (numpy float32): per steered layer an additive vector and
 which expresses every mode: clamp (α=-1, β=t), scale (α=s-1, β=0), ablate (α=-1, β=0).
 The additive vector is applied first, so a clamp holds even when an add shares its layer.
 
-Programs travel to the workers inside ``SamplingParams.extra_args`` as raw little-endian bytes
-(no pickles) and are shared between requests by content hash.
+Programs travel to the workers inside a :class:`steering.wire.WireRecord` as raw little-endian
+bytes (no pickles) and are shared between requests by content hash.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WIRE_VERSION = 1
-EXTRA_ARGS_KEY = "steering"
+from steering.wire import WIRE_VERSION
 
 
 @dataclass
@@ -100,9 +99,6 @@ class SteeringProgram:
         if layer not in self.layers:
             self.layers[layer] = LayerProgram(layer=layer, hidden_size=self.hidden_size)
         return self.layers[layer]
-
-    def max_entries(self) -> int:
-        return max((lp.num_entries for lp in self.layers.values()), default=0)
 
     # -- identity ---------------------------------------------------------------------
     def canonical(self) -> list[tuple[int, bytes | None, dict[str, bytes] | None]]:

@@ -26,15 +26,15 @@ import torch
 from steering.config import SteeringConfig
 from steering.program import SteeringProgram
 from steering.slots import SlotAllocator
+from steering.wire import ApplyTo, WireRecord
 
 logger = logging.getLogger(__name__)
 
-APPLY_ALL, APPLY_PROMPT, APPLY_GENERATED = 0, 1, 2
 MAX_READOUT_REQUESTS = 4096
 GATHER_ABOVE_SLOTS = 64
 """With host gating, clamp entries are computed per token from gathered rows once more than this
 many slots (n_hi, slot 0 included) are in play; below it, matmuls over all their columns win.
-Placed by ``python -m bench.clamp_paths`` (2-core CPU, d = 576, bf16): at n_hi = 65 gathering
+Placed by ``python -m clients.bench.clamp_paths`` (2-core CPU, d = 576, bf16): at n_hi = 65 gathering
 costs 0.25–1.04× the matmuls for T = 1…2048 and K = 8, 32; at n_hi = 257, 0.07–0.29×; at
 n_hi <= 17 and T >= 256 it costs 1.8–13×."""
 GATHER_CHUNK = 256
@@ -159,15 +159,15 @@ class SteeringRuntime:
             self.slot_entries[slot, L] = k
 
     # -- requests ---------------------------------------------------------------------------
-    def admit(self, req_id: str, wire: dict) -> _ReqSteering:
+    def admit(self, req_id: str, wire: WireRecord) -> _ReqSteering:
         slot = 0  # a capture-only request (empty program) needs no slot
-        if wire["program"]["layers"]:
-            slot, needs_write = self.allocator.acquire(req_id, wire["hash"])
+        if wire.steers:
+            slot, needs_write = self.allocator.acquire(req_id, wire.hash)
             if needs_write:
-                self.write_slot(slot, SteeringProgram.from_wire(wire["program"]))
-        key = wire.get("readout_key", req_id) if wire.get("readout") else None
-        capture = frozenset(int(x) for x in wire.get("capture", ()) if int(x) in self.tables)
-        rs = _ReqSteering(slot=slot, apply_to=int(wire["apply_to"]), readout_key=key,
+                self.write_slot(slot, SteeringProgram.from_wire(wire.program))
+        key = (wire.readout_key or req_id) if wire.readout else None
+        capture = frozenset(x for x in wire.capture if x in self.tables)
+        rs = _ReqSteering(slot=slot, apply_to=int(wire.apply_to), readout_key=key,
                           capture=capture if key is not None else frozenset())
         self.requests[req_id] = rs
         if key is not None:
@@ -199,13 +199,13 @@ class SteeringRuntime:
         T = int(num_scheduled.sum())
         host = self._host_slots
         tok = np.repeat(req_slots, num_scheduled)  # [T]
-        if np.any(apply_to[req_slots > 0] != APPLY_ALL):
+        if np.any(apply_to[req_slots > 0] != ApplyTo.ALL):
             starts = np.repeat(np.cumsum(num_scheduled) - num_scheduled, num_scheduled)
             pos = np.repeat(num_computed, num_scheduled) + (np.arange(T) - starts)
             is_prompt = pos < np.repeat(num_prompt, num_scheduled)
             mode = np.repeat(apply_to, num_scheduled)
-            keep = (mode == APPLY_ALL) | ((mode == APPLY_PROMPT) & is_prompt) | (
-                (mode == APPLY_GENERATED) & ~is_prompt
+            keep = (mode == ApplyTo.ALL) | ((mode == ApplyTo.PROMPT) & is_prompt) | (
+                (mode == ApplyTo.GENERATED) & ~is_prompt
             )
             tok = np.where(keep, tok, 0)
         host[:T] = tok

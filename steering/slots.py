@@ -82,9 +82,6 @@ class SlotAllocator:
         # Free slots, least recently freed first; never-used slots come first.
         self._free: OrderedDict[int, None] = OrderedDict((s, None) for s in range(1, num_slots + 1))
 
-    def slot_of(self, req_id: str) -> int | None:
-        return self._slot_of_req.get(req_id)
-
     def acquire(self, req_id: str, key: str) -> tuple[int, bool]:
         """Slot for ``key`` held by ``req_id``; the flag says the tables must be (re)written."""
         if req_id in self._slot_of_req:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.launch import RunningServer, free_port, local_server  # noqa: F401  (re-exported)
+from clients.launch import RunningServer, free_port, local_server  # noqa: F401  (re-exported)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 API_KEY = os.environ.get("STEER_TEST_API_KEY", "sk-steer-test")

@@ -75,7 +75,7 @@ def _validate(a) -> int:
 
     model = a.model
     if model is None and not a.no_model:
-        from server.model_store import resolve_model
+        from steering.model_store import resolve_model
 
         model = resolve_model(None)
     try:

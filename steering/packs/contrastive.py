@@ -191,7 +191,7 @@ def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | Non
     if model_dir is None:
         model_dir = r.get("model")
     if model_dir is None:
-        from server.model_store import resolve_model
+        from steering.model_store import resolve_model
 
         model_dir = resolve_model(None)
     model, tok = collect.load_model(model_dir)

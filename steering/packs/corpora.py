@@ -48,7 +48,7 @@ class CorpusError(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    from server.model_store import cache_root
+    from steering.model_store import cache_root
 
     return cache_root() / "corpora"
 

@@ -34,7 +34,7 @@ GGUF_ARCH = "controlvector"
 def _default_model(model_dir):
     if model_dir is not None:
         return Path(model_dir)
-    from server.model_store import resolve_model
+    from steering.model_store import resolve_model
 
     return resolve_model(None)
 

@@ -485,11 +485,11 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
     np.random.seed(o["seed"])
     model_dir = o["model"]
     if model_dir is None:
-        from server.model_store import cache_root, resolve_model
+        from steering.model_store import cache_root, resolve_model
 
         model_dir = resolve_model(None)
     else:
-        from server.model_store import cache_root
+        from steering.model_store import cache_root
     layer = int(o["layer"])
     name = o["name"] or f"{Path(str(model_dir)).name.lower()}-sae-l{layer}"
     act_dir = Path(o["activations_dir"] or cache_root() / "activations" / f"{Path(str(model_dir)).name}-L{layer}")

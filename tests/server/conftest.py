@@ -7,7 +7,7 @@ from typing import Any
 import openai
 import pytest
 
-from server.model_store import resolve_model
+from steering.model_store import resolve_model
 
 
 @pytest.fixture(scope="session")

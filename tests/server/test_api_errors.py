@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.model_store import DEFAULT_MODEL_NAME as MODEL
+from steering.model_store import DEFAULT_MODEL_NAME as MODEL
 
 USER = [{"role": "user", "content": "Hello"}]
 

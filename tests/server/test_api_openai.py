@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from server.model_store import (
+from steering.model_store import (
     DEFAULT_MODEL_NAME as MODEL,
     REFERENCE_GREEDY_IDS,
     REFERENCE_PROMPT,
@@ -51,7 +51,7 @@ def test_chat_greedy_exact_and_usage(client: openai.OpenAI, tokenizer) -> None:
 
 def test_completion_reference_greedy_ids(client: openai.OpenAI, tokenizer) -> None:
     """vLLM's greedy continuation equals the transformers reference recorded by model_store."""
-    assert REFERENCE_GREEDY_IDS, "server.model_store.REFERENCE_GREEDY_IDS is empty"
+    assert REFERENCE_GREEDY_IDS, "steering.model_store.REFERENCE_GREEDY_IDS is empty"
     resp = client.completions.create(
         model=MODEL, prompt=REFERENCE_PROMPT, temperature=0, max_tokens=len(REFERENCE_GREEDY_IDS),
         extra_body={"return_token_ids": True})

@@ -10,7 +10,7 @@ import json
 import httpx
 import openai
 
-from server.model_store import DEFAULT_MODEL_NAME as MODEL
+from steering.model_store import DEFAULT_MODEL_NAME as MODEL
 
 HIDDEN = 576  # SmolLM2-135M
 MESSAGES = [{"role": "user", "content": "Tell me about cats."}]

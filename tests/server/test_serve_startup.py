@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from server.cli import startup_watchdog
-from server.launch import REPO_ROOT, free_port
+from clients.launch import REPO_ROOT, free_port
 
 
 def _watch(state, timeout_s: float) -> threading.Event:

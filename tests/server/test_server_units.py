@@ -20,7 +20,7 @@ from server.errors import (
     describe,
     loc_to_param,
 )
-from server.model_store import DEFAULT_MODEL_NAME
+from steering.model_store import DEFAULT_MODEL_NAME
 from server.protocol import parse_chat, parse_completion
 from steering.request import SteeringError
 from vllm.exceptions import VLLMValidationError
@@ -52,7 +52,7 @@ def test_serve_flags() -> None:
     args = build_engine_args(cfg, Path("/m"), cfg.served_names())
     assert (args.model, args.max_model_len, args.dtype, args.enforce_eager) == ("/m", 512, "float32", True)
     assert (args.max_num_seqs, args.seed, args.enable_prefix_caching) == (8, 3, False)
-    assert args.worker_cls.startswith("steering.vllm_plugin.")
+    assert args.worker_cls.startswith("steering.vllm_shim.")
     assert args.additional_config["steering"]["max_slots"] == 4
     assert args.generation_config == "vllm"
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from server.model_store import resolve_model
+from steering.model_store import resolve_model
 from steering.config import SteeringConfig
 from steering.request import SteeringCompiler
 

@@ -9,6 +9,7 @@ from steering.features import Feature, StaticFeatureSource
 from steering.request import SteeringCompiler
 from steering import runtime
 from steering.runtime import SteeringRuntime, set_runtime
+from steering.wire import WireRecord
 
 D, L, S, K = 12, 3, 4, 3
 
@@ -224,11 +225,10 @@ def test_readout_files_entry_activations_and_captured_streams():
     rt = make_runtime()
     clamp = programs()[1]  # two clamp entries at layer 1
     clamp.return_activations = True
-    wire = clamp.extra_args(readout_key="req-A")["steering"]
-    rs = rt.admit("internal-A", wire)
+    rs = rt.admit("internal-A", WireRecord.from_extra_args(clamp.extra_args(readout_key="req-A")))
     # a capture-only request: no program, no slot, its layer-2 stream is filed
-    empty = {"v": 1, "hash": "0", "apply_to": 0, "readout": True, "readout_key": "req-B",
-             "capture": [2], "program": {"d": D, "layers": []}}
+    empty = WireRecord(hash="0", readout=True, readout_key="req-B", capture=(2,),
+                       program={"d": D, "layers": []})
     rb = rt.admit("internal-B", empty)
     assert rb.slot == 0 and rt.allocator.busy == 1
     for layer in range(L):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from server.experiments.store import ExperimentStore, open_store
-from server.launch import free_port
+from clients.launch import free_port
 
 PG_TOOLS = ("initdb", "pg_ctl", "postgres")
 

@@ -17,7 +17,7 @@ from server.engine import ServeConfig
 from server.experiments import assign
 from server.experiments.manager import ExperimentManager
 from server.experiments.store import SQLiteStore, open_store
-from server.model_store import resolve_model
+from steering.model_store import resolve_model
 from steering.config import SteeringConfig
 from steering.request import SteeringCompiler
 
@@ -336,8 +336,8 @@ def test_offline_run_mechanics(api, tmp_path, monkeypatch, capsys):
 
     import httpx
 
-    from server.cli import main
-    from server.eval import harness
+    from clients.cli import main
+    from clients.eval import harness
 
     client, state = api
     assert client.post("/v1/experiments", json=two_variant("off"), headers=AUTH).status_code == 200
@@ -394,8 +394,8 @@ def test_results_plot_from_the_api(api, tmp_path, monkeypatch, capsys):
     import numpy as np
     from matplotlib.image import imread
 
-    from server.cli import main
-    from server.experiments.plot import CONTROL_COLOR, VARIANT_COLOR
+    from clients.cli import main
+    from clients.ab.plot import CONTROL_COLOR, VARIANT_COLOR
 
     client, _ = api
     assert client.post("/v1/experiments", json=two_variant("plot"), headers=AUTH).status_code == 200

@@ -10,7 +10,7 @@ import uuid
 
 import httpx
 
-from server.cli import main
+from clients.cli import main
 from server.experiments import assign
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -111,7 +111,7 @@ def test_offline_run_real_engine(server, tmp_path, capsys):
         report = json.loads((out / "report.json").read_text())
         page = (out / "report.html").read_text()
 
-        from server.eval.scorers import SCORERS
+        from clients.eval.scorers import SCORERS
 
         by = {v["name"]: v for v in report["variants"]}
         assert set(by) == {"control", "pirate"} and by["control"]["n"] == by["pirate"]["n"] == 3

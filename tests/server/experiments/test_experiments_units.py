@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server.experiments import assign
-from server.experiments.cli import render
+from clients.ab.cli import render
 from server.experiments.manager import merge_steering
 from server.experiments.stats import results, srm_check, two_proportion_p, wilson_ci
 from server.experiments.store import (
@@ -218,7 +218,7 @@ def test_merge_rule():
 def test_cli_prints_results(monkeypatch, capsys):
     import httpx
 
-    from server.cli import main
+    from clients.cli import main
 
     spec = {"name": "e", "status": "running", "variants": [
         {"name": "control", "weight": 1.0, "control": True}, {"name": "t", "weight": 1.0}]}

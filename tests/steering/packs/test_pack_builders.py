@@ -31,7 +31,7 @@ HELD_OUT = [("Heavy clouds and drizzle will last until evening.", "The museum op
 
 @pytest.fixture(scope="module")
 def bundled_model():
-    from server.model_store import resolve_model
+    from steering.model_store import resolve_model
 
     return resolve_model(None)
 

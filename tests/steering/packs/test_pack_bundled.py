@@ -13,7 +13,7 @@ TONE = ["formality", "positivity", "enthusiasm", "hedging", "verbosity", "humor"
 
 @pytest.fixture(scope="module")
 def registry():
-    from server.model_store import resolve_model
+    from steering.model_store import resolve_model
 
     return PackRegistry.from_paths([bundled_packs_dir()], resolve_model(None))
 
@@ -53,7 +53,7 @@ def test_sae_pack(registry):
 
 
 def test_bundled_constructor_matches_from_paths(registry):
-    from server.model_store import resolve_model
+    from steering.model_store import resolve_model
 
     reg = PackRegistry.bundled(resolve_model(None))
     assert [p["name"] for p in reg.packs()] == [p["name"] for p in registry.packs()]

@@ -1,0 +1,91 @@
+"""The two ways the worker computes clamp entries with host gating, timed against each other, to
+place ``steering.runtime.GATHER_ABOVE_SLOTS`` (where gathering each token's rows starts to win).
+
+    python -m clients.bench.clamp_paths                     # the grid below, ~2 min on the 2-core CPU
+    python -m clients.bench.clamp_paths --tokens 16 --slots 2,17 --k 8 --json out.json
+
+"all slots": two matmuls over the K entry columns of every slot up to the highest in use (n_hi),
+other slots' columns zeroed per token — work grows with n_hi. "gathered": each token's own K
+rows gathered and applied with batched mat-vecs, in blocks of ``GATHER_CHUNK`` tokens — work
+independent of n_hi. The runtime is ``clients.bench.gpu_op.make_runtime``'s with host gating: tokens
+spread over slots 0..n_hi-1, every slot but 0 holding K random entries, half of them rectified. Times are medians of ``--repeats`` blocks, µs per call of the op at one layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from clients.bench.gpu_op import make_runtime
+from steering import runtime as rt_mod
+
+
+def _time(fn, calls: int, repeats: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(out)
+
+
+def run(d: int, tokens: list[int], slots: list[int], ks: list[int], dtype, repeats: int, log=print) -> list[dict]:
+    rows = []
+    saved = rt_mod.GATHER_ABOVE_SLOTS
+    try:
+        for k in ks:
+            for t in tokens:
+                for n_hi in slots:
+                    rt = make_runtime(d, t, n_hi - 1, k, dtype, torch.device("cpu"), host_gating=True)
+                    g = torch.Generator().manual_seed(1)
+                    h = torch.randn(t, d, generator=g).to(dtype)
+                    r = (torch.randn(t, d, generator=g) * 5).to(dtype)
+                    out = {}
+                    for path, above in (("all_slots", 1 << 30), ("gathered", 0)):
+                        rt_mod.GATHER_ABOVE_SLOTS = above
+                        work = h.clone()
+                        calls = max(3, 4000 // (t * max(1, n_hi // 8)))
+                        out[path] = _time(lambda: rt.apply(work, r, 0), calls, repeats)
+                        res = h.clone()
+                        rt.apply(res, r, 0)
+                        out[path + "_result"] = res
+                    err = (out.pop("gathered_result").float() - out.pop("all_slots_result").float()).abs().max().item()
+                    row = {"k": k, "tokens": t, "n_hi": n_hi, "all_slots_us": out["all_slots"],
+                           "gathered_us": out["gathered"], "gathered_over_all_slots": out["gathered"] / out["all_slots"],
+                           "max_abs_diff": err}
+                    rows.append(row)
+                    log(f"K={k:3d} T={t:5d} n_hi={n_hi:4d}: all slots {row['all_slots_us']:9.1f} µs, "
+                        f"gathered {row['gathered_us']:9.1f} µs  ({row['gathered_over_all_slots']:.2f}×)")
+    finally:
+        rt_mod.GATHER_ABOVE_SLOTS = saved
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d", type=int, default=576, help="hidden size (default: SmolLM2's 576)")
+    p.add_argument("--tokens", default="1,16,256,2048")
+    p.add_argument("--slots", default="2,3,5,9,17,65,257", help="n_hi values (slot 0 included)")
+    p.add_argument("--k", default="8,32")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    with torch.inference_mode():
+        rows = run(a.d, ints(a.tokens), ints(a.slots), ints(a.k), getattr(torch, a.dtype), a.repeats)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"d": a.d, "dtype": a.dtype, "threads": torch.get_num_threads(),
+                       "gather_chunk": rt_mod.GATHER_CHUNK, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The ``steer`` command: ``serve`` (the server) and the tools that drive it or an engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from server.cli import add_serve_parser, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description="Steering-enabled inference server.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve_parser(sub)
+    from steering.packs.cli import add_pack_parser
+
+    add_pack_parser(sub)
+    from clients.ab.cli import add_ab_parser
+
+    add_ab_parser(sub)
+    from clients.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
+    from clients.eval.demo import add_demo_parser
+
+    add_demo_parser(sub)
+    from clients.bench.run import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""From scored samples to per-feature results: per-strength means, paired tests, ρ, perplexity, the bar."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from clients.eval import stats
+from clients.eval.harness import EvalConfig, Sample
+from clients.eval.scorers import SCORERS
+
+
+def _fin(xs) -> list[float]:
+    return [float(x) for x in xs if x is not None and math.isfinite(x)]
+
+
+def _mean_ci(vals: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """Mean with a t-based 95% CI over per-prompt values."""
+    from scipy import stats as sps
+
+    v = np.asarray(_fin(vals), dtype=float)
+    if len(v) == 0:
+        return None, None, None
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, None, None
+    half = float(sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def _q(vals: Sequence[float], q: float) -> float | None:
+    v = _fin(vals)
+    return float(np.percentile(v, q)) if v else None
+
+
+def strength_key(s: float) -> str:
+    """A strength as a JSON key: ``-1``, ``-0.5``, ``0``, ``2``."""
+    return f"{s:g}"
+
+
+def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sample],
+                    seed: int = 0) -> dict[str, Any]:
+    """Results of one feature: per strength the score, perplexity and repetition; vs strength 0
+    the paired statistics; over strengths the Spearman ρ; the pass/fail of the bar; and
+    ``max_fluent``, the largest positive strength whose median perplexity stays ≤ 2× the baseline's
+    (with its Δ and p): the dose to use when strength 1 is too strong."""
+    budget = cfg.max_tokens_for(feature)
+    mine = [s for s in samples if s.feature == feature or (s.feature is None and s.max_tokens == budget)]
+    by_s: dict[float, dict[str, list[float]]] = {}
+    ppl: dict[float, list[float]] = {}
+    rep: dict[float, list[float]] = {}
+    toks: dict[float, list[float]] = {}
+    capped: dict[float, list[float]] = {}
+    examples: dict[str, str] = {}
+    first_prompt = cfg.prompts[0].id if cfg.prompts else None
+    for s in mine:
+        by_s.setdefault(s.strength, {}).setdefault(s.prompt_id, []).append(s.scores[scorer])
+        ppl.setdefault(s.strength, []).append(s.perplexity)
+        rep.setdefault(s.strength, []).append(s.scores["repetition"])
+        toks.setdefault(s.strength, []).append(s.tokens)
+        capped.setdefault(s.strength, []).append(1.0 if s.finish_reason == "length" else 0.0)
+        if s.prompt_id == first_prompt and s.index == 0:
+            examples[strength_key(s.strength)] = s.text
+    base = stats.per_prompt_means(by_s.get(0.0, {}))
+    base_ppl = _q(ppl.get(0.0, []), 50)
+    per_strength: dict[str, Any] = {}
+    for st in sorted(by_s):
+        pm = stats.per_prompt_means(by_s[st])
+        mean, lo, hi = _mean_ci(list(pm.values()))
+        med = _q(ppl[st], 50)
+        row = {
+            "strength": st, "n_prompts": len(pm), "n_samples": sum(len(v) for v in by_s[st].values()),
+            "score_mean": mean, "score_ci95": [lo, hi],
+            "ppl_median": med, "ppl_q25": _q(ppl[st], 25), "ppl_q75": _q(ppl[st], 75),
+            "ppl_ratio": (med / base_ppl) if (med is not None and base_ppl) else None,
+            "repetition_mean": float(np.mean(rep[st])), "tokens_mean": float(np.mean(toks[st])),
+            "capped_share": float(np.mean(capped[st])),
+        }
+        if st != 0 and base:
+            row["vs_baseline"] = stats.paired(pm, base, seed=seed)
+        per_strength[strength_key(st)] = row
+    fluent = [r for r in per_strength.values() if r["strength"] > 0 and r["ppl_ratio"] is not None
+              and r["ppl_ratio"] <= stats.PPL_RATIO_MAX]
+    top = max(fluent, key=lambda r: r["strength"]) if fluent else None
+    max_fluent = None if top is None else {
+        "strength": top["strength"], "ppl_ratio": top["ppl_ratio"],
+        "diff": (top.get("vs_baseline") or {}).get("diff"),
+        "p_wilcoxon": (top.get("vs_baseline") or {}).get("p_wilcoxon")}
+    dr = stats.dose_response(by_s)
+    at_one = per_strength.get("1", {})
+    bar = stats.passes_bar(at_one.get("vs_baseline"), dr["over_means"]["rho"], at_one.get("ppl_ratio"))
+    sc = SCORERS[scorer]
+    return {"feature": feature, "scorer": scorer, "max_tokens": budget, "unit": sc.unit, "scorer_description": sc.description,
+            "strengths": per_strength, "spearman": dr, "bar": bar, "max_fluent": max_fluent,
+            "examples": examples}
+
+
+def summarize(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every feature's summary, keyed by feature name (with its catalog layer/mode/pack)."""
+    out = {}
+    for feature, scorer in cfg.features.items():
+        summ = feature_summary(feature, scorer, cfg, samples, seed=cfg.seed)
+        info = feature_info.get(feature) or {}
+        summ["layer"] = info.get("layer")
+        summ["pack"] = info.get("pack")
+        summ["tags"] = list(info.get("tags") or [])
+        summ["mode"] = cfg.mode or info.get("default_mode", "add")
+        out[feature] = summ
+    return out

@@ -1,0 +1,44 @@
+"""clients/bench/engine.py's scenario builder: what each engine scenario sends, without an engine."""
+
+from __future__ import annotations
+
+import pytest
+
+from clients.bench.engine import EngineBenchConfig, s3_batch, scenarios
+from clients.bench.run import settings
+from clients.cli import build_parser
+
+D, LAYERS = 576, 30
+
+
+def _hash(ea):
+    return None if ea is None else next(iter(ea.values()))["hash"]
+
+
+def test_s3_sweeps_up_to_the_slot_limit_with_half_the_batch_unsteered() -> None:
+    c = EngineBenchConfig(model="unused", sweep=[4, 64, 300], max_slots=64, clamp_k=[8], only=["S3"])
+    cfg, scen = scenarios(c, D, LAYERS)
+    assert cfg.max_slots == 64
+    assert list(scen) == ["S3_C4", "S3_C64"]  # 300 is capped at the slot limit, only S3 was asked for
+    for n_cfg, name in ((4, "S3_C4"), (64, "S3_C64")):
+        ea = scen[name]
+        assert len(ea) == s3_batch(c) == 128
+        assert ea[1::2] == [None] * 64  # every other request unsteered
+        hashes = [_hash(x) for x in ea[0::2]]
+        assert len(set(hashes)) == n_cfg
+        assert hashes == [hashes[i % n_cfg] for i in range(64)]  # configs cycle over the steered half
+
+
+def test_all_scenarios_by_default() -> None:
+    c = EngineBenchConfig(model="unused", batch=2, sweep=[1], clamp_k=[8])
+    _, scen = scenarios(c, D, LAYERS)
+    assert list(scen) == ["S1", "S2", "S3_C1", "S4_K8"]
+
+
+def test_bench_flags_for_slots_and_scenarios() -> None:
+    p = build_parser()
+    s = settings(p.parse_args(["bench", "--max-slots", "256", "--sweep", "16,256", "--scenarios", "s3,S2"]))
+    assert (s["max_slots"], s["sweep"], s["scenarios"]) == (256, [16, 256], ["S3", "S2"])
+    assert settings(p.parse_args(["bench"]))["scenarios"] is None
+    with pytest.raises(SystemExit):
+        p.parse_args(["bench", "--scenarios", "S9"])

@@ -5,17 +5,21 @@
     reg.resolve("formality")            # → steering.features.Feature (bare or "pack/name")
     reg.features(tag="tone"); reg.search("bridge"); reg.encode(12, h)
 
-See steering/packs/README.md for the format, calibration units and the CLI.
+Modules: ``manifest`` (the typed pack.json), ``tensors`` (sha256, safetensors, model
+fingerprint), ``format`` (load_pack, Pack, SAE), ``writer`` (PackWriter), ``registry``; builders
+``contrastive``, ``sae`` (+ ``sae_train``, ``sae_label``), ``calibration``, ``collect``,
+``corpora``; ``importers``; ``cli``. See steering/packs/README.md for the format, calibration
+units and the CLI.
 """
 
-from steering.packs.format import (
-    FEATURES_FILE, MANIFEST_FILE, SAE, SAE_FILE, SAE_LABELS_FILE, SCHEMA_VERSION, Pack, PackError,
-    PackWriter, load_pack, model_fingerprint, validate_pack,
-)
+from steering.packs.format import SAE, Pack, load_pack, validate_pack
+from steering.packs.manifest import FEATURES_FILE, MANIFEST_FILE, PackError, PackManifest
 from steering.packs.registry import PackRegistry, bundled_packs_dir, discover_packs
+from steering.packs.tensors import model_fingerprint
+from steering.packs.writer import PackWriter
 
 __all__ = [
-    "FEATURES_FILE", "MANIFEST_FILE", "SAE", "SAE_FILE", "SAE_LABELS_FILE", "SCHEMA_VERSION",
-    "Pack", "PackError", "PackRegistry", "PackWriter", "bundled_packs_dir", "discover_packs",
-    "load_pack", "model_fingerprint", "validate_pack",
+    "FEATURES_FILE", "MANIFEST_FILE", "SAE", "Pack", "PackError", "PackManifest", "PackRegistry",
+    "PackWriter", "bundled_packs_dir", "discover_packs", "load_pack", "model_fingerprint",
+    "validate_pack",
 ]

@@ -1,8 +1,8 @@
 """Calibration: what strength 1.0 means for a feature.
 
-**Unit (the dose).** ``Feature.scale`` c = ``DOSE_FRACTION`` × the median residual-stream norm
-at the feature's layer (over content tokens of the calibration corpus; position 0 and chat
-template tokens skipped). So for *every* feature, ``add`` at strength s moves the stream by
+**Unit (the dose).** ``Feature.scale`` c = ``DOSE_FRACTION`` (0.25, :mod:`steering.packs.manifest`)
+× the median residual-stream norm at the feature's layer (over content tokens of the
+calibration corpus; position 0 and chat template tokens skipped). So for *every* feature, ``add`` at strength s moves the stream by
 s·c along the feature's unit direction, i.e. by s/4 of a typical stream norm, and ``clamp`` at
 strength s pins act(h) (= h·d̂ for directions, the unit-decoder activation for SAE latents) to
 s·c. ``{"formality": 0.5}`` and ``{"pack/L12:123": 0.5}`` are the same kind of dose.
@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from steering.packs import collect, corpora
+from steering.packs.manifest import dose_scale
 
 CAL_MAX_TOKENS = 192
-from steering.packs.format import DOSE_FRACTION  # noqa: E402  (one definition)
 CALIBRATION_UNIT = ("dose: scale = 0.25 x median residual norm at the feature's layer on the "
                     "calibration corpus (content tokens; position 0 and chat-template tokens "
                     "skipped). add at strength s moves h by s*scale along the unit direction; "
@@ -77,14 +77,10 @@ def direction_stats(acts: np.ndarray, direction: np.ndarray) -> dict[str, float]
     norms = np.linalg.norm(acts.astype(np.float64), axis=1)
     p50, p99 = np.percentile(proj, [50, 99])
     rn = float(np.median(norms))
-    return {"scale": DOSE_FRACTION * rn, "p50": float(p50), "p99": float(p99), "max": float(proj.max()),
+    return {"scale": dose_scale(rn), "p50": float(p50), "p99": float(p99), "max": float(proj.max()),
             "min": float(proj.min()), "std": float(proj.std()),
             "direction_norm": float(np.linalg.norm(d)), "resid_norm_p50": rn,
             "tokens": int(len(proj))}
-
-
-def dose_scale(resid_norm_p50: float) -> float:
-    return DOSE_FRACTION * float(resid_norm_p50)
 
 
 def latent_stats(acts: np.ndarray) -> dict[str, np.ndarray]:

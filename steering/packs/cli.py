@@ -28,6 +28,7 @@ def _build_contrastive(a) -> int:
 
 def _train_sae(a) -> int:
     from steering.packs import sae
+    from steering.packs.manifest import read_manifest
 
     opts = sae.load_sae_recipe(a.config) if a.config else {}
     for k in ("layer", "d_sae", "k", "tokens", "epochs", "lr", "seed", "name", "model",
@@ -36,9 +37,8 @@ def _train_sae(a) -> int:
         if v is not None:
             opts[k] = v
     p = sae.train_sae(out=a.out, progress=not a.quiet, **opts)
-    m = json.loads((p / "pack.json").read_text())
-    _print({"pack": str(p), "metrics": m["saes"][0]["metrics"],
-            "named": [f["name"] for f in m["features"]]})
+    m = read_manifest(p)
+    _print({"pack": str(p), "metrics": m.saes[0].metrics, "named": [f.name for f in m.features]})
     return 0
 
 
@@ -70,7 +70,7 @@ def _export_gguf(a) -> int:
 
 
 def _validate(a) -> int:
-    from steering.packs.format import PackError
+    from steering.packs.manifest import PackError
     from steering.packs.importers import validate
 
     model = a.model

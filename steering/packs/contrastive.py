@@ -30,7 +30,6 @@ all pairs at that layer and calibrated (:mod:`steering.packs.calibration`).
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +38,9 @@ import numpy as np
 
 from steering.packs import calibration as cal
 from steering.packs import collect
-from steering.packs.format import PackWriter, model_fingerprint
+from steering.packs.manifest import read_manifest
+from steering.packs.tensors import model_fingerprint
+from steering.packs.writer import PackWriter
 
 BUILDER = "steering.packs.contrastive/1"
 DEFAULT_PROMPT = "Say something."
@@ -250,11 +251,14 @@ def concept_directions(model, tok, recipe: str | Path | dict[str, Any], layer: i
 
 
 def summary(pack_dir: str | Path) -> str:
-    m = json.loads((Path(pack_dir) / "pack.json").read_text())
+    """One line per feature of a contrastive pack: layer, dose, calibration, held-out separation."""
+    def num(x: float | None) -> float:
+        return float("nan") if x is None else x
+
     lines = []
-    for f in m["features"]:
-        c, h = f["calibration"], f.get("contrastive", {}).get("heldout", {})
-        lines.append(f"{f['name']:<18} L{f['layer']:<3} c={c['scale']:8.2f} p50={c['p50']:8.2f} "
-                     f"|d|={c['direction_norm']:7.2f} |h|p50={c['resid_norm_p50']:7.1f} "
+    for f in read_manifest(pack_dir).features:
+        c, h = f.calibration, (f.contrastive or {}).get("heldout", {})
+        lines.append(f"{f.name:<18} L{f.layer:<3} c={c.scale:8.2f} p50={num(c.p50):8.2f} "
+                     f"|d|={num(c.direction_norm):7.2f} |h|p50={num(c.resid_norm_p50):7.1f} "
                      f"held-out acc={h.get('paired_accuracy', float('nan')):.2f} d'={h.get('d_prime', float('nan')):.2f}")
     return "\n".join(lines)

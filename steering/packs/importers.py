@@ -21,10 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from steering.packs.format import (
-    SAE, PackError, PackWriter, load_pack, load_tensors, model_fingerprint, validate_pack,
-)
-from steering.packs.registry import discover_packs
+from steering.packs.format import SAE, load_pack, validate_pack
+from steering.packs.manifest import PackError
+from steering.packs.registry import bundled_packs_dir, discover_packs
+from steering.packs.tensors import load_tensors, model_fingerprint
+from steering.packs.writer import PackWriter
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -233,7 +234,7 @@ def export_gguf(pack: str | Path, file: str | Path,
         owner[f.layer] = n
     file = Path(file)
     w = gguf.GGUFWriter(str(file), GGUF_ARCH)
-    w.add_string(f"{GGUF_ARCH}.model_hint", str(p.manifest["model"].get("id") or "llama"))
+    w.add_string(f"{GGUF_ARCH}.model_hint", str(p.manifest.model.id or "llama"))
     w.add_uint32(f"{GGUF_ARCH}.layer_count", len(vecs))
     for layer in sorted(vecs):
         w.add_tensor(f"direction.{layer}", vecs[layer])
@@ -251,8 +252,6 @@ def validate(path: str | Path, model_dir: str | Path | None = None, strict_model
 def list_packs(paths: Sequence[str | Path] | None = None) -> list[dict[str, Any]]:
     """Summaries of the packs under ``paths`` (default: the bundled feature_packs/); a pack that
     fails to load is listed with its error."""
-    from steering.packs.registry import bundled_packs_dir
-
     out = []
     for p in discover_packs(paths or [bundled_packs_dir()]):
         try:

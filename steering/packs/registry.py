@@ -21,9 +21,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from steering.features import AmbiguousFeature, Feature, UnknownFeature
-from steering.packs.format import (
-    MANIFEST_FILE, SAE, Pack, PackError, load_pack, model_fingerprint, site,
-)
+from steering.packs.format import SAE, Pack, load_pack
+from steering.packs.manifest import MANIFEST_FILE, PackError, site
+from steering.packs.tensors import model_fingerprint
 
 __all__ = ["PackRegistry", "model_fingerprint", "bundled_packs_dir", "discover_packs"]
 
@@ -99,9 +99,8 @@ class PackRegistry:
         if pack.name in self._packs:
             raise PackError(pack.name, f"a pack of that name is already loaded (from {self._packs[pack.name].path})")
         if self._packs:
-            ref = next(iter(self._packs.values())).manifest["model"]["fingerprint"]
-            fp = pack.manifest["model"]["fingerprint"]
-            if int(ref["hidden_size"]) != int(fp["hidden_size"]):
+            ref = next(iter(self._packs.values())).manifest.model.fingerprint
+            if ref.hidden_size != pack.manifest.model.fingerprint.hidden_size:
                 raise PackError(pack.name, "hidden size differs from the other loaded packs")
         self._packs[pack.name] = pack
         self._cache.clear()
@@ -167,14 +166,13 @@ class PackRegistry:
     def _entry(self, pack: Pack, local: str, full: bool = False) -> dict[str, Any]:
         meta = pack.feature_meta(local)
         e = {"id": f"{pack.name}/{local}", "name": local, "pack": pack.name,
-             "description": meta.get("description", ""), "tags": meta.get("tags", []),
-             "layer": meta["layer"], "site": meta.get("site", site(meta["layer"])),
-             "kind": meta["kind"], "default_mode": meta.get("default_mode", "add"),
-             "calibration": meta["calibration"]}
+             "description": meta.description, "tags": list(meta.tags),
+             "layer": meta.layer, "site": meta.site or site(meta.layer),
+             "kind": meta.kind, "default_mode": meta.default_mode,
+             "calibration": meta.calibration.model_dump(exclude_unset=True)}
         if full:
-            for k in ("evidence", "source"):
-                if k in meta:
-                    e[k] = meta[k]
+            e.update(meta.model_dump(include={"evidence", "source"} & meta.model_fields_set,
+                                     exclude_unset=True))
         return e
 
     def features(self, pack: str | None = None, tag: str | None = None,
@@ -215,8 +213,8 @@ class PackRegistry:
         for k in ("label", "top_tokens", "examples", "frequency", "explanation"):
             if k in lab:
                 e[k] = lab[k]
-        named = [f["name"] for f in p.manifest["features"]
-                 if (f.get("source") or {}).get("sae") == sae_id and (f.get("source") or {}).get("latent") == i]
+        named = [f.name for f in p.manifest.features
+                 if f.source is not None and f.source.sae == sae_id and f.source.latent == i]
         if named:
             e["named_as"] = [f"{pack}/{n}" for n in named]
         return e
@@ -283,7 +281,7 @@ class PackRegistry:
             for sid, s in p.saes.items():
                 out.append({"pack": p.name, "id": sid, "layer": s.layer, "site": site(s.layer),
                             "d_in": s.d_in, "d_sae": s.d_sae, "activation": s.activation, "k": s.k,
-                            "labelled": bool(s.labels), "metrics": s.meta.get("metrics", {})})
+                            "labelled": bool(s.labels), "metrics": p.sae_meta(sid).metrics or {}})
         return out
 
     def sae(self, layer: int, pack: str | None = None, sae_id: str | None = None) -> SAE:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steering.packs import PackRegistry, load_pack
-from steering.packs.sae import TopKSAE, reconstruction_metrics, train_topk_sae
+from steering.packs.sae_train import TopKSAE, reconstruction_metrics, train_topk_sae
 
 TINY = {
     "pack": {"name": "tiny-test", "version": "0.0.1"},
@@ -43,9 +43,9 @@ def test_contrastive_builder_separates_held_out_pairs(tmp_path, bundled_model):
     p = build_contrastive(TINY, out=tmp_path / "tiny", model_dir=bundled_model, progress=False)
     pack = load_pack(p)
     meta = pack.feature_meta("weather")
-    assert meta["layer"] == 10  # layer 6 fails the held-out pairs and meta["contrastive"]["heldout"]["paired_accuracy"] == 1.0
-    cal = meta["calibration"]
-    assert cal["scale"] == pytest.approx(0.25 * cal["resid_norm_p50"]) and cal["p99"] >= cal["p50"]
+    assert meta.layer == 10  # layer 6 fails the held-out pairs and meta.contrastive["heldout"]["paired_accuracy"] == 1.0
+    cal = meta.calibration
+    assert cal.scale == pytest.approx(0.25 * cal.resid_norm_p50) and cal.p99 >= cal.p50
     f = PackRegistry.from_paths([p], bundled_model).resolve("weather")
     model, tok = collect.load_model(bundled_model)
     enc = [_encode(tok, "assistant", "Talk.", t) for pair in HELD_OUT for t in pair]

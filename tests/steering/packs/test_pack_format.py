@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from steering.packs import (
     FEATURES_FILE, MANIFEST_FILE, PackError, PackWriter, load_pack, model_fingerprint, validate_pack,
 )
-from steering.packs.format import sha256_file
+from steering.packs.tensors import sha256_file
 
 from packtools import make_fake_model
 

@@ -23,13 +23,15 @@ from vllm import SamplingParams
 
 from server import generation as gen
 from server.errors import InvalidRequest, NotFound
+from server.http import json_body
 from server.protocol import ChatMessage, _Strict
 from steering.features import AmbiguousFeature, UnknownFeature
 from steering.program import SteeringProgram
-from steering.request import CompiledSteering, SteeringError
+from steering.request import CompiledSteering
+from steering.spec import SteeringSpec
 
 if TYPE_CHECKING:
-    from server.app import AppState
+    from server.state import AppState
 
 
 class InspectRequest(_Strict):
@@ -41,7 +43,7 @@ class InspectRequest(_Strict):
     features: list[str] = Field(default_factory=list, max_length=64)
     layers: list[int] | None = None  # SAE layers to read (default: every loaded SAE)
     top_k: int = Field(10, ge=0, le=100)
-    steering: dict[str, Any] | None = None
+    steering: SteeringSpec | None = None
 
 
 def _registry(state: AppState):
@@ -88,8 +90,7 @@ def catalog_router(state: AppState, dependencies: list) -> APIRouter:
 
     @r.post("/v1/features/inspect")
     async def inspect(request: Request) -> dict[str, Any]:
-        body = await request.json()
-        req = InspectRequest.model_validate(body)
+        req = InspectRequest.model_validate(await json_body(request))
         return await _inspect(state, req)
 
     return r

@@ -10,12 +10,10 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import psutil
 
-if TYPE_CHECKING:
-    from server.engine import ServeConfig
+from server.config import DEFAULTS, ServeConfig
 
 
 def _layers(value: str) -> list[int] | None:
@@ -40,7 +38,7 @@ def _layers(value: str) -> list[int] | None:
 
 def _store_url(value: str) -> str:
     """An ``--experiments-db`` URL this server can open."""
-    from server.experiments.store import check_url
+    from server.experiments.backend import check_url
 
     try:
         return check_url(value)
@@ -52,24 +50,25 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible server")
     p.add_argument("--model", default=None,
                    help="local Hugging Face model folder (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
+    p.add_argument("--host", default=DEFAULTS.host, help="listen address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=DEFAULTS.port, help="listen port (default: %(default)s)")
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients send in 'model' (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
+    p.add_argument("--dtype", default=DEFAULTS.dtype, choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
                    help="weights and activations dtype (default: auto, the model's)")
     p.add_argument("--enforce-eager", action="store_true", help="no torch.compile / graphs: faster start")
     p.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per engine step")
-    p.add_argument("--seed", type=int, default=0, help="engine seed (default: 0)")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="tensor-parallel ranks (default: 1); each rank steers its replicated stream")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="engine seed (default: %(default)s)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=DEFAULTS.tensor_parallel_size,
+                   help="tensor-parallel ranks (default: %(default)s); each rank steers its replicated stream")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=DEFAULTS.enable_prefix_caching,
                    help="reuse KV blocks across requests (default: on)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--log-level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=DEFAULTS.access_log,
                    help="log a line per HTTP request (default: on); under heavy load the line costs "
                         "the one event loop that also parses and compiles requests")
     p.add_argument("--startup-timeout", type=float, default=900.0, metavar="SECONDS",
@@ -79,14 +78,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     s = p.add_argument_group("steering")
     s.add_argument("--no-steering", dest="steering", action="store_false",
                    help="run without the steering plugin (the benchmarks' baseline)")
-    s.add_argument("--max-steering-slots", type=int, default=16,
-                   help="distinct steering configurations in flight at once (default: 16)")
-    s.add_argument("--max-steered-features", type=int, default=32,
-                   help="features one configuration may steer at one layer (default: 32)")
-    s.add_argument("--steer-layers", type=_layers, default=None,
+    s.add_argument("--max-steering-slots", type=int, default=DEFAULTS.max_steering_slots,
+                   help="distinct steering configurations in flight at once (default: %(default)s)")
+    s.add_argument("--max-steered-features", type=int, default=DEFAULTS.max_steered_features,
+                   help="features one configuration may steer at one layer (default: %(default)s)")
+    s.add_argument("--steer-layers", type=_layers, default=DEFAULTS.steer_layers,
                    help="steerable decoder layers: 'all' or a comma list such as '8,12,16-20' (default: all)")
-    s.add_argument("--max-steering-strength", type=float, default=32.0,
-                   help="largest accepted |strength| or |scale| (default: 32.0)")
+    s.add_argument("--max-steering-strength", type=float, default=DEFAULTS.max_steering_strength,
+                   help="largest accepted |strength| or |scale| (default: %(default)s)")
     s.add_argument("--feature-pack", action="append", default=[], metavar="PATH",
                    help="load a feature pack folder (or a folder of packs); repeatable")
     s.add_argument("--no-bundled-packs", dest="bundled_packs", action="store_false",
@@ -106,8 +105,6 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig that ``steer serve`` flags ask for."""
-    from server.engine import ServeConfig
-
     return ServeConfig(
         model=args.model, host=args.host, port=args.port,
         served_model_name=args.served_model_name, api_key=args.api_key or None,

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import vllm_env  # noqa: F401  (before vllm)
-from steering.request import SteeringError
+from steering.spec import SteeringError, steering_error
 from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -102,6 +102,8 @@ def kind_of(exc: BaseException) -> ErrorKind:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "None"}
+STEERING_FIELD = "steering"
+"""Request bodies' steering object: below it, param paths follow :func:`steering.spec.param_path`."""
 
 
 def loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -114,28 +116,37 @@ def loc_to_param(loc: tuple[Any, ...]) -> str | None:
     return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
 
 
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError | SteeringError:
+    """The first pydantic error as our own error naming the field; an error inside a
+    ``steering`` object is a SteeringError with the steering spec's param path."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = tuple(p for p in first.get("loc", ()) if p != "body")
+    if STEERING_FIELD in loc:
+        at = loc.index(STEERING_FIELD)
+        prefix = loc_to_param(loc[: at + 1]) or STEERING_FIELD
+        return steering_error({**first, "loc": loc[at + 1:]}, prefix)
+    param = loc_to_param(loc)
+    kind = first.get("type")
+    if kind == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
+                              "unsupported_parameter")
+    if kind == "json_invalid":
+        return InvalidRequest("We could not parse the JSON body of your request.")
+    msg = first.get("msg", "invalid request")
+    return InvalidRequest(f"{param}: {msg}" if param else str(msg), param)
+
+
 def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI error body for ``exc``."""
-    kind = kind_of(exc)
-    param: str | None = None
-    code = kind.code
     if isinstance(exc, (RequestValidationError, ValidationError)):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        param = loc_to_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"Unrecognized request argument supplied: {param}"
-            code = "unsupported_parameter"
-        elif first.get("type") == "json_invalid":
-            message = "We could not parse the JSON body of your request."
-            param = None
-        else:
-            message = f"{param}: {msg}" if param else str(msg)
-            code = None
-    elif isinstance(exc, (APIError, SteeringError)):
+        exc = validation_error(exc)
+    kind = kind_of(exc)
+    code = kind.code
+    param: str | None = None
+    if isinstance(exc, (APIError, SteeringError)):
         message, param = exc.message, exc.param
-        code = getattr(exc, "code", None) or code
+        code = exc.code or code
     elif isinstance(exc, VLLMValidationError):
         message, param = str(exc.args[0]) if exc.args else str(exc), exc.parameter
     elif kind.status >= 500:

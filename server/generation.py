@@ -24,7 +24,7 @@ from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 if TYPE_CHECKING:
-    from server.app import AppState
+    from server.state import AppState
     from steering.request import CompiledSteering
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import InvalidRequest, loc_to_param
+from server.errors import InvalidRequest, validation_error
+from steering.spec import SteeringSpec
 
 # OpenAI request fields we know but do not implement. A field may still be sent with a value
 # that asks for nothing (None, [], {}, False, "none", {"type": "text"}).
@@ -80,6 +81,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RequestSteering(SteeringSpec):
+    """A request's ``steering``: the steering spec, plus the experiment it enters (if any)."""
+
+    experiment: str | None = Field(None, strict=True)
+    """Enter this A/B experiment: the variant's steering is merged under the request's own."""
+
+
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
@@ -122,7 +130,7 @@ class _GenerationRequest(_Strict):
     min_tokens: int = Field(0, ge=0)
     return_token_ids: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
-    steering: dict[str, Any] | None = None
+    steering: RequestSteering | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -194,17 +202,6 @@ def _validate(model: type[_GenerationRequest], body: Any) -> Any:
     if req.stream_options is not None and not req.stream:
         raise InvalidRequest("stream_options is only allowed when stream is true", "stream_options")
     return req
-
-
-def validation_error(exc: ValidationError) -> InvalidRequest:
-    """The first pydantic error as an InvalidRequest naming the field."""
-    first = exc.errors()[0]
-    param = loc_to_param(tuple(first.get("loc", ())))
-    if first.get("type") == "extra_forbidden":
-        return InvalidRequest(f"Unrecognized request argument supplied: {param}", param,
-                              "unsupported_parameter")
-    msg = first.get("msg", "invalid value")
-    return InvalidRequest(f"{param}: {msg}" if param else msg, param)
 
 
 def _require_object(body: Any) -> dict[str, Any]:

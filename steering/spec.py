@@ -34,6 +34,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -114,6 +115,11 @@ class FeatureSetting(_Spec):
     def bare(self) -> bool:
         """Given as a bare number: errors about the strength name the feature itself."""
         return self._bare
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> Any:
+        """A bare number dumps as the number: a stored spec reads back as it was written."""
+        return self.strength if self._bare else handler(self)
 
 
 class VectorSpec(_Spec):
@@ -206,7 +212,7 @@ def steering_error(error: Any, prefix: str = "steering") -> SteeringError:
     if kind == "extra_forbidden":
         message = f"unknown field {str(loc[-1])!r}"
     elif kind == "missing":
-        message = f"{loc[-1]} is required"
+        message = f"{loc[-1]} is required" if loc else "steering is required"
     elif kind in ("model_type", "model_attributes_type", "dict_type") and not loc:
         message = "steering must be an object"
     else:

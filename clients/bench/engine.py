@@ -30,17 +30,7 @@ from typing import Any
 
 import numpy as np
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how rainbows form.",
-    "Describe your ideal weekend.",
-    "What makes a good cup of coffee?",
-    "Tell me about the history of bicycles.",
-    "Give advice to a new gardener.",
-    "Why do cats purr?",
-    "Describe a busy market in the morning.",
-]
-
+from clients.bench.prompts import prompts
 
 @dataclass
 class EngineBenchConfig:
@@ -84,10 +74,6 @@ def build_engine(c: EngineBenchConfig, steering_cfg=None):
                max_num_seqs=max(c.batch, s3_batch(c), 16),
                enable_prefix_caching=False, **kw)
 
-
-def prompts(n: int) -> list[str]:
-    """``n`` prompts, cycling through PROMPTS."""
-    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
 
 def timed_generate(llm, prompts: list[str], extra_args: list[dict | None], tokens: int,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clients.bench.engine import PROMPTS
+from clients.bench.prompts import prompts
 
 
 class HFSteered:
@@ -39,7 +39,7 @@ class HFSteered:
         v = np.random.default_rng(0).standard_normal(d)
         self.program = comp.compile({"vectors": [{"layer": L, "values": v.tolist(), "scale": 4.0 / n_layers}
                                                  for L in range(n_layers)]}).program
-        self.enc = tok([PROMPTS[i % len(PROMPTS)] for i in range(batch)], return_tensors="pt", padding=True)
+        self.enc = tok(prompts(batch), return_tensors="pt", padding=True)
 
     def tok_s(self, n: int) -> float:
         """Generated tokens per second of one batch run of exactly ``n`` new tokens per row."""

@@ -2,6 +2,7 @@
 
     GET    /v1/presets                           presets (file and API), with their model names
     POST   /v1/presets                           {"name", "steering", "description"?}
+    GET    /v1/presets/{name}
     DELETE /v1/presets/{name}                    presets created through the API
     GET    /v1/experiments                       experiments
     POST   /v1/experiments                       {"name", "unit"?, "variants": [...], "status"?}
@@ -10,26 +11,49 @@
     DELETE /v1/experiments/{name}                the experiment and its recorded data
     POST   /v1/experiments/{name}/feedback       {"response_id", "score"? , "label"?: good|bad}
     GET    /v1/experiments/{name}/results
+
+Bodies are read with :func:`server.http.json_body` and validated by the models of
+:mod:`.models` (their JSON schema documents each body in the OpenAPI spec); a ValidationError
+becomes a 400 naming the field. A route that names an experiment answers 404 for an unknown one
+before it looks at the body.
 """
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 
-from server.errors import InvalidRequest, NotFound
+from server.experiments.models import (
+    Experiment,
+    ExperimentPatch,
+    Feedback,
+    NewExperiment,
+    NewPreset,
+    Preset,
+)
+from server.http import json_body
 
 if TYPE_CHECKING:
-    from server.app import AppState
+    from server.state import AppState
 
 
-async def _body(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except ValueError:
-        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(x, defs) for x in node]
+    return node
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a route that reads ``model`` with :func:`json_body`."""
+    schema = model.model_json_schema()
+    schema = _inline_refs(schema, schema.pop("$defs", {}))
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def experiments_router(state: AppState, dependencies: list) -> APIRouter:
@@ -38,21 +62,26 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
     def mgr():
         return state.experiments
 
+    def preset_view(p: Preset) -> dict[str, Any]:
+        return {"object": "preset", **p.model_dump(mode="json"),
+                "models": [f"{base}:{p.name}" for base in state.served_names]}
+
+    def experiment_view(e: Experiment) -> dict[str, Any]:
+        return {"object": "experiment", **e.model_dump(mode="json"),
+                "models": [f"{base}:exp/{e.name}" for base in state.served_names]}
+
     @r.get("/v1/presets")
     async def list_presets() -> dict[str, Any]:
-        m = mgr()
-        return {"object": "list", "data": [m.preset_view(p) for _, p in sorted(m.presets.items())]}
+        return {"object": "list", "data": [preset_view(p) for _, p in sorted(mgr().presets.items())]}
 
-    @r.post("/v1/presets")
+    @r.post("/v1/presets", openapi_extra=_body(NewPreset))
     async def create_preset(request: Request) -> dict[str, Any]:
-        return await mgr().create_preset(await _body(request))
+        new = NewPreset.model_validate(await json_body(request))
+        return preset_view(await mgr().create_preset(new))
 
     @r.get("/v1/presets/{name}")
     async def get_preset(name: str) -> dict[str, Any]:
-        p = mgr().presets.get(name)
-        if p is None:
-            raise NotFound(f"no preset named {name!r}", "name")
-        return mgr().preset_view(p)
+        return preset_view(mgr().get_preset(name))
 
     @r.delete("/v1/presets/{name}")
     async def delete_preset(name: str) -> dict[str, Any]:
@@ -61,29 +90,33 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
 
     @r.get("/v1/experiments")
     async def list_experiments() -> dict[str, Any]:
-        m = mgr()
-        return {"object": "list", "data": [m.experiment_view(e) for e in m.experiments.values()]}
+        return {"object": "list", "data": [experiment_view(e) for e in mgr().experiments.values()]}
 
-    @r.post("/v1/experiments")
+    @r.post("/v1/experiments", openapi_extra=_body(NewExperiment))
     async def create_experiment(request: Request) -> dict[str, Any]:
-        return await mgr().create_experiment(await _body(request))
+        new = NewExperiment.model_validate(await json_body(request))
+        return experiment_view(await mgr().create_experiment(new))
 
     @r.get("/v1/experiments/{name}")
     async def get_experiment(name: str) -> dict[str, Any]:
-        return mgr().experiment_view(mgr().get_experiment(name))
+        return experiment_view(mgr().get_experiment(name))
 
-    @r.patch("/v1/experiments/{name}")
+    @r.patch("/v1/experiments/{name}", openapi_extra=_body(ExperimentPatch))
     async def patch_experiment(name: str, request: Request) -> dict[str, Any]:
-        return await mgr().patch_experiment(name, await _body(request))
+        body = await json_body(request)
+        mgr().get_experiment(name)
+        return experiment_view(await mgr().patch_experiment(name, ExperimentPatch.model_validate(body)))
 
     @r.delete("/v1/experiments/{name}")
     async def delete_experiment(name: str) -> dict[str, Any]:
         await mgr().delete_experiment(name)
         return {"id": name, "object": "experiment", "deleted": True}
 
-    @r.post("/v1/experiments/{name}/feedback")
+    @r.post("/v1/experiments/{name}/feedback", openapi_extra=_body(Feedback))
     async def feedback(name: str, request: Request) -> dict[str, Any]:
-        return await mgr().feedback(name, await _body(request))
+        body = await json_body(request)
+        mgr().get_experiment(name)
+        return await mgr().feedback(name, Feedback.model_validate(body))
 
     @r.get("/v1/experiments/{name}/results")
     async def results(name: str) -> dict[str, Any]:

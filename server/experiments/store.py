@@ -7,7 +7,9 @@ Two backends run the same queries and the same versioned migrations:
 * PostgreSQL: ``--experiments-db postgresql://user:pw@host:port/db`` (env ``STEER_EXPERIMENTS_DB``),
   through psycopg 3 (``pip install 'steer-server[postgres]'``); see :mod:`.postgres`.
 
-:func:`open_store` picks the backend from the URL. The schema is versioned: ``schema_version``
+:func:`server.experiments.backend.open_store` picks the backend from the URL.
+
+The schema is versioned: ``schema_version``
 holds the applied versions, :data:`MIGRATIONS` is the ordered list of SQL scripts (written in the
 SQL both databases speak); opening a database applies the scripts it lacks, each in one
 transaction under an exclusive lock, so two servers starting at once apply each script once.
@@ -324,28 +326,6 @@ class UnavailableStore(ExperimentStore):
         return fail
 
 
-POSTGRES_SCHEMES = ("postgresql", "postgres")
-
-
-def check_url(url: str) -> str:
-    """``url`` if it names a backend this server can open (ValueError with the reason if not)."""
-    scheme = urlsplit(url).scheme.split("+")[0]
-    if scheme in POSTGRES_SCHEMES:
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise ValueError("PostgreSQL needs the psycopg driver: "
-                             "pip install 'steer-server[postgres]'") from None
-        return url
-    if scheme == "sqlite":
-        if not url.startswith("sqlite:///") or url == "sqlite:///":
-            raise ValueError("a SQLite URL names a file: sqlite:///relative/path.db or "
-                             "sqlite:////abs/path.db")
-        return url
-    raise ValueError(f"unsupported experiments database {redact(url)!r}: use postgresql://USER:PASSWORD@HOST"
-                     "[:PORT]/DB or sqlite:///PATH")
-
-
 def redact(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for logs and errors)."""
     parts = urlsplit(url)
@@ -353,16 +333,3 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
-
-
-def open_store(url: str | None, data_dir: str | Path | None = None) -> ExperimentStore:
-    """The store that ``url`` names (``postgresql://…`` or ``sqlite:///PATH``); without one,
-    ``steer.db`` in ``data_dir`` (default :func:`default_data_dir`). Raises if it cannot be opened."""
-    if not url:
-        return SQLiteStore.in_dir(data_dir or default_data_dir())
-    check_url(url)
-    if url.startswith("sqlite:///"):
-        return SQLiteStore(Path(url[len("sqlite:///"):]).expanduser())
-    from server.experiments.postgres import PostgresStore
-
-    return PostgresStore(url)

@@ -171,7 +171,8 @@ def test_parse_chat_accepts_openai_shapes() -> None:
     assert req.chat_messages() == [{"role": "system", "content": "be brief"},
                                    {"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"}]
     assert req.max_output() == (5, "max_completion_tokens")
-    assert req.stop_list() == ["x"] and req.include_usage() and req.steering == {"vectors": []}
+    assert req.stop_list() == ["x"] and req.include_usage()
+    assert req.steering.model_dump(exclude_unset=True) == {"vectors": []} and req.steering.empty
 
 
 @pytest.mark.parametrize("body, param", [

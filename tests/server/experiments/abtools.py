@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from server.experiments.store import ExperimentStore, open_store
+from server.experiments.backend import open_store
+from server.experiments.store import ExperimentStore
 from clients.launch import free_port
 
 PG_TOOLS = ("initdb", "pg_ctl", "postgres")

@@ -13,10 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import AppState, create_app
-from server.engine import ServeConfig
+from server.config import ServeConfig
 from server.experiments import assign
 from server.experiments.manager import ExperimentManager
-from server.experiments.store import SQLiteStore, open_store
+from server.experiments.backend import open_store
+from server.experiments.store import SQLiteStore
 from steering.model_store import resolve_model
 from steering.config import SteeringConfig
 from steering.request import SteeringCompiler
@@ -518,7 +519,7 @@ def test_presets_file_flag(parts, tmp_path):
     state.config.presets = str(good)
     mgr = ExperimentManager(state)
     mgr.ready()
-    assert set(mgr.presets) == {"shouty"} and mgr.presets["shouty"]["description"] == "loud"
+    assert set(mgr.presets) == {"shouty"} and mgr.presets["shouty"].description == "loud"
     mgr.close()
 
     bad = tmp_path / "bad.yaml"

@@ -1,0 +1,126 @@
+"""HTTP plumbing shared by every route: request ids and counts, API-key auth, JSON bodies, and
+server-sent-event streams that stop (and abort their engine request) when the client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import AuthError, InvalidRequest
+from server.metrics import Metrics
+
+KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/steering", "/health",
+                "/metrics", "/version", "/v1/packs", "/v1/features", "/v1/features/search",
+                "/v1/features/inspect", "/v1/presets", "/v1/experiments"}
+"""Routes counted under their own label in ``steer_http_requests``; the rest count as "other"."""
+
+
+class RequestIdAndMetrics:
+    """Pure ASGI middleware: echo or create ``x-request-id``; count requests by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+
+
+def api_key_dependency(key: str | None) -> Callable[[Request], None]:
+    """A FastAPI dependency: 401 unless the request carries ``Authorization: Bearer <key>``."""
+
+    def require_key(request: Request) -> None:
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("Missing API key: send it as 'Authorization: Bearer <key>'", None,
+                            "missing_api_key")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise AuthError("Incorrect API key provided", None, "invalid_api_key")
+    return require_key
+
+
+async def json_body(request: Request) -> Any:
+    """The request body parsed as JSON; 400 (never a dropped connection) when it is not."""
+    try:
+        return json.loads(await request.body())
+    except ValueError:
+        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+
+
+class DisconnectAwareStream(StreamingResponse):
+    """SSE response that stops its body generator as soon as the client disconnects.
+
+    Stopping the generator runs :func:`server.generation.run`'s ``finally``, which aborts the
+    engine request: no orphan generation, even while the request waits for a steering slot.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def until_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        body = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(until_disconnect())
+        try:
+            await asyncio.wait({body, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (body, watch):
+                task.cancel()
+            results = await asyncio.gather(body, watch, return_exceptions=True)
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        error = results[0]
+        if isinstance(error, Exception) and not isinstance(error, OSError):
+            raise error
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def until_client_gone(request: Request, work: asyncio.Future[Any]) -> Any:
+    """Await ``work``; cancel it (aborting the engine request) if the client disconnects."""
+    try:
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.5)
+            if done:
+                return work.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)

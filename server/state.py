@@ -1,0 +1,95 @@
+"""One server's state: its configuration and everything created when the engine starts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from server.config import ServeConfig
+from server.engine import build_engine_args, create_engine, load_packs
+from server.errors import EngineUnavailable
+from server.metrics import Metrics
+from steering.request import SteeringCompiler
+from steering.slots import SlotGate
+from vllm.v1.engine.async_llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AppState:
+    """Configuration plus everything created when the engine starts."""
+
+    config: ServeConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: AsyncLLM | None = None
+    tokenizer: Any = None
+    model_path: Path | None = None
+    max_model_len: int | None = None
+    compiler: SteeringCompiler | None = None
+    packs: Any = None  # steering.packs.registry.PackRegistry when steering is on
+    experiments: Any = None  # server.experiments.manager.ExperimentManager (presets, A/B tests)
+    gate: SlotGate | None = None
+    startup_error: BaseException | None = None
+    on_fatal: Callable[[BaseException], None] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def served_names(self) -> list[str]:
+        return self.config.served_names()
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.engine.errored
+
+    def require_engine(self) -> AsyncLLM:
+        if self.engine is None:
+            raise EngineUnavailable("the engine is still starting; retry shortly")
+        if self.engine.errored:
+            raise EngineUnavailable("the engine has stopped; the server must be restarted")
+        return self.engine
+
+    async def start(self) -> None:
+        """Materialize the model, start the engine, then build tokenizer and steering tables."""
+        from transformers import AutoTokenizer
+
+        from steering.model_store import resolve_model
+
+        cfg = self.config
+        path = await asyncio.to_thread(resolve_model, cfg.model)
+        steering_cfg = cfg.steering_config()
+        if steering_cfg is not None:  # before the engine: a bad pack fails in seconds
+            self.packs = await asyncio.to_thread(load_packs, cfg, path)
+            logger.info("feature packs: %s", [p["name"] for p in self.packs.packs()])
+        args = build_engine_args(cfg, path, self.served_names)
+        engine = await asyncio.to_thread(create_engine, args)
+        try:
+            self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
+            self.model_path = path
+            self.max_model_len = engine.model_config.max_model_len
+            if steering_cfg is not None:
+                hf = engine.model_config.hf_text_config
+                self.compiler = SteeringCompiler(
+                    steering_cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
+                    feature_source=self.packs)
+                self.gate = SlotGate(capacity=steering_cfg.max_slots)
+            gate = self.gate
+            self.metrics.bind(
+                waiting=lambda: gate.waiting if gate is not None else 0,
+                engine_unfinished=engine.get_num_unfinished_requests)
+        except BaseException:
+            engine.shutdown()
+            raise
+        self.engine = engine
+        logger.info("engine ready: serving %s from %s (max_model_len=%d)",
+                    self.served_names, path, self.max_model_len)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None

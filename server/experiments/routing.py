@@ -1,0 +1,147 @@
+"""Routing one generation request through presets and experiments.
+
+Layering of a request's steering, later layers overriding earlier ones
+(:func:`steering.spec.merge`):
+    preset (from ``model: "<base>:<preset>"``) → experiment variant → the request's own ``steering``.
+Per layer: ``features`` are merged per feature name (the later value wins), ``vectors`` are
+concatenated (earlier first), ``apply_to`` and ``return_activations`` are replaced.
+
+An experiment is entered with ``"steering": {"experiment": NAME}`` or ``model: "<base>:exp/NAME"``.
+A running experiment assigns the unit (the OpenAI ``user`` field, else the ``x-steer-user`` header,
+else a random id per request) to a variant by :func:`server.experiments.assign.assign`; its
+exposure is recorded when the response completes. A paused or stopped experiment serves its
+control variant and records nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import InvalidRequest, ModelNotFound, NotFound
+from server.experiments import assign
+from server.experiments.models import Experiment, Preset, Variant
+from steering.spec import SteeringSpec, merge
+
+USER_HEADER = "x-steer-user"
+EXPERIMENT_MODEL = "exp/"
+"""``<base>:exp/NAME`` names an experiment; ``<base>:NAME`` a preset."""
+
+
+@dataclass
+class Routing:
+    """How one request was routed: the model name to echo and its experiment assignment."""
+
+    model: str | None = None
+    """The model name as the request gave it (``<base>:<preset>``), echoed in the response."""
+    experiment: str | None = None
+    variant: str | None = None
+    unit_hash: str | None = None
+    """sha256 of the assigned unit (never the raw id)."""
+    unit_kind: str | None = None
+    """user, header or random: where the unit came from."""
+    record: bool = False
+    """Record an exposure when the response completes (the experiment is running)."""
+
+    def headers(self) -> dict[str, str]:
+        if self.experiment is None:
+            return {}
+        return {"x-steer-experiment": self.experiment, "x-steer-variant": self.variant or ""}
+
+    def body_field(self) -> dict[str, str] | None:
+        if self.experiment is None:
+            return None
+        return {"name": self.experiment, "variant": self.variant or ""}
+
+
+def route(req: Any, headers: Mapping[str, str] | None, *, served_names: Sequence[str],
+          presets: Mapping[str, Preset], experiments: Mapping[str, Experiment],
+          packs: Any = None) -> Routing:
+    """Resolve presets / experiments of ``req`` in place: ``req.model`` becomes the base model
+    and ``req.steering`` the merged steering (without its ``experiment``)."""
+    routing = Routing()
+    preset, exp_name = _model_suffix(req, routing, served_names, presets, experiments)
+    steering = req.steering
+    named = steering.experiment if steering is not None else None
+    if named is not None:
+        rest = steering.model_fields_set - {"experiment"}
+        steering = steering.model_copy(update={"experiment": None}) if rest else None
+        if exp_name is not None and named != exp_name:
+            raise InvalidRequest(f"the model names experiment {exp_name!r} but steering names "
+                                 f"{named!r}", "steering.experiment")
+        if named not in experiments:
+            raise NotFound(f"no experiment named {named!r}", "steering.experiment")
+        exp_name = named
+    variant_layer = None
+    if exp_name is not None:
+        variant = _assign(experiments[exp_name], req, headers, routing)
+        routing.experiment, routing.variant = exp_name, variant.name
+        variant_layer = variant.steering
+    preset_layer = preset.steering if preset is not None else None
+    if preset_layer is not None or variant_layer is not None:
+        req.steering = merge(*(canonical(x, packs) for x in (preset_layer, variant_layer, steering)))
+    elif steering is not req.steering:
+        req.steering = steering
+    return routing
+
+
+def _model_suffix(req: Any, routing: Routing, served_names: Sequence[str],
+                  presets: Mapping[str, Preset], experiments: Mapping[str, Experiment],
+                  ) -> tuple[Preset | None, str | None]:
+    """The preset or experiment that ``<base>:<suffix>`` names (``req.model`` becomes ``base``)."""
+    model = req.model
+    if not isinstance(model, str) or ":" not in model:
+        return None, None
+    for base in served_names:
+        if not model.startswith(base + ":"):
+            continue
+        suffix = model[len(base) + 1:]
+        preset, exp_name = None, None
+        if suffix.startswith(EXPERIMENT_MODEL):
+            exp_name = suffix[len(EXPERIMENT_MODEL):]
+            if exp_name not in experiments:
+                raise ModelNotFound(f"The model '{model}' does not exist: no experiment "
+                                    f"named {exp_name!r}", "model")
+        else:
+            preset = presets.get(suffix)
+            if preset is None:
+                raise ModelNotFound(f"The model '{model}' does not exist: no preset "
+                                    f"named {suffix!r}", "model")
+        routing.model = model
+        req.model = base
+        return preset, exp_name
+    return None, None
+
+
+def _assign(exp: Experiment, req: Any, headers: Mapping[str, str] | None, routing: Routing) -> Variant:
+    """The variant of ``exp`` that serves ``req`` (the control unless it is running)."""
+    if exp.status != "running":
+        return exp.control
+    user = getattr(req, "user", None)
+    header = headers.get(USER_HEADER) if headers is not None else None
+    if exp.unit == "user" and user:
+        unit, kind = f"user:{user}", "user"
+    elif exp.unit == "user" and header:
+        unit, kind = f"user:{header}", "header"
+    else:
+        unit, kind = f"random:{uuid.uuid4().hex}", "random"
+    idx = assign.assign(exp.name, unit, [v.weight for v in exp.variants])
+    routing.unit_hash, routing.unit_kind, routing.record = assign.unit_hash(unit), kind, True
+    return exp.variants[idx]
+
+
+def canonical(layer: SteeringSpec | None, packs: Any) -> SteeringSpec | None:
+    """``layer`` with feature names resolved to ``pack/feature`` where they resolve, so that
+    ``pirate`` in a request overrides ``smollm2-tone/pirate`` in a preset."""
+    if layer is None or packs is None or not layer.features:
+        return layer
+    feats = {}
+    for name, setting in layer.features.items():
+        try:
+            name = packs.resolve(name).name
+        except Exception:  # noqa: BLE001  (unknown/ambiguous: the compiler reports it)
+            pass
+        feats[name] = setting
+    return layer.model_copy(update={"features": feats})

@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clients.eval.cli import add_eval_parser
 
     add_eval_parser(sub)
-    from clients.eval.demo import add_demo_parser
+    from clients.eval.demo_cli import add_demo_parser
 
     add_demo_parser(sub)
     from clients.bench.run import add_parser as add_bench_parser

@@ -8,8 +8,13 @@ import os
 import sys
 from typing import Any
 
+from clients.report import num  # None → "–", floats to 3 significant figures
+
 
 def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
+    from clients.ab.offline import RunConfig
+
+    d = RunConfig(experiment="", prompts=[])  # the run's defaults, defined once there
     p = subparsers.add_parser("ab", help="A/B experiments: a server's results, offline runs")
     sub = p.add_subparsers(dest="ab_command", required=True, metavar="COMMAND")
     r = sub.add_parser("results", help="print an experiment's results")
@@ -32,13 +37,13 @@ def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--scorers", default=None, metavar="A,B",
                    help="text scorers to apply (default: all of clients.eval.scorers)")
     o.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    o.add_argument("--samples", type=int, default=1, help="outputs per prompt and variant (default: 1)")
-    o.add_argument("--max-tokens", type=int, default=64, help="(default: 64)")
-    o.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
-    o.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
-    o.add_argument("--seed", type=int, default=0,
-                   help="base seed; prompt i uses seed*100003+i in every variant (default: 0)")
-    o.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    o.add_argument("--samples", type=int, default=d.samples, help=f"outputs per prompt and variant (default: {d.samples})")
+    o.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"(default: {d.max_tokens})")
+    o.add_argument("--temperature", type=float, default=d.temperature, help=f"(default: {d.temperature})")
+    o.add_argument("--top-p", type=float, default=d.top_p, help=f"(default: {d.top_p})")
+    o.add_argument("--seed", type=int, default=d.seed,
+                   help=f"base seed; prompt i uses seed*100003+i in every variant (default: {d.seed})")
+    o.add_argument("--concurrency", type=int, default=d.concurrency, help=f"requests in flight (default: {d.concurrency})")
     o.add_argument("--url", default=os.environ.get("STEER_URL", "http://127.0.0.1:8000"),
                    help="the server (default: $STEER_URL or http://127.0.0.1:8000)")
     o.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"), help="(env STEER_API_KEY)")
@@ -49,26 +54,18 @@ def add_ab_parser(subparsers: argparse._SubParsersAction) -> None:
     o.set_defaults(func=run_cmd)
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
 def table_rows(res: dict[str, Any]) -> list[list[str]]:
     rows = []
     for v in res["variants"]:
         s, lab, vs = v["score"], v["labels"], v.get("vs_control") or {}
         lo, hi = s["ci95"]
         rows.append([
-            v["name"] + (" (control)" if v["control"] else ""), _fmt(v["weight"]), str(v["n"]),
-            _fmt(s["mean"]), f"[{_fmt(lo)}, {_fmt(hi)}]" if lo is not None else "–",
-            _fmt(lab["good_rate"]), _fmt(v["generated_tokens"]["p50"]), _fmt(v["generated_tokens"]["p95"]),
-            _fmt(v["latency_s"]["p50"]), _fmt(v["latency_s"]["p95"]),
-            _fmt(vs.get("score_diff")), _fmt(vs.get("score_p_value")),
-            _fmt(vs.get("good_rate_diff")), _fmt(vs.get("good_rate_p_value")),
+            v["name"] + (" (control)" if v["control"] else ""), num(v["weight"]), str(v["n"]),
+            num(s["mean"]), f"[{num(lo)}, {num(hi)}]" if lo is not None else "–",
+            num(lab["good_rate"]), num(v["generated_tokens"]["p50"]), num(v["generated_tokens"]["p95"]),
+            num(v["latency_s"]["p50"]), num(v["latency_s"]["p95"]),
+            num(vs.get("score_diff")), num(vs.get("score_p_value")),
+            num(vs.get("good_rate_diff")), num(vs.get("good_rate_p_value")),
         ])
     return rows
 
@@ -85,7 +82,7 @@ def render(res: dict[str, Any]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     srm = res["sample_ratio"]
-    lines.append(f"sample ratio check: p = {_fmt(srm['p_value'])}")
+    lines.append(f"sample ratio check: p = {num(srm['p_value'])}")
     lines.extend(f"WARNING: {w}" for w in res.get("warnings", []))
     return "\n".join(lines)
 
@@ -135,7 +132,7 @@ def results_cmd(args: argparse.Namespace) -> int:
         t.add_row(*row)
     console = Console()
     console.print(t, width=max(console.width, 150))
-    console.print(f"sample ratio check: p = {_fmt(res['sample_ratio']['p_value'])}")
+    console.print(f"sample ratio check: p = {num(res['sample_ratio']['p_value'])}")
     for w in res.get("warnings", []):
         console.print(f"[bold red]WARNING[/]: {w}")
     return 0
@@ -201,7 +198,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     (out / "report.html").write_text(render_html(report), encoding="utf-8")
     head = ["scorer", *(v["name"] + (" (control)" if v["control"] and v["name"] != "control" else "")
                         for v in report["variants"])]
-    rows = [head] + [[s, *(_fmt(v["scores"][s]["mean"]) for v in report["variants"])] for s in scorers]
+    rows = [head] + [[s, *(num(v["scores"][s]["mean"]) for v in report["variants"])] for s in scorers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -7,24 +7,21 @@ stores it) is sent as the request's own ``steering``: an offline run is not rout
 experiment, so it assigns no units and records no exposures. Each output is scored by the text
 scorers of :mod:`clients.eval.scorers` (all, or a chosen subset); per variant and scorer the run
 reports the mean with a t-based 95% CI and, against the control, the mean paired difference
-with a paired t-test over prompts. :mod:`.offline_report` renders the side-by-side HTML.
+with a paired t-test over prompts (:mod:`server.stats`). :mod:`clients.ab.report` renders the
+side-by-side HTML.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from scipy import stats as sps
-
 from clients.eval.harness import Client, EvalError, Prompt
 from clients.eval.scorers import SCORERS, Scorer
-from server.experiments.stats import mean_ci
+from server.stats import mean_ci, paired_t
 
 
 @dataclass
@@ -94,24 +91,7 @@ async def _generate(client: Client, cfg: RunConfig, model: str, variant: dict[st
     return outs
 
 
-def _paired(variant: dict[str, list[float]], control: dict[str, list[float]]) -> dict[str, Any]:
-    """Mean paired difference (variant − control) over prompts and the paired t-test p."""
-    keys = sorted(set(variant) & set(control))
-    diffs = [sum(variant[k]) / len(variant[k]) - sum(control[k]) / len(control[k]) for k in keys]
-    if not diffs:
-        return {"diff": None, "p_value": None}
-    p = None
-    if len(diffs) >= 2:
-        a = [sum(variant[k]) / len(variant[k]) for k in keys]
-        b = [sum(control[k]) / len(control[k]) for k in keys]
-        with warnings.catch_warnings():  # all-equal differences: scipy warns, p is nan or 0
-            warnings.simplefilter("ignore")
-            p = float(sps.ttest_rel(a, b).pvalue)
-        p = p if math.isfinite(p) else None
-    return {"diff": sum(diffs) / len(diffs), "p_value": p}
-
-
-def summarise(variants: Sequence[dict[str, Any]], outputs: Sequence[Output],
+def summarize_offline(variants: Sequence[dict[str, Any]], outputs: Sequence[Output],
               scorers: Sequence[str]) -> list[dict[str, Any]]:
     """Per variant: n, mean tokens and latency, and per scorer mean, 95% CI and vs control."""
     control = next(v["name"] for v in variants if v.get("control"))
@@ -128,10 +108,12 @@ def summarise(variants: Sequence[dict[str, Any]], outputs: Sequence[Output],
         mine = [o for o in outputs if o.variant == v["name"]]
         scores = {}
         for s in scorers:
+            # Scores as given, as before the merge into server.stats: unlike steer eval (which drops
+            # non-finite scores first), a NaN score here makes the mean NaN.
             mean, lo, hi = mean_ci([o.scores[s] for o in mine])
             item: dict[str, Any] = {"mean": mean, "ci95": [lo, hi]}
             if v["name"] != control:
-                item["vs_control"] = _paired(per_prompt(v["name"], s), per_prompt(control, s))
+                item["vs_control"] = paired_t(per_prompt(v["name"], s), per_prompt(control, s))
             scores[s] = item
         rows.append({
             "name": v["name"], "control": bool(v.get("control")), "steering": v.get("steering"),
@@ -174,9 +156,9 @@ async def run(client: Client, cfg: RunConfig, progress: Any = None) -> dict[str,
                    "seeds": [cfg.seed_for(i) for i in range(len(cfg.prompts))]},
         "scorers": [{"name": n, "description": s.description, "unit": s.unit} for n, s in scorers.items()],
         "prompts": [asdict(p) for p in cfg.prompts],
-        "variants": summarise(variants, outputs, cfg.scorers),
+        "variants": summarize_offline(variants, outputs, cfg.scorers),
         "outputs": [asdict(o) for o in outputs],
     }
 
 
-__all__ = ["RunConfig", "Output", "EvalError", "pick_scorers", "run", "summarise"]
+__all__ = ["RunConfig", "Output", "EvalError", "pick_scorers", "run", "summarize_offline"]

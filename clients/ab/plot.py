@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from server.experiments.stats import wilson_ci
+from server.stats import wilson_ci
 
 CONTROL_COLOR, VARIANT_COLOR = "#8c8c8c", "#1f77b4"
 

@@ -23,18 +23,19 @@ from typing import Any
 import httpx
 
 from clients.eval import report
-from clients.eval.harness import DEFAULT_PROMPTS, Client, EvalConfig, EvalError, load_prompts, run_samples
+from clients.eval.harness import (DEFAULT_PROMPTS, DEFAULT_SERVE_ARGS, Client, EvalConfig, EvalError, load_prompts,
+                                  run_samples)
 from clients.eval.scorers import SCORERS, scorer_for
-from clients.eval.summary import summarize
+from clients.eval.summary import summarize_features
 
 DEFAULT_STRENGTHS = "-1,-0.5,0,0.5,1,2"
 DEFAULT_PACK = "smollm2-tone"
-#: The engine ``steer eval`` starts when no --url is given: float32, so batched outputs equal
-#: solo runs on CPU and a rerun reproduces every token.
-DEFAULT_SERVE_ARGS = "--dtype float32 --max-model-len 2048"
+#: The sampling defaults are EvalConfig's: the parser reads them instead of repeating them.
+DEFAULTS = EvalConfig(features={}, strengths=[], prompts=[])
 
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    d = DEFAULTS
     p = subparsers.add_parser("eval", help="dose-response evaluation of steering features",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", default=None,
@@ -45,17 +46,20 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                    help="JSONL of {id, prompt} or a text file (default: the shipped neutral set, 32 prompts)")
     p.add_argument("--limit-prompts", type=int, default=None, help="use only the first N prompts")
-    p.add_argument("--samples", type=int, default=1, help="samples per prompt and strength (default: 1)")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens per output (default: 64)")
-    p.add_argument("--long-max-tokens", type=int, default=320,
-                   help="tokens per output for length scorers (verbosity), so answers can end (default: 320)")
-    p.add_argument("--temperature", type=float, default=0.7, help="(default: 0.7)")
-    p.add_argument("--top-p", type=float, default=1.0, help="(default: 1.0)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="(default: 1.1)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses the same seed at every strength")
-    p.add_argument("--mode", default=None, choices=["add", "clamp", "scale"],
+    p.add_argument("--samples", type=int, default=d.samples,
+                   help=f"samples per prompt and strength (default: {d.samples})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per output (default: {d.max_tokens})")
+    p.add_argument("--long-max-tokens", type=int, default=d.long_max_tokens,
+                   help="tokens per output for length scorers (verbosity), so answers can end "
+                        f"(default: {d.long_max_tokens})")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"(default: {d.temperature})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"(default: {d.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"(default: {d.repetition_penalty})")
+    p.add_argument("--seed", type=int, default=d.seed, help="base seed; prompt i uses the same seed at every strength")
+    p.add_argument("--mode", default=d.mode, choices=["add", "clamp", "scale"],
                    help="steering mode for every feature (default: each feature's own)")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
+    p.add_argument("--concurrency", type=int, default=d.concurrency, help=f"requests in flight (default: {d.concurrency})")
     p.add_argument("--no-perplexity", dest="perplexity", action="store_false",
                    help="skip scoring perplexity under the unsteered model")
     p.add_argument("--url", default=os.environ.get("STEER_URL"),
@@ -137,7 +141,7 @@ async def evaluate(url: str, api_key: str | None, requested: dict[str, str | Non
                     "cpus": os.cpu_count(), "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
-        "features": summarize(cfg, samples, info),
+        "features": summarize_features(cfg, samples, info),
     }
     return result, samples
 

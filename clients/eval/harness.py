@@ -26,6 +26,9 @@ from clients.eval.scorers import SCORERS
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 DEFAULT_PROMPTS = PROMPTS_DIR / "neutral.jsonl"
+#: The engine ``steer eval`` and ``steer demo ablation`` start when no --url is given: float32, so
+#: batched outputs equal solo runs on CPU and a rerun reproduces every token.
+DEFAULT_SERVE_ARGS = "--dtype float32 --max-model-len 2048"
 
 
 class EvalError(RuntimeError):

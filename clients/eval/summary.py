@@ -1,39 +1,29 @@
-"""From scored samples to per-feature results: per-strength means, paired tests, ρ, perplexity, the bar."""
+"""From scored samples to per-feature results: per-strength means, paired tests, ρ, perplexity, the bar.
+
+Samples of one prompt are averaged first, so every test is paired by prompt (the unit that is the
+same at every strength). The statistics are :mod:`server.stats`; the bar is :mod:`clients.eval.bar`.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from clients.eval import stats
+from clients.eval.bar import PPL_RATIO_MAX, dose_response, passes_bar
 from clients.eval.harness import EvalConfig, Sample
 from clients.eval.scorers import SCORERS
+from server.stats import finite_values, mean_ci, paired_wilcoxon, per_prompt_means, percentile
+
+# Perplexities and scores may be None or NaN (a failed perplexity request, an empty output). The
+# eval drops them before a mean, CI or percentile, as its former private twins (_fin, _mean_ci, _q)
+# did inside; server.stats.mean_ci / percentile take values as given, which is what the
+# experiment results and ``steer ab run`` relied on.
 
 
-def _fin(xs) -> list[float]:
-    return [float(x) for x in xs if x is not None and math.isfinite(x)]
-
-
-def _mean_ci(vals: Sequence[float]) -> tuple[float | None, float | None, float | None]:
-    """Mean with a t-based 95% CI over per-prompt values."""
-    from scipy import stats as sps
-
-    v = np.asarray(_fin(vals), dtype=float)
-    if len(v) == 0:
-        return None, None, None
-    m = float(v.mean())
-    if len(v) < 2:
-        return m, None, None
-    half = float(sps.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return m, m - half, m + half
-
-
-def _q(vals: Sequence[float], q: float) -> float | None:
-    v = _fin(vals)
-    return float(np.percentile(v, q)) if v else None
+def _q(vals: list[float | None], q: float) -> float | None:
+    """The ``q``-th percentile of the finite values (None when there is none)."""
+    return percentile(finite_values(vals), q)
 
 
 def strength_key(s: float) -> str:
@@ -64,12 +54,12 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
         capped.setdefault(s.strength, []).append(1.0 if s.finish_reason == "length" else 0.0)
         if s.prompt_id == first_prompt and s.index == 0:
             examples[strength_key(s.strength)] = s.text
-    base = stats.per_prompt_means(by_s.get(0.0, {}))
+    base = per_prompt_means(by_s.get(0.0, {}))
     base_ppl = _q(ppl.get(0.0, []), 50)
     per_strength: dict[str, Any] = {}
     for st in sorted(by_s):
-        pm = stats.per_prompt_means(by_s[st])
-        mean, lo, hi = _mean_ci(list(pm.values()))
+        pm = per_prompt_means(by_s[st])
+        mean, lo, hi = mean_ci(finite_values(pm.values()))
         med = _q(ppl[st], 50)
         row = {
             "strength": st, "n_prompts": len(pm), "n_samples": sum(len(v) for v in by_s[st].values()),
@@ -80,25 +70,25 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
             "capped_share": float(np.mean(capped[st])),
         }
         if st != 0 and base:
-            row["vs_baseline"] = stats.paired(pm, base, seed=seed)
+            row["vs_baseline"] = paired_wilcoxon(pm, base, seed=seed)
         per_strength[strength_key(st)] = row
     fluent = [r for r in per_strength.values() if r["strength"] > 0 and r["ppl_ratio"] is not None
-              and r["ppl_ratio"] <= stats.PPL_RATIO_MAX]
+              and r["ppl_ratio"] <= PPL_RATIO_MAX]
     top = max(fluent, key=lambda r: r["strength"]) if fluent else None
     max_fluent = None if top is None else {
         "strength": top["strength"], "ppl_ratio": top["ppl_ratio"],
         "diff": (top.get("vs_baseline") or {}).get("diff"),
         "p_wilcoxon": (top.get("vs_baseline") or {}).get("p_wilcoxon")}
-    dr = stats.dose_response(by_s)
+    dr = dose_response(by_s)
     at_one = per_strength.get("1", {})
-    bar = stats.passes_bar(at_one.get("vs_baseline"), dr["over_means"]["rho"], at_one.get("ppl_ratio"))
+    bar = passes_bar(at_one.get("vs_baseline"), dr["over_means"]["rho"], at_one.get("ppl_ratio"))
     sc = SCORERS[scorer]
     return {"feature": feature, "scorer": scorer, "max_tokens": budget, "unit": sc.unit, "scorer_description": sc.description,
             "strengths": per_strength, "spearman": dr, "bar": bar, "max_fluent": max_fluent,
             "examples": examples}
 
 
-def summarize(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize_features(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every feature's summary, keyed by feature name (with its catalog layer/mode/pack)."""
     out = {}
     for feature, scorer in cfg.features.items():

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import html
 import json
 import re
-from pathlib import Path
 
 import pytest
+from markupsafe import escape
 
-from clients.eval.demo import (DEFAULT_PROMPTS, DemoError, _config, command_line, heatmap_html,
-                              merge_split_chars, render_html, response_span, summarize, variants)
+from clients.eval.demo import DEFAULT_PROMPTS, DemoError, merge_split_chars, response_span, summarize_demo, variants
+from clients.eval.demo_cli import command_line, config_from_args
+from clients.eval.demo_view import heatmap_html, render_html
 from clients.eval.harness import load_prompts
 from clients.eval.scorers import scorer_for
 
@@ -38,7 +38,7 @@ def _result() -> dict:
             "settings": {"amplify": 1.5, "amplify_target": 51.6, "max_tokens": 8, "temperature": 0.7,
                          "top_p": 1.0, "repetition_penalty": 1.1, "seed": 7},
             "variants": [{"name": v.name, "title": v.title, "steering": v.steering} for v in vs],
-            "rows": rows, "summary": summarize(rows, [v.name for v in vs]),
+            "rows": rows, "summary": summarize_demo(rows, [v.name for v in vs]),
             "command": "steer demo ablation --out 'a b.html'"}
 
 
@@ -60,7 +60,7 @@ def test_summary_rates_and_means():
 def test_html_has_three_columns_heatmap_and_escapes_model_text():
     page = render_html(_result())
     assert "<script" not in page.lower()  # neither the fabricated output nor anything of ours
-    assert html.escape(EVIL) in page
+    assert str(escape(EVIL)) in page  # autoescaped by the Jinja2 template
     assert "&lt;/h3&gt;&lt;b&gt;" in page and "Paris &lt;i&gt;is&lt;/i&gt; nice" in page
     for name in ("baseline", "ablated", "amplified"):
         assert page.count(f'class="col variant-{name}"') == 1
@@ -75,7 +75,7 @@ def test_html_has_three_columns_heatmap_and_escapes_model_text():
     assert next(c for c, t, _ in spans if t.startswith("-5.00")).startswith("49,130,189")
     assert 'class="legend"' in page
     assert "100% (1/1)" in page and "0% (0/1)" in page  # topic rate per variant
-    assert "steer demo ablation --out &#x27;a b.html&#x27;" in page
+    assert "steer demo ablation --out &#39;a b.html&#39;" in page
     assert "http://" not in page and "https://" not in page  # self-contained: no external assets
 
 
@@ -115,12 +115,12 @@ def test_shipped_prompts_are_on_topic_and_other_features_need_their_own(tmp_path
 
     args = build_parser().parse_args(["demo", "ablation", "--feature", "pirate"])
     with pytest.raises(DemoError, match="--prompts is required"):
-        _config(args)
+        config_from_args(args)
     f = tmp_path / "p.txt"
     f.write_text("Ahoy?\nWhere is the treasure?\n")
     args = build_parser().parse_args(["demo", "ablation", "--feature", "smollm2-tone/pirate", "--prompts", str(f),
                                       "--api-key", "secret", "--url", "http://h:1"])
-    cfg = _config(args)
+    cfg = config_from_args(args)
     assert [p.prompt for p in cfg.prompts] == ["Ahoy?", "Where is the treasure?"]
     cmd = command_line(args)
     assert "secret" not in cmd and "--url http://h:1" in cmd and "--feature smollm2-tone/pirate" in cmd

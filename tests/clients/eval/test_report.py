@@ -12,7 +12,7 @@ from clients.eval import report
 from clients.eval.cli import parse_features, parse_strengths
 from clients.eval.harness import EvalConfig, EvalError, Prompt, Sample, load_prompts, steering_body
 from clients.eval.scorers import SCORERS
-from clients.eval.summary import summarize
+from clients.eval.summary import summarize_features
 
 PROMPTS = [Prompt(f"p{i}", f"prompt {i}") for i in range(12)]
 
@@ -32,7 +32,7 @@ def result():
         samples.append(_sample("golden_gate", -1.0, i, "We went to the park.", 5.0))
         samples.append(_sample("golden_gate", 1.0, i, "The Golden Gate Bridge." if i < 10 else "A park.", 8.0))
         samples.append(_sample("golden_gate", 2.0, i, "The Golden Gate Bridge, San Francisco.", 20.0))
-    summ = summarize(cfg, samples, {"golden_gate": {"layer": 10, "pack": "smollm2-tone", "default_mode": "add"}})
+    summ = summarize_features(cfg, samples, {"golden_gate": {"layer": 10, "pack": "smollm2-tone", "default_mode": "add"}})
     return {"config": cfg.public(), "features": summ}
 
 

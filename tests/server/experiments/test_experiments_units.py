@@ -10,17 +10,16 @@ import pytest
 
 from server.experiments import assign
 from clients.ab.cli import render
-from server.experiments.manager import merge_steering
-from server.experiments.stats import results, srm_check, two_proportion_p, wilson_ci
+from server.experiments.stats import results
+from server.stats import srm_check, two_proportion_p, wilson_ci
 from server.experiments.store import (
     MIGRATIONS,
     Exposure,
     SQLiteStore,
     StoreError,
-    check_url,
-    open_store,
     redact,
 )
+from server.experiments.backend import check_url, open_store
 
 
 def test_split_within_two_percent_of_weights():
@@ -200,43 +199,3 @@ def test_srm_and_proportions_edges():
     assert srm_check([0, 0], [1, 1])["p_value"] is None
     assert two_proportion_p(0, 0, 1, 2) is None
     assert two_proportion_p(5, 10, 5, 10) == pytest.approx(1.0)
-
-
-def test_merge_rule():
-    preset = {"features": {"pirate": 1.0, "formality": 0.5}, "vectors": [{"layer": 1}], "apply_to": "all"}
-    variant = {"features": {"formality": -0.5}}
-    request = {"features": {"pirate": 0.2}, "vectors": [{"layer": 2}], "apply_to": "generated",
-               "return_activations": True}
-    merged = merge_steering(preset, variant, request)
-    assert merged == {"features": {"pirate": 0.2, "formality": -0.5},
-                      "vectors": [{"layer": 1}, {"layer": 2}], "apply_to": "generated",
-                      "return_activations": True}
-    assert merge_steering(None, {}, None) is None
-    assert preset["features"] == {"pirate": 1.0, "formality": 0.5}  # inputs untouched
-
-
-def test_cli_prints_results(monkeypatch, capsys):
-    import httpx
-
-    from clients.cli import main
-
-    spec = {"name": "e", "status": "running", "variants": [
-        {"name": "control", "weight": 1.0, "control": True}, {"name": "t", "weight": 1.0}]}
-    obs = [{"variant": v, "generated_tokens": 5, "latency_s": 0.2, "score": s, "label": None}
-           for v, s in (("control", 1.0), ("control", 2.0), ("t", 4.0), ("t", 5.0))]
-    seen = {}
-
-    def fake_get(url, headers, timeout):
-        seen["url"], seen["headers"] = url, headers
-        return httpx.Response(200, json=results(spec, obs))
-
-    monkeypatch.setattr(httpx, "get", fake_get)
-    assert main(["ab", "results", "e", "--url", "http://x:1/", "--api-key", "k"]) == 0
-    out = capsys.readouterr().out
-    assert seen["url"] == "http://x:1/v1/experiments/e/results"
-    assert seen["headers"] == {"authorization": "Bearer k"}
-    assert "control (control)" in out and "sample ratio check" in out
-
-    monkeypatch.setattr(httpx, "get", lambda *a, **k: httpx.Response(
-        404, json={"error": {"message": "no experiment named 'e'"}}))
-    assert main(["ab", "results", "e"]) == 1

@@ -1,10 +1,12 @@
-"""Eval statistics on known data: exact Wilcoxon p, Spearman ρ, effect sizes, CIs and the bar."""
+"""Statistics on known data (server.stats): exact Wilcoxon p, Spearman ρ, effect sizes, CIs; and the
+eval's bar (clients.eval.bar)."""
 
 from __future__ import annotations
 
 import pytest
 
-from clients.eval import stats
+from clients.eval import bar
+from server import stats
 
 
 def test_wilcoxon_exact_p_all_positive():
@@ -42,7 +44,7 @@ def test_paired_and_bootstrap_ci():
     steered = {f"p{i}": float(i) + 1.0 for i in range(10)}
     baseline = {f"p{i}": float(i) for i in range(10)}
     baseline["extra"] = 99.0  # unpaired: ignored
-    r = stats.paired(steered, baseline, seed=0)
+    r = stats.paired_wilcoxon(steered, baseline, seed=0)
     assert r["n"] == 10
     assert r["diff"] == pytest.approx(1.0)
     assert r["diff_ci95"] == [pytest.approx(1.0), pytest.approx(1.0)]  # every difference is 1
@@ -51,11 +53,11 @@ def test_paired_and_bootstrap_ci():
     assert r["cohen_dz"] is None  # sd 0
 
     noisy = {f"p{i}": baseline[f"p{i}"] + (0.5 if i % 2 else 1.5) for i in range(10)}
-    r = stats.paired(noisy, baseline, seed=0)
+    r = stats.paired_wilcoxon(noisy, baseline, seed=0)
     lo, hi = r["diff_ci95"]
     assert lo < 1.0 < hi and 0.5 <= lo and hi <= 1.5
     assert r["cohen_dz"] == pytest.approx(1.0 / 0.5270462766947299)  # sd of five 0.5s and five 1.5s
-    assert stats.paired(noisy, baseline, seed=0) == r  # seeded bootstrap
+    assert stats.paired_wilcoxon(noisy, baseline, seed=0) == r  # seeded bootstrap
 
 
 def test_per_prompt_means_and_dose_response():
@@ -66,7 +68,7 @@ def test_per_prompt_means_and_dose_response():
         2.0: {"a": [0.8], "b": [0.6]},
     }
     assert stats.per_prompt_means(scores[1.0]) == {"a": 0.9, "b": 0.7}
-    dr = stats.dose_response(scores)
+    dr = bar.dose_response(scores)
     # means: −1 → 0.1, 0 → 0.4, 1 → 0.8, 2 → 0.7: ranks 1 2 4 3 → ρ = 1 − 6·2/60 = 0.8.
     assert dr["over_means"]["rho"] == pytest.approx(0.8)
     assert dr["over_samples"]["rho"] > 0.5
@@ -74,12 +76,12 @@ def test_per_prompt_means_and_dose_response():
 
 def test_passes_bar():
     good = {"n": 24, "diff": 0.3, "p_wilcoxon": 0.001}
-    assert stats.passes_bar(good, 0.9, 1.5)["pass"] is True
-    wrong_way = stats.passes_bar({"n": 24, "diff": -0.3, "p_wilcoxon": 0.001}, 0.9, 1.5)
+    assert bar.passes_bar(good, 0.9, 1.5)["pass"] is True
+    wrong_way = bar.passes_bar({"n": 24, "diff": -0.3, "p_wilcoxon": 0.001}, 0.9, 1.5)
     assert wrong_way["direction_p<0.01"] is False and wrong_way["pass"] is False
-    not_sig = stats.passes_bar({"n": 24, "diff": 0.3, "p_wilcoxon": 0.02}, 0.9, 1.5)
+    not_sig = bar.passes_bar({"n": 24, "diff": 0.3, "p_wilcoxon": 0.02}, 0.9, 1.5)
     assert not_sig["direction_p<0.01"] is False
-    assert stats.passes_bar(good, 0.8, 1.5)["spearman>0.8"] is False  # strictly greater
-    assert stats.passes_bar(good, 0.9, 2.01)["ppl_ratio<=2"] is False
-    missing = stats.passes_bar(good, 0.9, None)
+    assert bar.passes_bar(good, 0.8, 1.5)["spearman>0.8"] is False  # strictly greater
+    assert bar.passes_bar(good, 0.9, 2.01)["ppl_ratio<=2"] is False
+    missing = bar.passes_bar(good, 0.9, None)
     assert missing["ppl_ratio<=2"] is None and missing["pass"] is False

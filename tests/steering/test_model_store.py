@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server import model_store
+from steering import model_store
 from steering.model_store import (
     DEFAULT_MODEL_NAME,
     GGUF_MEMBER,

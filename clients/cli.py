@@ -13,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description="Steering-enabled inference server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(sub)
+    from server.auth import add_keys_parser
+
+    add_keys_parser(sub)
     from steering.packs.cli import add_pack_parser
 
     add_pack_parser(sub)

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from importlib import metadata
 from typing import Any
 
-from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.catalog import catalog_router
@@ -24,7 +24,10 @@ from server.completions import completions_router
 from server.errors import install_error_handlers
 from server.experiments.manager import ExperimentManager
 from server.experiments.routes import experiments_router
-from server.http import RequestIdAndMetrics, api_key_dependency
+from server.auth import AtResponseEnd, Auth
+from server.http import RequestIdAndMetrics
+from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES
+from server.limits import BodySizeLimit
 from server.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -60,15 +63,19 @@ def create_app(state: AppState) -> FastAPI:
             state.shutdown()
             state.experiments.close()
 
-    app = FastAPI(title="steer", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="steer", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=state.config.max_request_bytes)  # inside the next
     app.add_middleware(RequestIdAndMetrics, metrics=state.metrics)
     app.state.steer = state
     if state.experiments is None:
         state.experiments = ExperimentManager(state)
-    auth = [Depends(api_key_dependency(state.config.api_key))]
+    keys = Auth.from_config(state.config, state.metrics)  # a bad --auth file fails here
+    app.state.auth = keys
+    app.add_middleware(AtResponseEnd)  # releases a key's max_slots hold when a response ends
+    auth, admin = keys.user, keys.admin
 
-    @app.get("/health")
+    @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if state.startup_error is not None:
             return JSONResponse({"status": "failed", "error": str(state.startup_error)}, 503)
@@ -84,7 +91,7 @@ def create_app(state: AppState) -> FastAPI:
 
         return {"version": __version__, "vllm": vllm.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -96,7 +103,7 @@ def create_app(state: AppState) -> FastAPI:
              "max_model_len": state.max_model_len}
             for name in state.served_names] + state.experiments.model_entries(state.created)}
 
-    @app.get("/v1/steering", dependencies=auth)
+    @app.get("/v1/steering", dependencies=admin)
     async def steering_status() -> dict[str, Any]:
         """Steering capacity and occupancy: the API server's gate and the workers' slot tables."""
         cfg = state.config.steering_config()
@@ -113,6 +120,6 @@ def create_app(state: AppState) -> FastAPI:
 
     app.include_router(completions_router(state, auth))
     app.include_router(catalog_router(state, auth))
-    app.include_router(experiments_router(state, auth))
+    app.include_router(experiments_router(state, auth, admin))
 
     return app

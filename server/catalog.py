@@ -22,8 +22,10 @@ from pydantic import Field
 from vllm import SamplingParams
 
 from server import generation as gen
+from server.auth import admit_inspect
 from server.errors import InvalidRequest, NotFound
 from server.http import json_body
+from server.openapi import request_body
 from server.protocol import ChatMessage, _Strict
 from steering.features import AmbiguousFeature, UnknownFeature
 from steering.program import SteeringProgram
@@ -88,9 +90,10 @@ def catalog_router(state: AppState, dependencies: list) -> APIRouter:
         except (UnknownFeature, KeyError) as e:
             raise NotFound(str(e.args[0]) if e.args else f"unknown feature {name!r}", "name") from None
 
-    @r.post("/v1/features/inspect")
+    @r.post("/v1/features/inspect", openapi_extra=request_body(InspectRequest))
     async def inspect(request: Request) -> dict[str, Any]:
         req = InspectRequest.model_validate(await json_body(request))
+        admit_inspect(request, state, req)  # a readout: the key's policy must allow activations
         return await _inspect(state, req)
 
     return r
@@ -148,9 +151,16 @@ async def _inspect(state: AppState, req: InspectRequest) -> dict[str, Any]:
     params = SamplingParams(max_tokens=1, temperature=0.0,
                             extra_args=compiled.extra_args(readout_key=request_id))
     job = gen.Job(request_id=request_id, prompt_ids=prompt_ids, params=params, compiled=compiled)
-    async for _ in gen.run(state, job):
-        pass
-    await gen.steering_activations(state, job)
+    if state.limits is not None:  # slot and readout bytes, or 400/429 before anything runs
+        job.held = await state.limits.admit(compiled, request_id, len(prompt_ids),
+                                            "text" if req.text is not None else "messages")
+    try:
+        async for _ in gen.run(state, job):
+            pass
+        await gen.steering_activations(state, job)
+    finally:
+        if job.held is not None:
+            job.held.close()
     streams: dict[int, dict[int, list[float]]] = {}
     for _, layer, pos, values in job.captured:
         streams.setdefault(layer, {})[pos] = values

@@ -55,7 +55,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients send in 'model' (default: the model's name)")
     p.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env STEER_API_KEY)")
+                   help="require 'Authorization: Bearer KEY' on /v1/*: one admin key named "
+                        "'api-key' (env STEER_API_KEY)")
+    p.add_argument("--auth", default=os.environ.get("STEER_AUTH_FILE", DEFAULTS.auth), metavar="YAML",
+                   help="API keys (sha256), their roles (admin, user) and policies; 'steer keys "
+                        "new' makes a key (env STEER_AUTH_FILE; see README 'Keys, roles and "
+                        "policies')")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--dtype", default=DEFAULTS.dtype, choices=["auto", "float32", "float16", "bfloat16", "half", "float"],
                    help="weights and activations dtype (default: auto, the model's)")
@@ -75,6 +80,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="exit 1 (stopping the engine's processes) if the engine is neither up nor "
                         "failed after this long; a vLLM engine core can hang after a failed start "
                         "(0: wait forever; default: 900)")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes, metavar="BYTES",
+                   help="refuse larger request bodies with 413 (default: %(default)s, 8 MiB)")
+    p.add_argument("--max-response-budget", type=int, default=DEFAULTS.max_response_budget,
+                   metavar="ENTRIES",
+                   help="largest n x max_tokens x (1 + top_logprobs) one request may ask for, plus "
+                        "prompt tokens x (1 + prompt_logprobs); 400 beyond it (default: %(default)s)")
     s = p.add_argument_group("steering")
     s.add_argument("--no-steering", dest="steering", action="store_false",
                    help="run without the steering plugin (the benchmarks' baseline)")
@@ -86,6 +97,26 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="steerable decoder layers: 'all' or a comma list such as '8,12,16-20' (default: all)")
     s.add_argument("--max-steering-strength", type=float, default=DEFAULTS.max_steering_strength,
                    help="largest accepted |strength| or |scale| (default: %(default)s)")
+    s.add_argument("--max-steering-vector-norm", type=float, default=DEFAULTS.max_steering_vector_norm,
+                   metavar="FACTOR",
+                   help="largest ||scale*v|| of a raw vector (and |clamp target|), in units of its "
+                        "layer's median residual norm measured at start (default: %(default)s)")
+    s.add_argument("--steering-queue-timeout", type=float, default=DEFAULTS.steering_queue_timeout,
+                   metavar="SECONDS",
+                   help="how long a request waits for a steering slot before a 429 "
+                        "(default: %(default)s)")
+    s.add_argument("--max-steering-waiters", type=int, default=DEFAULTS.max_steering_waiters,
+                   metavar="N",
+                   help="requests that may wait for a steering slot at once; one more is a 429 "
+                        "(default: 4 x --max-steering-slots)")
+    s.add_argument("--max-readout-bytes", type=int, default=DEFAULTS.max_readout_bytes,
+                   metavar="BYTES",
+                   help="largest activation readout (return_activations, inspect) one request may "
+                        "ask for; 400 beyond it (default: %(default)s = 64 MiB)")
+    s.add_argument("--max-readout-bytes-total", type=int, default=DEFAULTS.max_readout_bytes_total,
+                   metavar="BYTES",
+                   help="activation readouts in flight in all; 429 beyond it (default: %(default)s "
+                        "= 512 MiB)")
     s.add_argument("--feature-pack", action="append", default=[], metavar="PATH",
                    help="load a feature pack folder (or a folder of packs); repeatable")
     s.add_argument("--no-bundled-packs", dest="bundled_packs", action="store_false",
@@ -108,14 +139,20 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model=args.model, host=args.host, port=args.port,
         served_model_name=args.served_model_name, api_key=args.api_key or None,
+        auth=args.auth or None,
         max_model_len=args.max_model_len, dtype=args.dtype, enforce_eager=args.enforce_eager,
         max_num_seqs=args.max_num_seqs, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=args.enable_prefix_caching, steering=args.steering,
         max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
+        max_steering_vector_norm=args.max_steering_vector_norm,
+        steering_queue_timeout=args.steering_queue_timeout,
+        max_steering_waiters=args.max_steering_waiters, max_readout_bytes=args.max_readout_bytes,
+        max_readout_bytes_total=args.max_readout_bytes_total,
         feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
         presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
+        max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
         log_level=args.log_level, access_log=args.access_log,
     )
 
@@ -189,6 +226,14 @@ def serve(args: argparse.Namespace) -> int:
             return 2
 
     config = config_from_args(args)
+    if config.auth:
+        from server.auth import load_auth
+
+        try:
+            load_auth(config.auth)  # a bad key file stops the server before anything starts
+        except ValueError as exc:
+            print(f"steer serve: error: {exc}", file=sys.stderr)
+            return 2
     state = AppState(config=config)
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=config.host, port=config.port, log_level=config.log_level,

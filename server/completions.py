@@ -18,10 +18,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server import generation as gen
+from server.auth import admit_generation, principal_of
 from server.errors import InvalidRequest, ModelNotFound, describe
 from server.http import DisconnectAwareStream, json_body, sse, until_client_gone
+from server.openapi import JSON_OR_EVENT_STREAM, request_body
 from server.protocol import ChatCompletionRequest, CompletionRequest, parse_chat, parse_completion
 from server.state import AppState
+from server.steering_limits import Held
 from steering.request import CompiledSteering
 
 logger = logging.getLogger(__name__)
@@ -30,11 +33,13 @@ logger = logging.getLogger(__name__)
 def completions_router(state: AppState, dependencies: list) -> APIRouter:
     r = APIRouter(dependencies=dependencies)
 
-    @r.post("/v1/chat/completions")
+    @r.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest),
+            responses=JSON_OR_EVENT_STREAM)
     async def chat_completions(request: Request) -> Response:
         return await _handle(request, state, chat=True)
 
-    @r.post("/v1/completions")
+    @r.post("/v1/completions", openapi_extra=request_body(CompletionRequest),
+            responses=JSON_OR_EVENT_STREAM)
     async def completions(request: Request) -> Response:
         return await _handle(request, state, chat=False)
 
@@ -73,7 +78,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     """Validate, prepare and run one chat or text completion request."""
     body = await json_body(request)
     req: gen.GenerationRequest = parse_chat(body) if chat else parse_completion(body)
-    ab = state.experiments.route(req, request.headers)  # presets, experiments → model, steering
+    ab = state.experiments.route(req, request.headers,  # presets, experiments → model, steering
+                                 admin=principal_of(request).admin)
     model = ab.model or _check_model(state, req.model)
     state.require_engine()
     if chat:
@@ -82,6 +88,7 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     else:
         assert isinstance(req, CompletionRequest)
         prompt_ids, prompt_param, prefix = _text_prompt(state, req), "prompt", "cmpl"
+    admit_generation(request, state, req, ab, len(prompt_ids))  # key policy, max_slots, tokens/min
     compiled: CompiledSteering | None = None
     if req.steering is not None:
         if state.compiler is None:
@@ -89,30 +96,85 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
                                  "steering", "steering_disabled")
         compiled = state.compiler.compile(req.steering)
     assert state.max_model_len is not None
-    gen.check_context(len(prompt_ids), state.max_model_len, req, prompt_param)
+    gen.check_context(len(prompt_ids), state.max_model_len, req, prompt_param,
+                      state.config.max_response_budget)
     request_id = f"{prefix}-{uuid.uuid4().hex}"
     job = gen.Job(request_id=request_id, prompt_ids=prompt_ids,
                   params=gen.sampling_params(req, compiled, request_id), compiled=compiled)
+    # The slot (and readout bytes) are taken before any response starts: a 429 is a real status.
+    admitted = await _admit(request, state, compiled, job)
+    if not admitted:
+        return Response(status_code=499)  # the client left while waiting for a steering slot
+    streaming = False
+    try:
+        headers = {"x-steering-hash": compiled.hash} if compiled is not None else {}
+        headers.update(ab.headers())
+        if req.stream:
+            def completed(outcome: str) -> None:  # ok once the whole stream went out; failed; aborted
+                state.experiments.finish(ab, job, len(prompt_ids), outcome=outcome)
 
-    headers = {"x-steering-hash": compiled.hash} if compiled is not None else {}
-    headers.update(ab.headers())
-    if req.stream:
-        def completed() -> None:  # recorded only once the whole stream went out
-            state.experiments.finish(ab, job, len(prompt_ids))
+            response = _HeldStream(
+                job.held,
+                _stream(state, req, job, compiled, model, chat, ab.body_field(), on_complete=completed),
+                media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+            streaming = True  # from here the stream frees what the request holds
+            return response
+        try:
+            choices = await until_client_gone(request, asyncio.ensure_future(_collect(state, job, chat)))
+        except Exception:
+            state.experiments.finish(ab, job, len(prompt_ids), outcome="failed")
+            raise
+        if choices is None:
+            state.experiments.finish(ab, job, len(prompt_ids), outcome="aborted")
+            return Response(status_code=499)  # the client closed the request: nobody to answer
+        build = _chat_body if chat else _completion_body
+        body = build(req, job, compiled, model, choices)
+        activations = await gen.steering_activations(state, job)
+        if activations is not None:
+            body["steering"]["activations"] = activations
+        state.experiments.finish(ab, job, len(prompt_ids), body)
+        return JSONResponse(body, headers=headers)
+    finally:
+        if not streaming and job.held is not None:
+            job.held.close()
 
-        return DisconnectAwareStream(
-            _stream(state, req, job, compiled, model, chat, ab.body_field(), on_complete=completed),
-            media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
-    choices = await until_client_gone(request, asyncio.ensure_future(_collect(state, job, chat)))
-    if choices is None:
-        return Response(status_code=499)  # the client closed the request: nobody to answer
-    build = _chat_body if chat else _completion_body
-    body = build(req, job, compiled, model, choices)
-    activations = await gen.steering_activations(state, job)
-    if activations is not None:
-        body["steering"]["activations"] = activations
-    state.experiments.finish(ab, job, len(prompt_ids), body)
-    return JSONResponse(body, headers=headers)
+
+async def _admit(request: Request, state: AppState, compiled: CompiledSteering | None,
+                 job: gen.Job) -> bool:
+    """Take the request's steering slot and readout bytes (``job.held``; 400/429 when they cannot
+    be had), watching for the client to leave while it waits; False when it left."""
+    if state.limits is None:
+        return True
+    prompt_len = len(job.prompt_ids)
+    max_tokens = job.params.max_tokens
+    if max_tokens is None:  # up to the end of the context
+        max_tokens = max((state.max_model_len or 0) - prompt_len, 0)
+    admit = state.limits.admit(compiled, job.request_id, prompt_len + max_tokens,
+                               "steering.return_activations")
+    if compiled is None:
+        job.held = await admit
+        return True
+    work = asyncio.ensure_future(admit)
+    job.held = await until_client_gone(request, work)
+    if job.held is None and work.done() and not work.cancelled() and work.exception() is None:
+        work.result().close()  # admitted just as the client left
+    return job.held is not None
+
+
+class _HeldStream(DisconnectAwareStream):
+    """An SSE response that frees what its request holds (slot, readout) however it ends —
+    finished, failed, client gone, or never started."""
+
+    def __init__(self, held: Held | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = held
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.held is not None:
+                self.held.close()
 
 
 async def _collect(state: AppState, job: gen.Job, chat: bool) -> dict[int, gen.Choice]:
@@ -188,10 +250,12 @@ def _completion_body(req: gen.GenerationRequest, job: gen.Job,
 async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                   compiled: CompiledSteering | None, model: str, chat: bool,
                   experiment: dict[str, str] | None = None,
-                  on_complete: Callable[[], None] | None = None) -> AsyncIterator[str]:
+                  on_complete: Callable[[str], None] | None = None) -> AsyncIterator[str]:
     """SSE events: one chunk per choice delta, an optional usage chunk, then ``[DONE]``. The first
     chunk carries the request-level fields (``steering``, ``experiment``, prompt ids/logprobs).
-    ``on_complete`` runs once the generation finished without error, before ``[DONE]``."""
+    ``on_complete(outcome)`` runs once the stream ends: ``ok`` when the generation finished
+    without error (before ``[DONE]``), ``failed`` when an error ended it, ``aborted`` when the
+    client went away."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = req.include_usage()
     k = job.params.logprobs
@@ -242,9 +306,16 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                         "model": model, "choices": [],
                         "usage": gen.usage(len(job.prompt_ids), completion_tokens)})
         if on_complete is not None:
-            on_complete()
+            on_complete("ok")
     except Exception as exc:  # noqa: BLE001  (headers are sent: report in-band)
+        if on_complete is not None:
+            on_complete("failed")
         _, body = describe(exc)
-        logger.warning("stream %s failed: %s", job.request_id, body["error"]["message"])
+        logger.warning("stream %s failed: %s", job.request_id, body["error"]["message"],
+                       exc_info=exc)  # the client gets a generic message for a 500; the log, all
         yield sse(body)
+    except BaseException:  # cancelled or closed: the client went away mid-stream
+        if on_complete is not None:
+            on_complete("aborted")
+        raise
     yield sse("[DONE]")

@@ -21,6 +21,7 @@ class ServeConfig:
     port: int = 8000
     served_model_name: list[str] | None = None
     api_key: str | None = None
+    auth: str | None = None  # --auth YAML: keys (sha256), roles, policies (server/auth.py)
     max_model_len: int | None = None
     dtype: str = "auto"
     enforce_eager: bool = False
@@ -33,11 +34,29 @@ class ServeConfig:
     max_steered_features: int = SteeringConfig.max_features
     steer_layers: list[int] | None = SteeringConfig.layers
     max_steering_strength: float = SteeringConfig.max_strength
+    # Raw vectors: largest ‖scale·v‖ (and |clamp target|) in units of the layer's median residual
+    # norm, measured at start (steering/request.py: DEFAULT_MAX_VECTOR_NORM explains the 4).
+    max_steering_vector_norm: float = 4.0
+    # Slot queue (steering/slots.py): a request waits at most this long for a slot, and at most
+    # max_steering_waiters wait at once (None: 4 × slots); beyond either, 429 with Retry-After.
+    steering_queue_timeout: float = 30.0
+    max_steering_waiters: int | None = None
+    # Activation readouts (return_activations, inspect), in worker bytes: per request (beyond: 400)
+    # and in flight in all (beyond: 429; also the workers' hard cap). 64 MiB is ~28k positions
+    # of one captured 576-wide layer, or ~4k of a 4096-wide one.
+    max_readout_bytes: int = 64 * 2**20
+    max_readout_bytes_total: int = 512 * 2**20
     feature_packs: list[str] = field(default_factory=list)
     bundled_packs: bool = True
     presets: str | None = None  # presets YAML (default: feature_packs/presets.yaml with the bundled packs)
     data_dir: str | None = None  # experiment store (default: $STEER_DATA_DIR or ~/.cache/steer/data)
     experiments_db: str | None = None  # postgresql://… or sqlite:///… (default: SQLite in data_dir)
+    max_request_bytes: int = 8 * 2**20  # request bodies above this are refused with 413
+    # Largest n × max_tokens × (1 + top_logprobs) (+ prompt tokens × (1 + prompt_logprobs)) one
+    # request may ask for, in response entries (a token or one logprob alternative, ~100-200 bytes
+    # each in the API server): 2**20 bounds one response near 100-200 MB, and still admits n = 8
+    # full-length outputs of a 128k-token context without logprobs. Beyond it: 400.
+    max_response_budget: int = 2**20
     log_level: str = "info"
     access_log: bool = True  # one log line per HTTP request (uvicorn's access log)
     engine_overrides: dict[str, Any] = field(default_factory=dict)
@@ -51,6 +70,7 @@ class ServeConfig:
             max_features=self.max_steered_features,
             layers=self.steer_layers,
             max_strength=self.max_steering_strength,
+            max_readout_bytes=self.max_readout_bytes_total,
         )
 
     def served_names(self) -> list[str]:

@@ -24,13 +24,16 @@ logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    """Base of our own request errors; ``param`` names the offending request field."""
+    """Base of our own request errors; ``param`` names the offending request field; ``headers``
+    are sent with the error response (e.g. ``Retry-After`` on a 429)."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 class InvalidRequest(APIError):
@@ -61,8 +64,33 @@ class AuthError(APIError):
     """Missing or wrong API key."""
 
 
+class PermissionDenied(APIError):
+    """The key is valid but its role or policy does not allow this (``param`` names the field)."""
+
+
+class RateLimited(APIError):
+    """The key's requests or tokens per minute are spent; carries ``Retry-After``."""
+
+
+class UnsupportedMediaType(APIError):
+    """A state-changing request without ``Content-Type: application/json`` (no key configured)."""
+
+
 class EngineUnavailable(APIError):
     """The engine is still starting, or it died."""
+
+
+class PayloadTooLarge(APIError):
+    """The request body is larger than ``--max-request-bytes``."""
+
+
+class CapacityExceeded(APIError):
+    """No steering slot could be had in time (queue full or timed out); carries ``Retry-After``."""
+
+
+class SteeringUnavailable(APIError):
+    """A worker could not apply this request's steering (it ran unsteered): the response is
+    failed rather than returned as if steered (see steering/slots.py)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +109,13 @@ ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (ContextTooLong, ErrorKind(400, "invalid_request_error", "context_length_exceeded")),
     (InvalidRequest, ErrorKind(400, "invalid_request_error")),
     (AuthError, ErrorKind(401, "authentication_error", "invalid_api_key")),
+    (PermissionDenied, ErrorKind(403, "permission_error", "permission_denied")),
+    (RateLimited, ErrorKind(429, "rate_limit_exceeded", "rate_limit_exceeded")),
+    (UnsupportedMediaType, ErrorKind(415, "invalid_request_error", "unsupported_media_type")),
     (EngineUnavailable, ErrorKind(503, "service_unavailable", "engine_unavailable")),
+    (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "request_too_large")),
+    (CapacityExceeded, ErrorKind(429, "rate_limit_exceeded", "steering_capacity_exceeded")),
+    (SteeringUnavailable, ErrorKind(503, "service_unavailable", "steering_unavailable")),
     (SteeringError, ErrorKind(400, "invalid_request_error", "invalid_steering")),
     (RequestValidationError, ErrorKind(400, "invalid_request_error")),
     (ValidationError, ErrorKind(400, "invalid_request_error")),
@@ -120,7 +154,10 @@ def validation_error(exc: RequestValidationError | ValidationError) -> APIError 
     """The first pydantic error as our own error naming the field; an error inside a
     ``steering`` object is a SteeringError with the steering spec's param path."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # In a union (``str | list[str]``) every branch reports; the branch whose shape matched but
+    # whose bound failed ("at most 4 items") says what is wrong, not "should be a valid string".
+    bounds = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
+    first = (bounds or errors or [{}])[0]
     loc = tuple(p for p in first.get("loc", ()) if p != "body")
     if STEERING_FIELD in loc:
         at = loc.index(STEERING_FIELD)
@@ -137,8 +174,13 @@ def validation_error(exc: RequestValidationError | ValidationError) -> APIError 
     return InvalidRequest(f"{param}: {msg}" if param else str(msg), param)
 
 
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+"""The message of every 5xx that is not one of our own errors: exception text stays in the log."""
+
+
 def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """HTTP status and OpenAI error body for ``exc``."""
+    """HTTP status and OpenAI error body for ``exc``; an unexpected exception's text is never
+    sent (its traceback is logged by :func:`error_response`)."""
     if isinstance(exc, (RequestValidationError, ValidationError)):
         exc = validation_error(exc)
     kind = kind_of(exc)
@@ -150,7 +192,7 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
     elif isinstance(exc, VLLMValidationError):
         message, param = str(exc.args[0]) if exc.args else str(exc), exc.parameter
     elif kind.status >= 500:
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        message = INTERNAL_ERROR_MESSAGE  # never echo an exception's text (it is logged instead)
     else:
         message = str(exc)
     body = {"error": {"message": message, "type": kind.type, "param": param, "code": code}}
@@ -162,7 +204,9 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     status, body = describe(exc)
     if status >= 500 and not isinstance(exc, (EngineUnavailable, EngineDeadError)):
         logger.error("request failed", exc_info=exc)
-    return JSONResponse(body, status_code=status, headers=headers)
+    own = getattr(exc, "headers", None) if isinstance(exc, APIError) else None
+    merged = {**(own or {}), **(headers or {})} or None
+    return JSONResponse(body, status_code=status, headers=merged)
 
 
 def _http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -7,7 +7,6 @@ measured the same way for streamed and non-streamed responses. Whatever ends the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -16,15 +15,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server import vllm_env  # noqa: F401
-from server.errors import ContextTooLong, InvalidRequest
+from server.errors import CapacityExceeded, ContextTooLong, InvalidRequest, SteeringUnavailable
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from steering.readouts import READOUT_DROPPED
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
 
 if TYPE_CHECKING:
     from server.state import AppState
+    from server.steering_limits import Held
     from steering.request import CompiledSteering
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,13 @@ class Job:
     captured: list[Any] = field(default_factory=list)  # ("resid", layer, position, stream) records
     generated_tokens: int = 0  # over all choices, counted in run()
     finish_reason: str | None = None  # the last one reported
+    held: Held | None = None  # slot lease and readout bytes, from admission (server/steering_limits.py)
 
 
-def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str) -> None:
-    """400 when the prompt, or prompt plus requested output, does not fit the context."""
+def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str,
+                  response_budget: int | None = None) -> None:
+    """400 when the prompt, or prompt plus requested output, does not fit the context, or (with
+    ``response_budget``, ``--max-response-budget``) the response could be larger than the budget."""
     if prompt_len >= max_len:
         raise ContextTooLong(
             f"This model's maximum context length is {max_len} tokens. However, your {prompt_param} "
@@ -61,11 +66,55 @@ def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the {prompt_param}, {max_tokens} in "
             f"the completion). Please reduce the length of the {prompt_param} or the completion.",
             max_param)
+    if max_tokens is None:  # the engine will generate up to the end of the context
+        max_tokens = max_len - prompt_len
+        if req.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds the {max_tokens} tokens "
+                                 "left in the context", "min_tokens")
+    if response_budget is not None:
+        check_response_budget(req, prompt_len, max_tokens, max_param, response_budget)
+
+
+def check_response_budget(req: GenerationRequest, prompt_len: int, max_tokens: int, max_param: str,
+                          budget: int) -> None:
+    """400 when the response could hold more than ``budget`` entries: n × max_tokens tokens with
+    their top-logprob alternatives, plus the prompt's positions × (1 + prompt_logprobs)."""
+    k = req.num_logprobs() or 0
+    k_param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+    generated = req.n * max_tokens * (1 + k)
+    scored = prompt_len * (1 + req.prompt_logprobs) if req.prompt_logprobs is not None else 0
+    if generated + scored <= budget:
+        return
+    if scored > budget:
+        raise InvalidRequest(
+            f"prompt_logprobs={req.prompt_logprobs} over a {prompt_len}-token prompt asks for "
+            f"{scored} response entries, more than this server's budget of {budget}; lower "
+            "prompt_logprobs or shorten the prompt", "prompt_logprobs", "response_budget_exceeded")
+    raise InvalidRequest(
+        f"n × {max_param} × (1 + {k_param}) = {req.n} × {max_tokens} × {1 + k} = {generated} "
+        f"response entries{f' (plus {scored} prompt_logprobs entries)' if scored else ''} exceeds "
+        f"this server's budget of {budget}; lower {max_param}, n or {k_param}",
+        max_param, "response_budget_exceeded")
+
+
+def _vllm_param(exc: Exception, req: GenerationRequest) -> str | None:
+    """The request field a vLLM parameter error is about, in this request's names."""
+    name = getattr(exc, "parameter", None)
+    if name is None:  # many SamplingParams checks name the field only as their message's first word
+        name = (str(exc.args[0]) if exc.args else "").split(" ", 1)[0].strip("`'\":,.")
+    if name == "logprobs" and isinstance(req, ChatCompletionRequest):
+        return "top_logprobs"
+    if name == "max_tokens":
+        return req.max_output()[1]
+    if name == "extra_args":
+        return "steering"
+    return name if name in type(req).model_fields else None
 
 
 def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
                     request_id: str | None = None) -> SamplingParams:
-    """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0).
+    """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0); a value vLLM rejects is
+    a 400 naming the field.
 
     ``request_id`` is where the workers file post-steering activations
     (``steering.return_activations``)."""
@@ -80,6 +129,17 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds {max_param} ({max_tokens})",
                              "min_tokens")
+    logprobs = req.num_logprobs()
+    extra_args = compiled.extra_args(readout_key=request_id) if compiled is not None else None
+    try:
+        return _make_sampling_params(req, temperature, max_tokens, logprobs, extra_args)
+    except (VLLMValidationError, ValueError, TypeError, OverflowError) as exc:
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        raise InvalidRequest(message, _vllm_param(exc, req)) from None
+
+
+def _make_sampling_params(req: GenerationRequest, temperature: float, max_tokens: int | None,
+                          logprobs: int | None, extra_args: dict[str, Any] | None) -> SamplingParams:
     return SamplingParams(
         n=req.n,
         temperature=temperature,
@@ -94,62 +154,77 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
         max_tokens=max_tokens,
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
-        logprobs=req.num_logprobs(),
+        logprobs=logprobs,
         prompt_logprobs=req.prompt_logprobs,
         output_kind=RequestOutputKind.DELTA,
-        extra_args=compiled.extra_args(readout_key=request_id) if compiled is not None else None,
+        extra_args=extra_args,
     )
 
 
 async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
-    """Hold a steering slot, stream the engine's deltas, record metrics, abort if cut short."""
-    engine = state.require_engine()
+    """Stream the engine's deltas, record metrics, abort if cut short.
+
+    The steering slot was taken at admission (``job.held``, before any response started); it is
+    freed here as soon as the generation ends — finished, or its abort sent. A steered request
+    that a worker could not seat (it ran unsteered) ends in :class:`SteeringUnavailable` after
+    its last delta (see steering/slots.py)."""
+    try:
+        engine = state.require_engine()
+    except BaseException:
+        if job.held is not None:
+            job.held.end_generation()
+        raise
     m = state.metrics
     steered = "true" if job.compiled is not None else "false"
-    # A capture-only readout (empty program) takes no slot.
-    hold = (state.gate.hold(job.compiled.table_hash)
-            if state.gate is not None and job.compiled and job.compiled.program.layers
-            else contextlib.nullcontext())
-    async with hold:
-        prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
-        if job.compiled is not None:
-            prompt["cache_salt"] = job.compiled.cache_salt
-        m.running.inc()
-        m.prompt_tokens.inc(len(job.prompt_ids))
-        finished = False
-        first_token = True
-        last_seen: dict[int, float] = {}
-        stream = engine.generate(prompt, job.params, job.request_id)
+    prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
+    if job.compiled is not None:
+        prompt["cache_salt"] = job.compiled.cache_salt
+    m.running.inc()
+    m.prompt_tokens.inc(len(job.prompt_ids))
+    finished = False
+    first_token = True
+    last_seen: dict[int, float] = {}
+    stream = engine.generate(prompt, job.params, job.request_id)
+    try:
+        async for out in stream:
+            now = time.monotonic()
+            for o in out.outputs:
+                k = len(o.token_ids)
+                if o.finish_reason is not None:
+                    job.finish_reason = o.finish_reason
+                if not k:
+                    continue
+                job.generated_tokens += k
+                m.generated_tokens.inc(k)
+                if first_token:
+                    m.ttft.labels(steered).observe(now - job.arrival)
+                    first_token = False
+                prev = last_seen.get(o.index)
+                if prev is not None:
+                    for _ in range(k):
+                        m.itl.labels(steered).observe((now - prev) / k)
+                last_seen[o.index] = now
+            finished = out.finished
+            yield out
+        m.e2e.labels(steered).observe(time.monotonic() - job.arrival)
+        held, limits = job.held, state.limits
+        if finished and held is not None and held.steered and limits is not None \
+                and await limits.unseated(job.request_id):
+            raise SteeringUnavailable(
+                "the engine could not apply this request's steering (no steering slot was "
+                "free in a worker), so its output is withheld; retry the request")
+    finally:
+        m.running.dec()
         try:
-            async for out in stream:
-                now = time.monotonic()
-                for o in out.outputs:
-                    k = len(o.token_ids)
-                    if o.finish_reason is not None:
-                        job.finish_reason = o.finish_reason
-                    if not k:
-                        continue
-                    job.generated_tokens += k
-                    m.generated_tokens.inc(k)
-                    if first_token:
-                        m.ttft.labels(steered).observe(now - job.arrival)
-                        first_token = False
-                    prev = last_seen.get(o.index)
-                    if prev is not None:
-                        for _ in range(k):
-                            m.itl.labels(steered).observe((now - prev) / k)
-                    last_seen[o.index] = now
-                finished = out.finished
-                yield out
-            m.e2e.labels(steered).observe(time.monotonic() - job.arrival)
-        finally:
-            m.running.dec()
             if not finished:
                 await stream.aclose()
                 try:
                     await engine.abort(job.request_id)
                 except Exception:  # noqa: BLE001  (engine gone: nothing left to abort)
                     logger.debug("abort of %s failed", job.request_id, exc_info=True)
+        finally:
+            if job.held is not None:  # after the abort was sent: the worker frees it first
+                job.held.end_generation()
 
 
 # -- response pieces --------------------------------------------------------------------------
@@ -231,6 +306,13 @@ async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]
     if compiled is None or not compiled.return_activations:
         return None
     per_rank = await state.require_engine().collective_rpc("steering_readout", args=(job.request_id,))
+    if job.held is not None:
+        job.held.popped = True  # the workers no longer hold it
+    if any(isinstance(r, str) and r == READOUT_DROPPED for r in per_rank):
+        raise CapacityExceeded(
+            "the server dropped this request's activations under memory pressure (readouts in "
+            "flight exceeded the workers' cap); retry the request", "steering.return_activations",
+            headers={"Retry-After": "1"})
     records = per_rank[0] or []  # every tensor-parallel rank computes the same values
     job.captured = [r for r in records if r[0] == "resid"]
     rows: dict[tuple[int, int], dict[str, float]] = {}

@@ -1,20 +1,18 @@
-"""HTTP plumbing shared by every route: request ids and counts, API-key auth, JSON bodies, and
+"""HTTP plumbing shared by every route: request ids and counts (keys: server/auth.py), JSON bodies, and
 server-sent-event streams that stop (and abort their engine request) when the client leaves."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthError, InvalidRequest
+from server.limits import parse_json
 from server.metrics import Metrics
 
 KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/steering", "/health",
@@ -54,28 +52,10 @@ class RequestIdAndMetrics:
             self.metrics.requests.labels(route, str(status)).inc()
 
 
-def api_key_dependency(key: str | None) -> Callable[[Request], None]:
-    """A FastAPI dependency: 401 unless the request carries ``Authorization: Bearer <key>``."""
-
-    def require_key(request: Request) -> None:
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise AuthError("Missing API key: send it as 'Authorization: Bearer <key>'", None,
-                            "missing_api_key")
-        if not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise AuthError("Incorrect API key provided", None, "invalid_api_key")
-    return require_key
-
-
 async def json_body(request: Request) -> Any:
-    """The request body parsed as JSON; 400 (never a dropped connection) when it is not."""
-    try:
-        return json.loads(await request.body())
-    except ValueError:
-        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    """The request body parsed as JSON; 400 (never a dropped connection) when it is not JSON, not
+    UTF-8 or nested too deep (:func:`server.limits.parse_json`)."""
+    return parse_json(await request.body())
 
 
 class DisconnectAwareStream(StreamingResponse):

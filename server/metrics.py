@@ -47,6 +47,22 @@ class Metrics:
         self.engine_unfinished = Gauge(
             "steer_engine_unfinished_requests", "Requests the engine has not finished (incl. n>1 children).",
             registry=r)
+        self.steering_rejected = Counter(
+            "steer_steering_rejected", "Steered requests refused with 429 before they started, by "
+            "reason: queue_full, timeout (slots), readout_budget.", ["reason"], registry=r)
+        self.readout_bytes = Gauge(
+            "steer_readout_bytes_in_flight", "Activation-readout bytes reserved by requests in "
+            "flight (return_activations, inspect).", registry=r)
+        # Keys and policies (server/auth.py): bounded labels, never a key's name.
+        self.policy_denials = Counter(
+            "steer_policy_denials", "Requests refused by a key's role or policy, by reason.",
+            ["reason"], registry=r)
+        self.rate_limited = Counter(
+            "steer_rate_limited", "Requests refused by a key's rate limit (requests or tokens).",
+            ["kind"], registry=r)
+        self.auth_failures = Counter(
+            "steer_auth_failures", "Requests without a valid API key, by error code.",
+            ["code"], registry=r)
 
     def bind(self, waiting: Callable[[], float], engine_unfinished: Callable[[], float]) -> None:
         """Read the waiting and engine gauges from live objects at scrape time."""

@@ -8,7 +8,7 @@ nothing a client sends is silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,33 @@ UNSUPPORTED_CHAT = (
 UNSUPPORTED_COMPLETION = ("logit_bias", "suffix", "echo", "best_of")
 UNSUPPORTED_MESSAGE = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
 SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
+
+# Bounds of request fields (beyond them: 400 naming the field). As vLLM's OpenAI server bounds
+# them where it does (seed within int64, at most 4 stop strings, 20 logprobs); elsewhere chosen
+# so that no value can overflow the engine's int64 transport or int32 token buffers, and so that
+# one body cannot make the tokenizer or the chat template loop over more than any context holds.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+INT32_MAX = 2**31 - 1
+MAX_LOGPROBS = 20
+"""``logprobs`` / ``top_logprobs`` / ``prompt_logprobs``: vLLM's default ``--max-logprobs``."""
+MAX_STOP = 4
+"""Stop strings per request (OpenAI's and vLLM's ``VLLM_MAX_STOP_STRINGS``)."""
+MAX_STOP_CHARS = 1024
+"""Characters per stop string (a stream holds back this many characters while it may match)."""
+MAX_USER_CHARS = 512
+"""Characters of ``user`` (an opaque end-user id)."""
+MAX_MESSAGES = 4096
+"""Messages per chat request, and text parts per message."""
+MAX_TEXT_CHARS = 2**22
+"""Characters of one message content or prompt string (4 Mi: ~1M tokens, above any context)."""
+MAX_PROMPT_TOKENS = 2**22
+"""Token ids of one prompt given as ids."""
+
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def _asks_for_nothing(name: str, value: Any) -> bool:
@@ -90,12 +117,12 @@ class RequestSteering(SteeringSpec):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -115,21 +142,21 @@ class _GenerationRequest(_Strict):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
+    seed: Int64 | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_USER_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extensions (vLLM sampling options and ours).
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Count = 0
     return_token_ids: bool = False
-    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     steering: RequestSteering | None = None
 
     def stop_list(self) -> list[str]:
@@ -142,11 +169,11 @@ class _GenerationRequest(_Strict):
 
 
 class ChatCompletionRequest(_GenerationRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def max_output(self) -> tuple[int | None, str]:
         """The output limit and the param it came from."""
@@ -171,9 +198,10 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: (Text | Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)] | list[Text]
+             | list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]])
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def max_output(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"

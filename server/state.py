@@ -14,6 +14,7 @@ from server.config import ServeConfig
 from server.engine import build_engine_args, create_engine, load_packs
 from server.errors import EngineUnavailable
 from server.metrics import Metrics
+from server.steering_limits import SteeringLimits, measure_layer_norms
 from steering.request import SteeringCompiler
 from steering.slots import SlotGate
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -35,6 +36,7 @@ class AppState:
     packs: Any = None  # steering.packs.registry.PackRegistry when steering is on
     experiments: Any = None  # server.experiments.manager.ExperimentManager (presets, A/B tests)
     gate: SlotGate | None = None
+    limits: SteeringLimits | None = None  # slot leases, readout budget, unseated audit
     startup_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -77,7 +79,15 @@ class AppState:
                 self.compiler = SteeringCompiler(
                     steering_cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
                     feature_source=self.packs)
-                self.gate = SlotGate(capacity=steering_cfg.max_slots)
+                self.compiler.max_vector_norm = cfg.max_steering_vector_norm
+                self.gate = SlotGate(capacity=steering_cfg.max_slots,
+                                     queue_timeout=cfg.steering_queue_timeout,
+                                     max_waiters=cfg.max_steering_waiters)
+                self.limits = SteeringLimits(
+                    self.gate, self.metrics, lambda: engine.collective_rpc,
+                    max_readout_bytes=cfg.max_readout_bytes,
+                    max_readout_bytes_total=cfg.max_readout_bytes_total)
+                await self._measure_layer_norms(engine)
             gate = self.gate
             self.metrics.bind(
                 waiting=lambda: gate.waiting if gate is not None else 0,
@@ -88,6 +98,21 @@ class AppState:
         self.engine = engine
         logger.info("engine ready: serving %s from %s (max_model_len=%d)",
                     self.served_names, path, self.max_model_len)
+
+    async def _measure_layer_norms(self, engine: AsyncLLM) -> None:
+        """The residual norms raw vectors are bounded by (steering/request.py); without them
+        only the float32 bounds apply, which is logged."""
+        compiler = self.compiler
+        assert compiler is not None
+        try:
+            compiler.layer_norms = await asyncio.wait_for(measure_layer_norms(
+                engine, self.tokenizer, compiler.layers_list, compiler.hidden_size), 300)
+        except Exception:  # noqa: BLE001  (serve anyway; raw vectors keep the float32 bounds)
+            logger.exception("steering: measuring the layers' residual norms failed; raw vectors "
+                             "are not bounded relative to the stream")
+            return
+        logger.info("steering: median residual norm per layer %s",
+                    {k: round(v, 1) for k, v in compiler.layer_norms.items()})
 
     def shutdown(self) -> None:
         if self.engine is not None:

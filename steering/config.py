@@ -28,6 +28,12 @@ class SteeringConfig:
     max_vectors: int = 32
     """Most raw vectors one request may carry."""
 
+    max_readout_bytes: int = 512 * 2**20
+    """A worker's hard cap on readout bytes held in all (``return_activations``, inspect); the
+    API server's admission budget (``--max-readout-bytes-total``) keeps them under it, and past
+    it the worker drops the oldest readout with a warning (its request then fails, never
+    truncates)."""
+
     def __post_init__(self) -> None:
         if self.max_slots < 1:
             raise ValueError("max_slots must be >= 1")

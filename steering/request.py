@@ -11,6 +11,19 @@ Only the delta is added: an SAE's reconstruction error never enters the stream.
 The spec's shape is checked by pydantic (:mod:`steering.spec`); here the checks that need the
 engine (layers, hidden size, bounds, feature names, the fields a mode needs). Any invalid field
 raises SteeringError with an OpenAI-style ``param`` path; nothing is applied.
+
+Raw vectors are bounded twice. Every value must be finite *after* the float32 cast the workers
+apply (1e39 is a finite JSON number but inf in float32), and so must ``scale·v``. And when the
+server measured its layers' residual-stream norms (``SteeringCompiler.layer_norms``: the median
+‖h‖ at each steerable layer, position 0 excluded — the calibration the packs use), an added
+``scale·v`` may be at most F × that norm and a clamp target at most F × that norm, with
+F = min(``max_vector_norm``, ``max_strength`` × DOSE_FRACTION): ``--max-steering-strength`` bounds
+a raw vector's dose exactly as it bounds a named feature's (strength s adds s/4 of the stream's
+norm). ``DEFAULT_MAX_VECTOR_NORM`` = 4: the bundled features degrade at ≈ 0.5 × ‖h‖ and collapse
+into gibberish by ≈ 2 × ‖h‖, so 4 × admits every useful dose (and experiments well past the
+collapse) while refusing pushes that only blow up the stream; a key's policy may pass a smaller
+F (``compile(..., max_vector_norm=)``). Without measured norms (unit tests) only the float32
+checks and an absolute bound (‖scale·v‖² finite in float32, what RMSNorm squares) apply.
 """
 
 from __future__ import annotations
@@ -25,11 +38,26 @@ import numpy as np
 
 from steering.config import SteeringConfig
 from steering.features import AmbiguousFeature, Feature, FeatureSource, Mode, UnknownFeature
+from steering.packs.manifest import DOSE_FRACTION
 from steering.program import SteeringProgram
 from steering.spec import FeatureSetting, SteeringError, SteeringSpec, VectorSpec
 from steering.wire import ApplyTo, WireRecord
 
 __all__ = ["CompiledSteering", "SteeringCompiler", "SteeringError"]
+
+DEFAULT_MAX_VECTOR_NORM = 4.0
+"""F: the largest ‖scale·v‖ (and |clamp target|) of a raw vector, in units of its layer's median
+residual norm (see the module docstring)."""
+FLOAT32_SAFE_NORM = float(np.sqrt(np.finfo(np.float32).max))
+"""‖scale·v‖ above this squares to inf in float32 (RMSNorm's mean of squares): refused always."""
+READOUT_RECORD_OVERHEAD = 224
+"""Bytes a worker spends per readout record beyond its float32 values (tuple, array header,
+position): measured with ``sys.getsizeof`` on CPython 3.11."""
+
+
+def readout_record_bytes(values: int) -> int:
+    """What one readout record of ``values`` float32 numbers costs a worker (its accounting unit)."""
+    return 4 * int(values) + READOUT_RECORD_OVERHEAD
 
 
 @dataclass
@@ -79,6 +107,17 @@ class CompiledSteering:
     def summary(self) -> dict[str, Any]:
         return {"hash": self.hash, "apply_to": self.apply_to, "applied": self.applied}
 
+    def readout_bytes(self, positions: int) -> int:
+        """Upper bound of what a worker holds for this request's readout over ``positions`` token
+        positions: per position one record per layer with clamp/scale/ablate entries (their
+        act values) and one per captured layer (its residual stream); 0 without a readout."""
+        if not self.return_activations:
+            return 0
+        per_position = sum(readout_record_bytes(lp.num_entries)
+                           for lp in self.program.layers.values() if lp.num_entries)
+        per_position += len(self.capture) * readout_record_bytes(self.program.hidden_size)
+        return int(positions) * per_position
+
 
 def _bounded(x: float, bound: float, param: str, what: str) -> float:
     if abs(x) > bound:
@@ -102,12 +141,24 @@ class SteeringCompiler:
         self.layers_list = cfg.steered_layers(num_layers)
         self.layers = set(self.layers_list)
         self.features = feature_source
+        self.layer_norms: dict[int, float] | None = None
+        """Median residual-stream norm per steerable layer, measured by the server at start;
+        None: raw vectors get no norm bound relative to the stream."""
+        self.max_vector_norm = DEFAULT_MAX_VECTOR_NORM
+        """The server's F (see the module docstring); a policy may pass a smaller one."""
 
     # -- entry point --------------------------------------------------------------------
-    def compile(self, payload: SteeringSpec | dict[str, Any] | None) -> CompiledSteering | None:
-        """None when the payload asks for nothing; SteeringError on any invalid field."""
+    def compile(self, payload: SteeringSpec | dict[str, Any] | None, *,
+                max_vector_norm: float | None = None) -> CompiledSteering | None:
+        """None when the payload asks for nothing; SteeringError on any invalid field.
+
+        ``max_vector_norm``: a stricter F for this request (a key's policy); the server's
+        ``self.max_vector_norm`` still applies when it is smaller."""
         if payload is None:
             return None
+        factor = min(self.max_vector_norm, self.cfg.max_strength * DOSE_FRACTION)
+        if max_vector_norm is not None:
+            factor = min(factor, float(max_vector_norm))
         spec = SteeringSpec.parse(payload)
         if len(spec.features) > self.cfg.max_features:
             raise SteeringError(
@@ -134,7 +185,7 @@ class SteeringCompiler:
             else:
                 labels.setdefault(item["layer"], []).append(item["feature"])
         for i, vector in enumerate(spec.vectors):
-            item = self._vector(program, i, vector)
+            item = self._vector(program, i, vector, factor)
             applied.append(item)
             if item["mode"] != "add":
                 labels.setdefault(item["layer"], []).append(f"vectors[{i}]")
@@ -211,7 +262,13 @@ class SteeringCompiler:
                     f"vector has {len(vector.values)} values; the model's hidden size is {d}",
                     f"{param}.values",
                 )
-            return vector.values
+            with np.errstate(over="ignore"):
+                v32 = np.asarray(vector.values, dtype=np.float32)
+            if not np.all(np.isfinite(v32)):
+                raise SteeringError(
+                    f"vector values must be finite in float32 (|x| <= {np.finfo(np.float32).max:.4g})",
+                    f"{param}.values")
+            return v32.astype(np.float64)
         try:
             buf = base64.b64decode(vector.base64, validate=True)
         except (binascii.Error, ValueError):
@@ -227,15 +284,32 @@ class SteeringCompiler:
             raise SteeringError("vector contains NaN or inf", f"{param}.base64")
         return v
 
-    def _vector(self, program: SteeringProgram, i: int, vector: VectorSpec) -> dict[str, Any]:
+    def _norm_bound(self, layer: int, factor: float) -> tuple[float, str]:
+        """The largest ‖scale·v‖ at ``layer`` and how to explain it."""
+        norm = (self.layer_norms or {}).get(layer)
+        if norm is None:
+            return FLOAT32_SAFE_NORM, "the float32 limit"
+        return factor * norm, (f"{factor:g} × the median residual norm at layer {layer} "
+                               f"({norm:.4g})")
+
+    def _vector(self, program: SteeringProgram, i: int, vector: VectorSpec,
+                factor: float = DEFAULT_MAX_VECTOR_NORM) -> dict[str, Any]:
         param = f"steering.vectors[{i}]"
         layer = self._check_layer(vector.layer, f"{param}.layer")
         mode = vector.mode
         v = self._decode_values(vector, param)
         scale = _bounded(vector.scale, self.cfg.max_strength, f"{param}.scale", "scale")
+        values_param = f"{param}.values" if vector.values is not None else f"{param}.base64"
         lp = program.at(layer)
         out: dict[str, Any] = {"vector": i, "layer": layer, "mode": mode}
         if mode == "add":
+            bound, why = self._norm_bound(layer, factor)
+            v_norm = float(np.linalg.norm(v))
+            norm = abs(scale) * v_norm
+            if not norm <= bound:
+                raise SteeringError(
+                    f"‖scale·v‖ = {norm:.4g} exceeds {bound:.4g} ({why})",
+                    values_param if v_norm > bound else f"{param}.scale")
             lp.add_vector(scale * v)
             out["scale"] = scale
             return out
@@ -247,6 +321,10 @@ class SteeringCompiler:
             if vector.target is None:
                 raise SteeringError("clamp needs a target activation", f"{param}.target")
             t = _bounded(vector.target, self.cfg.max_target, f"{param}.target", "target")
+            bound, why = self._norm_bound(layer, factor)
+            if abs(t) > bound:
+                raise SteeringError(f"|target| = {abs(t):.4g} exceeds {bound:.4g} ({why})",
+                                    f"{param}.target")
             lp.add_entry(unit, unit, alpha=-1.0, beta=t)
             out["target"] = t
         elif mode == "scale":

@@ -13,11 +13,21 @@ Semantics (token t, slot s = token_slots[t], stream x = hidden + residual):
     x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·dec[s,k]
 The op adds the delta to ``hidden`` in place; vLLM's next layer (or final norm) sums it with
 ``residual``, so the stream is steered exactly once.
+
+Requests the worker cannot seat (no free slot although the API server's gate admitted them, or a
+program that cannot be written) run on slot 0 and are recorded in :attr:`SteeringRuntime.unseated`
+for the API server to fail (see :mod:`steering.slots`); nothing a request carries can stop the
+engine.
+
+Readouts (``return_activations``, inspect) are filed in a :class:`steering.readouts.ReadoutStore`,
+bounded in bytes by ``SteeringConfig.max_readout_bytes``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +35,17 @@ import torch
 
 from steering.config import SteeringConfig
 from steering.program import SteeringProgram
-from steering.slots import SlotAllocator
+from steering.readouts import READOUT_DROPPED, Readout, ReadoutStore
+from steering.slots import SlotAllocator, SlotsExhausted
 from steering.wire import ApplyTo, WireRecord
 
 logger = logging.getLogger(__name__)
 
-MAX_READOUT_REQUESTS = 4096
+UNSEATED_TTL_S = 120.0
+"""An unseated record the API server did not collect is forgotten after this long."""
+MAX_UNSEATED = 4096
+"""Unseated request ids kept for the API server to collect (older ones expire after the TTL)."""
+__all__ = ["READOUT_DROPPED", "Readout", "SteeringRuntime", "get_runtime", "set_runtime"]
 GATHER_ABOVE_SLOTS = 64
 """With host gating, clamp entries are computed per token from gathered rows once more than this
 many slots (n_hi, slot 0 included) are in play; below it, matmuls over all their columns win.
@@ -78,11 +93,7 @@ class _ReqSteering:
     apply_to: int
     readout_key: str | None  # where post-steering activations are filed; None = not asked
     capture: frozenset[int] = frozenset()  # layers whose steered stream is filed too
-
-
-# A readout record: (kind, layer, position, values); kind "act" = act(h) of the slot's entries
-# after the op, "resid" = the residual stream after the op (for inspect).
-Readout = tuple[str, int, int, list[float]]
+    unseated: bool = False  # steered, but runs on slot 0: the API server fails it
 
 
 class SteeringRuntime:
@@ -118,7 +129,9 @@ class SteeringRuntime:
         self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
         self.allocator = SlotAllocator(cfg.max_slots)
         self.requests: dict[str, _ReqSteering] = {}
-        self.readouts: dict[str, list[Readout]] = {}
+        self.readouts = ReadoutStore(cfg.max_readout_bytes)
+        self.unseated: OrderedDict[str, float] = OrderedDict()  # request id → when it was refused
+        self.unseated_total = 0
         # Per-step host state.
         self.num_tokens = 0
         self.site_add = np.zeros(num_layers, dtype=bool)
@@ -160,30 +173,90 @@ class SteeringRuntime:
 
     # -- requests ---------------------------------------------------------------------------
     def admit(self, req_id: str, wire: WireRecord) -> _ReqSteering:
+        """Seat ``req_id`` (a slot for its program, its readout); a request that cannot be seated
+        is refused (:meth:`refuse`), never raised."""
         slot = 0  # a capture-only request (empty program) needs no slot
         if wire.steers:
-            slot, needs_write = self.allocator.acquire(req_id, wire.hash)
+            try:
+                slot, needs_write = self.allocator.acquire(req_id, wire.hash)
+            except SlotsExhausted as exc:
+                return self.refuse(req_id, str(exc), wire)
             if needs_write:
-                self.write_slot(slot, SteeringProgram.from_wire(wire.program))
+                try:
+                    self.write_slot(slot, SteeringProgram.from_wire(wire.program))
+                except Exception as exc:  # noqa: BLE001  (a bad program fails its request only)
+                    self._clear_slot(slot)
+                    self.allocator.evict(req_id)
+                    return self.refuse(req_id, f"its program could not be written: {exc}", wire)
         key = (wire.readout_key or req_id) if wire.readout else None
         capture = frozenset(x for x in wire.capture if x in self.tables)
         rs = _ReqSteering(slot=slot, apply_to=int(wire.apply_to), readout_key=key,
                           capture=capture if key is not None else frozenset())
         self.requests[req_id] = rs
         if key is not None:
-            self.readouts.setdefault(key, [])
-            while len(self.readouts) > MAX_READOUT_REQUESTS:
-                self.readouts.pop(next(iter(self.readouts)))
+            self.readouts.open(key)
         return rs
 
-    def release(self, req_ids) -> None:
-        for rid in req_ids:
-            if self.requests.pop(rid, None) is not None:
-                self.allocator.release(rid)
+    def refuse(self, req_id: str, reason: str, wire: WireRecord | None = None) -> _ReqSteering:
+        """Run ``req_id`` unsteered on slot 0 and record it as unseated, for the API server to
+        fail (``steering_take_unseated``): one failed request instead of a dead engine."""
+        logger.error("steering: request %s cannot be steered (%s); it runs on slot 0 and its API "
+                     "request is failed", req_id, reason)
+        self.unseated[req_id] = time.monotonic()
+        self.unseated_total += 1
+        while len(self.unseated) > MAX_UNSEATED:
+            self.unseated.popitem(last=False)
+        rs = _ReqSteering(slot=0, apply_to=int(wire.apply_to) if wire is not None else 0,
+                          readout_key=None, unseated=True)
+        self.requests[req_id] = rs
+        return rs
 
-    def pop_readout(self, key: str) -> list[Readout] | None:
-        """The readout records filed under ``key`` (see :data:`Readout`)."""
-        return self.readouts.pop(key, None)
+    def take_unseated(self, keys) -> list[str]:
+        """Those of ``keys`` (API request ids) whose worker request (``key``, ``key-<suffix>``, or
+        an ``n > 1`` child ``i_key…``) was refused; their records are forgotten."""
+        hits = []
+        for key in keys:
+            found = [rid for rid in self.unseated if key in rid]
+            for rid in found:
+                del self.unseated[rid]
+            if found:
+                hits.append(key)
+        return hits
+
+    def _clear_slot(self, slot: int) -> None:
+        """Every row of ``slot`` back to zeros (after a failed write)."""
+        for L, tab in self.tables.items():
+            tab.add[slot].zero_()
+            tab.clear_entries(slot, 0, self.k)
+            self.slot_add[slot, L] = False
+            self.slot_entries[slot, L] = 0
+
+    def release(self, req_ids) -> None:
+        now = time.monotonic()
+        for rid in req_ids:
+            rs = self.requests.pop(rid, None)
+            if rs is not None:
+                self.allocator.release(rid)
+                if rs.readout_key is not None:
+                    self.readouts.ended(rs.readout_key, now)
+        self.readouts.expire(now)
+        while self.unseated:
+            rid, when = next(iter(self.unseated.items()))
+            if now - when <= UNSEATED_TTL_S:
+                break
+            del self.unseated[rid]
+
+    @property
+    def readout_bytes(self) -> int:
+        return self.readouts.nbytes
+
+    def pop_readout(self, key: str) -> list[Readout] | str | None:
+        """See :meth:`steering.readouts.ReadoutStore.pop`."""
+        return self.readouts.pop(key)
+
+    def drop_readout(self, key: str) -> int:
+        """Free the readout filed under ``key`` unread; returns the bytes freed."""
+        return self.readouts.drop(key)
 
     # -- per step ---------------------------------------------------------------------------
     def begin_step(
@@ -306,14 +379,13 @@ class SteeringRuntime:
         vals = act.float().cpu().numpy()
         streams = xs.float().cpu().numpy() if self.site_capture[layer] else None
         for i, (key, pos, slot, capture) in enumerate(self._readout_meta):
-            out = self.readouts.get(key)
-            if out is None:
+            if key not in self.readouts:
                 continue
             k = int(self.slot_entries[slot, layer])
             if k:
-                out.append(("act", layer, pos, vals[i, :k].tolist()))
+                self.readouts.file(key, ("act", layer, pos, vals[i, :k].copy()))
             if streams is not None and layer in capture:
-                out.append(("resid", layer, pos, streams[i].tolist()))
+                self.readouts.file(key, ("resid", layer, pos, streams[i].copy()))
 
 
 _RUNTIME: SteeringRuntime | None = None

@@ -16,6 +16,19 @@ Private ones (this is why it is a shim, and why vLLM is pinned):
 
 Requests carry their compiled program as a :class:`steering.wire.WireRecord` in
 ``SamplingParams.extra_args["steering"]``.
+
+Nothing a request carries may stop the engine: an exception in a worker's step kills the engine
+core, and vLLM's V1 model runner cannot finish or fail one request from inside a step (requests
+end only by the scheduler's stop checks or an abort; ``FINISHED_ERROR`` is reserved to the
+scheduler's own grammar and KV-transfer failures). So a request the worker cannot seat — no free
+slot although the gate admitted it, a malformed record, a program that cannot be written — runs
+on slot 0 and is recorded as unseated (:meth:`steering.runtime.SteeringRuntime.refuse`); the API
+server, which knows which of its requests are steered, collects those ids once after each steered
+generation (``steering_take_unseated``) and fails that response (503 ``steering_unavailable``, or
+an error event before ``[DONE]`` in a stream). See :mod:`steering.slots`.
+
+Collective RPCs for the API server: ``steering_readout`` (pop a readout), ``steering_drop_readout``
+(free it unread), ``steering_take_unseated`` and ``steering_stats``.
 Supported: the V1 model runner (vLLM's default on CPU). Model Runner V2 is refused at start-up.
 """
 
@@ -31,7 +44,7 @@ import torch
 
 from steering.config import SteeringConfig
 from steering.runtime import SteeringRuntime, get_runtime, set_runtime
-from steering.wire import WireRecord
+from steering.wire import WireError, WireRecord
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +177,25 @@ class _SteeringWorkerMixin:
         rt = get_runtime()
         return None if rt is None else rt.pop_readout(key)
 
+    def steering_drop_readout(self, key: str) -> int:
+        """Free the readout filed under ``key`` unread (its request ended or was aborted)."""
+        rt = get_runtime()
+        return 0 if rt is None else rt.drop_readout(key)
+
+    def steering_take_unseated(self, keys: list[str]) -> list[str]:
+        """Those of ``keys`` (API request ids) this worker ran unsteered because it could not
+        seat them (see the module docstring)."""
+        rt = get_runtime()
+        return [] if rt is None else rt.take_unseated(keys)
+
     def steering_stats(self) -> dict[str, int]:
         rt = get_runtime()
         if rt is None:
-            return {"busy_slots": 0, "requests": 0}
-        return {"busy_slots": rt.allocator.busy, "requests": rt.allocator.active_requests}
+            return {"busy_slots": 0, "requests": 0, "readouts": 0, "readout_bytes": 0,
+                    "unseated_total": 0}
+        return {"busy_slots": rt.allocator.busy, "requests": rt.allocator.active_requests,
+                "readouts": len(rt.readouts), "readout_bytes": rt.readout_bytes,
+                "unseated_total": rt.unseated_total}
 
 
 def _hook_runner(runner, rt: SteeringRuntime) -> None:
@@ -196,11 +223,9 @@ def _hook_runner(runner, rt: SteeringRuntime) -> None:
             rs = rt.requests.get(rid)
             state = runner.requests[rid]
             if rs is None:
-                sp = state.sampling_params
-                wire = WireRecord.from_extra_args(sp.extra_args) if sp is not None else None
-                if wire is None:
+                rs = _seat(rt, rid, state.sampling_params)
+                if rs is None:
                     continue
-                rs = rt.admit(rid, wire)
             req_slots[i] = rs.slot
             apply_to[i] = rs.apply_to
             num_prompt[i] = state.num_prompt_tokens
@@ -218,6 +243,22 @@ def _hook_runner(runner, rt: SteeringRuntime) -> None:
 
     runner.execute_model = execute_model
     runner._prepare_inputs = _prepare_inputs
+
+
+def _seat(rt: SteeringRuntime, rid: str, sp):
+    """``rid``'s steering state on its first step, None when it is unsteered; whatever goes wrong
+    fails this request (runs on slot 0, reported to the API server), never the step."""
+    try:
+        wire = WireRecord.from_extra_args(sp.extra_args) if sp is not None else None
+    except WireError as exc:
+        return rt.refuse(rid, str(exc))
+    if wire is None:
+        return None
+    try:
+        return rt.admit(rid, wire)
+    except Exception as exc:  # noqa: BLE001  (one request's problem must not stop the engine)
+        logger.exception("steering: admitting %s failed", rid)
+        return rt.refuse(rid, f"{type(exc).__name__}: {exc}", wire)
 
 
 def _worker_base(kind: str):

@@ -6,18 +6,20 @@ the store, and the calls the app and routes make.
 * the admin API (:mod:`.routes`): create / change / delete presets and experiments, feedback,
   results — checking what the models (:mod:`.models`) cannot: whether a variant's preset exists
   and whether steering compiles on this engine;
-* the store, which is only ever called off the event loop, on one thread (:meth:`call`,
-  :meth:`submit`); when it fails, requests are still served and the failure is counted.
+* the store, which is only ever called off the event loop, on one thread with a bounded queue
+  (:mod:`.writer`): admin calls (:meth:`call`) wait at most ``call_timeout_s`` and fail fast with
+  503 ``store_unavailable``; exposures (:meth:`record`) are fire and forget, retried a bounded
+  number of times, and counted in ``steer_experiment_exposures_lost_total{reason}`` when they
+  cannot be stored. When the store fails, requests are still served and the failure is counted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,15 @@ from server.experiments.models import (
 from server.experiments.presets import Presets, presets_file
 from server.experiments.recording import ExperimentMetrics
 from server.experiments.routing import Routing
-from server.experiments.store import DB_ENV, ExperimentStore, UnavailableStore, default_data_dir, redact
+from server.experiments.store import (
+    DB_ENV,
+    ExperimentStore,
+    Exposure,
+    UnavailableStore,
+    default_data_dir,
+    redact,
+)
+from server.experiments.writer import QueueFull, StoreWriter, WriteLimits, WriterClosed
 from steering.spec import SteeringError, SteeringSpec
 
 if TYPE_CHECKING:
@@ -51,8 +61,10 @@ logger = logging.getLogger(__name__)
 class ExperimentManager:
     """Owns presets, experiments, the store and the experiment metrics of one server."""
 
-    def __init__(self, state: AppState, store: ExperimentStore | None = None) -> None:
+    def __init__(self, state: AppState, store: ExperimentStore | None = None,
+                 limits: WriteLimits | None = None) -> None:
         self.state = state
+        self.limits = limits or WriteLimits()
         cfg = state.config
         if store is None:
             url = getattr(cfg, "experiments_db", None) or os.environ.get(DB_ENV) or None
@@ -63,7 +75,7 @@ class ExperimentManager:
                 logger.error("experiment store %s unavailable: %s", redact(url) if url else data_dir, exc)
                 store = UnavailableStore(exc)
         self.store = store
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-ab-store")
+        self.writer = StoreWriter(self.limits.max_pending)
         self.metrics = ExperimentMetrics(state.metrics.registry, lambda name: name in self.experiments)
         self._presets = Presets(*presets_file(cfg))
         self.experiments: dict[str, Experiment] = {}
@@ -103,27 +115,64 @@ class ExperimentManager:
         logger.error("experiment store %s failed: %s", op, exc)
 
     async def call(self, op: str, fn: Any, *args: Any) -> Any:
-        """Run a store method off the event loop; StoreUnavailable (503) if it fails."""
-        loop = asyncio.get_running_loop()
+        """Run a store method on the store thread and wait at most ``call_timeout_s`` for it;
+        StoreUnavailable (503) if the queue is full, it fails or it does not answer in time (a
+        call that timed out before it started never runs). The database's own error is logged,
+        never sent."""
         try:
-            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+            fut = self.writer.submit(fn, *args)
+        except (QueueFull, WriterClosed) as exc:
+            self._store_failed(op, exc)
+            raise StoreUnavailable("the experiment store is busy; retry shortly") from None
+        timeout = self.limits.call_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            self._store_failed(op, TimeoutError(f"no answer within {timeout:g} s"))
+            raise StoreUnavailable(f"the experiment store did not answer within {timeout:g} s; "
+                                   "retry shortly (the change may or may not have been applied)") \
+                from None
         except Exception as exc:  # noqa: BLE001
             self._store_failed(op, exc)
-            raise StoreUnavailable(f"the experiment store failed: {exc}") from None
+            raise StoreUnavailable("the experiment store is unavailable; retry shortly") from None
 
-    def submit(self, op: str, fn: Any, *args: Any) -> None:
-        """Fire and forget (in order, on the store thread); failures are counted and logged."""
-        def done(fut: Any) -> None:
-            exc = fut.exception()
-            if exc is not None:
-                self._store_failed(op, exc)
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every store call queued so far has run (tests, shutdown)."""
+        self.writer.drain(timeout)
+
+    def record(self, e: Exposure) -> None:
+        """Hand exposure ``e`` to the store thread (fire and forget): never blocks; when the
+        queue is full it is counted as lost at once."""
         try:
-            self._pool.submit(fn, *args).add_done_callback(done)
-        except RuntimeError as exc:  # executor shut down
-            self._store_failed(op, exc)
+            self.writer.submit(self._write_exposure, e)
+        except QueueFull:
+            self.metrics.exposure_lost("queue_full")
+            logger.warning("experiment exposure %s lost: the store queue is full", e.response_id)
+        except WriterClosed:
+            self.metrics.exposure_lost("shutdown")
+
+    def _write_exposure(self, e: Exposure) -> None:
+        """On the store thread: write ``e``, retrying with backoff; count it when it is lost."""
+        attempts = 1 if isinstance(self.store, UnavailableStore) else max(1, self.limits.exposure_attempts)
+        for attempt in range(attempts):
+            try:
+                written = self.store.record_exposure(e)
+            except Exception as exc:  # noqa: BLE001
+                if attempt + 1 < attempts and not self.writer.closing:
+                    time.sleep(self.limits.retry_backoff_s * 2 ** attempt)
+                    continue
+                self._store_failed("exposure", exc)
+                self.metrics.exposure_lost("store_error")
+                return
+            if written is False:
+                self.metrics.exposure_lost("experiment_deleted")
+            return
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        left = self.writer.close(self.limits.close_timeout_s)
+        if left:
+            self.metrics.exposure_lost("shutdown", left)
         try:
             self.store.close()
         except Exception:  # noqa: BLE001
@@ -181,9 +230,9 @@ class ExperimentManager:
         if new.name in self.experiments:
             raise Conflict(f"an experiment named {new.name!r} exists", "name")
         exp = Experiment(name=new.name, unit=new.unit, description=new.description,
-                         variants=variants, status=new.status)
+                         variants=variants, status=new.status, id=uuid.uuid4().hex)
         await self.call("admin", self.store.put_experiment, exp.name,
-                        exp.model_dump(mode="json", exclude={"created"}), exp.status)
+                        exp.model_dump(mode="json", exclude={"created", "id"}), exp.status, exp.id)
         exp = exp.model_copy(update={"created": time.time()})
         self.experiments[exp.name] = exp
         return exp
@@ -207,9 +256,9 @@ class ExperimentManager:
         self.metrics.forget(name, (v.name for v in exp.variants))
 
     async def feedback(self, name: str, fb: Feedback) -> dict[str, Any]:
-        self.get_experiment(name)
-        result = await self.call("feedback", self.store.record_feedback, name, fb.response_id,
-                                 fb.score, fb.label)
+        exp = self.get_experiment(name)
+        result = await self.call("feedback", self.store.record_feedback, exp.id or exp.name,
+                                 fb.response_id, fb.score, fb.label)
         if result is None:
             raise NotFound(f"experiment {name!r} recorded no response {fb.response_id!r}", "response_id")
         status, variant = result
@@ -222,7 +271,7 @@ class ExperimentManager:
         from server.experiments.stats import results
 
         exp = self.get_experiment(name)
-        obs = await self.call("results", self.store.observations, name)
+        obs = await self.call("results", self.store.observations, exp.id or exp.name)
         return results(exp.model_dump(mode="json"), obs)
 
     # -- requests ------------------------------------------------------------------------
@@ -232,20 +281,31 @@ class ExperimentManager:
                  "parent": base, "root": base, "preset": name}
                 for base in self.state.served_names for name in sorted(self.presets)]
 
-    def route(self, req: Any, headers: Any) -> Routing:
-        """Resolve presets / experiments of ``req`` in place (:func:`.routing.route`)."""
+    def route(self, req: Any, headers: Any, *, admin: bool = False) -> Routing:
+        """Resolve presets / experiments of ``req`` in place (:func:`.routing.route`); ``admin``:
+        the caller's key is an admin's (it may override an experiment variant's steering)."""
         return routing.route(req, headers, served_names=self.state.served_names,
-                             presets=self.presets, experiments=self.experiments, packs=self.state.packs)
+                             presets=self.presets, experiments=self.experiments,
+                             packs=self.state.packs, admin=admin)
 
     def finish(self, routed: Routing, job: Job, prompt_tokens: int,
-               body: dict[str, Any] | None = None) -> None:
-        """Add the ``experiment`` body field and record the exposure (off the event loop)."""
+               body: dict[str, Any] | None = None, *, outcome: str = "ok") -> None:
+        """Add the ``experiment`` body field and record the exposure (off the event loop) with
+        its ``outcome``: ``ok`` (completed), ``failed`` (an error ended it) or ``aborted`` (the
+        client went away); an admin's override is recorded as ``excluded``. Only the first call
+        for a response records. An exposure whose experiment was deleted (or replaced by a new
+        one of the same name) since it was routed is counted as lost, never written."""
         if routed.experiment is None:
             return
         if body is not None:
             body["experiment"] = routed.body_field()
-        if not routed.record:
+        if not routed.record or routed.finished:
             return
-        e = recording.exposure(routed, job, prompt_tokens)
+        routed.finished = True
+        current = self.experiments.get(routed.experiment)
+        if current is None or (current.id or current.name) != routed.experiment_id:
+            self.metrics.exposure_lost("experiment_deleted")
+            return
+        e = recording.exposure(routed, job, prompt_tokens, "excluded" if routed.excluded else outcome)
         self.metrics.exposed(e)
-        self.submit("exposure", self.store.record_exposure, e)
+        self.record(e)

@@ -38,6 +38,10 @@ from steering.spec import Number, SteeringSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 MAX_VARIANTS = 16
+MAX_WEIGHT = 1e6
+"""A variant's weight is finite and in (0, MAX_WEIGHT]."""
+MAX_SCORE = 1e6
+"""A feedback score is finite and in [-MAX_SCORE, MAX_SCORE]."""
 
 Name = Annotated[StrictStr, StringConstraints(pattern=NAME_PATTERN)]
 """A preset, experiment or variant name: it appears in model names and URLs."""
@@ -156,8 +160,8 @@ class Variant(_Model):
     """The preset it serves; the experiment keeps a snapshot of the preset's steering."""
     steering: Steering | None = None
     """Its steering (a preset's snapshot, or given inline); none: the unsteered model."""
-    weight: Number = Field(1.0, gt=0)
-    """Relative share of the units assigned to it (finite, > 0)."""
+    weight: Number = Field(1.0, gt=0, le=MAX_WEIGHT)
+    """Relative share of the units assigned to it (finite, 0 < weight <= 1e6)."""
     control: StrictBool = False
     """The baseline the other variants are compared with; served while paused or stopped."""
 
@@ -216,8 +220,19 @@ class NewExperiment(_ExperimentFields):
 class Experiment(_ExperimentFields):
     """A stored experiment (its preset variants carry their steering snapshot)."""
 
+    id: StrictStr | None = None
+    """Set by the server at creation (a uuid; an experiment stored before ids existed has its
+    name): an experiment deleted and created again under the same name is another experiment,
+    and its exposures, feedback and results are its own."""
     created: float | None = None
     """Creation time (unix seconds)."""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_id(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("id", "") is None:
+            del out["id"]
+        return out
 
 
 class ExperimentPatch(_Model):
@@ -232,8 +247,8 @@ class Feedback(_Model):
 
     response_id: Annotated[StrictStr, StringConstraints(min_length=1)]
     """The ``id`` of a response the experiment recorded."""
-    score: Number | None = None
-    """Any finite number (higher is better)."""
+    score: Annotated[Number, Field(ge=-MAX_SCORE, le=MAX_SCORE)] | None = None
+    """A finite number in [-1e6, 1e6] (higher is better)."""
     label: Label | None = None
 
     @model_validator(mode="after")

@@ -1,8 +1,11 @@
-"""What an experiment records: one exposure per completed response, and its Prometheus counters.
+"""What an experiment records: one exposure per response that reached the engine (with its
+outcome: ok, failed, aborted or excluded), and its Prometheus counters.
 
 The counters are labelled by experiment and variant. Labels are bounded: the first
 :data:`MAX_LABELLED_EXPERIMENTS` experiments that record get their own, the rest count under
-``_other``; deleting an experiment frees its labels.
+``_other``; deleting an experiment frees its labels. An exposure that could not be stored is
+never dropped silently: ``steer_experiment_exposures_lost_total{reason}`` counts it, ``reason``
+one of :data:`LOST_REASONS`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,21 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 from server.experiments.routing import Routing
-from server.experiments.store import Exposure
+from server.experiments.store import OUTCOMES, Exposure
 
 if TYPE_CHECKING:
     from server.generation import Job
 
 MAX_LABELLED_EXPERIMENTS = 32
 OTHER = "_other"
+LOST_REASONS = ("queue_full", "store_error", "experiment_deleted", "shutdown")
+"""Why an exposure was not stored: the writer's queue was full; the store failed on every try;
+its experiment was deleted (or replaced by a new one of the same name) before it was written;
+the server stopped before it was written."""
 
 
-def exposure(routing: Routing, job: Job, prompt_tokens: int) -> Exposure:
-    """The exposure of the response ``job`` produced, as routed by ``routing``; now completed."""
+def exposure(routing: Routing, job: Job, prompt_tokens: int, outcome: str = "ok") -> Exposure:
+    """The exposure of the response ``job`` produced, as routed by ``routing``; now ended."""
     now_wall, now = time.time(), time.monotonic()
     latency = now - job.arrival
     return Exposure(
@@ -32,7 +39,8 @@ def exposure(routing: Routing, job: Job, prompt_tokens: int) -> Exposure:
         unit_hash=routing.unit_hash or "", unit_kind=routing.unit_kind or "random",
         started=now_wall - latency, finished=now_wall, prompt_tokens=prompt_tokens,
         generated_tokens=int(getattr(job, "generated_tokens", 0)), latency_s=latency,
-        finish_reason=getattr(job, "finish_reason", None))
+        finish_reason=getattr(job, "finish_reason", None), experiment_id=routing.experiment_id,
+        outcome=outcome)
 
 
 class ExperimentMetrics:
@@ -49,6 +57,15 @@ class ExperimentMetrics:
                               ["experiment", "variant"], registry=registry)
         self.feedback = Counter("steer_experiment_feedback", "Feedback received per variant.",
                                 ["experiment", "variant"], registry=registry)
+        self.unsuccessful = Counter("steer_experiment_unsuccessful_requests",
+                                    "Experiment exposures that failed, were aborted or were excluded"
+                                    " (not counted in steer_experiment_requests).",
+                                    ["experiment", "variant", "outcome"], registry=registry)
+        self.lost = Counter("steer_experiment_exposures_lost",
+                            "Experiment exposures that were not stored, by reason.",
+                            ["reason"], registry=registry)
+        for reason in LOST_REASONS:
+            self.lost.labels(reason)
         self.store_errors = Counter("steer_experiment_store_errors",
                                     "Failed experiment-store operations (requests were still served).",
                                     ["op"], registry=registry)
@@ -64,8 +81,14 @@ class ExperimentMetrics:
 
     def exposed(self, e: Exposure) -> None:
         labels = self.labels(e.experiment, e.variant)
+        if e.outcome != "ok":
+            self.unsuccessful.labels(*labels, e.outcome).inc()
+            return
         self.requests.labels(*labels).inc()
         self.tokens.labels(*labels).inc(e.generated_tokens)
+
+    def exposure_lost(self, reason: str, n: int = 1) -> None:
+        self.lost.labels(reason).inc(n)
 
     def feedback_received(self, experiment: str, variant: str) -> None:
         self.feedback.labels(*self.labels(experiment, variant)).inc()
@@ -79,9 +102,10 @@ class ExperimentMetrics:
             return
         self._labelled.discard(experiment)
         names = list(variants)
-        for counter in (self.requests, self.tokens, self.feedback):
-            for variant in names:
-                try:
-                    counter.remove(experiment, variant)
-                except KeyError:
-                    pass
+        series = [(c, (experiment, v)) for c in (self.requests, self.tokens, self.feedback) for v in names]
+        series += [(self.unsuccessful, (experiment, v, o)) for v in names for o in OUTCOMES[1:]]
+        for counter, labels in series:
+            try:
+                counter.remove(*labels)
+            except KeyError:
+                pass

@@ -56,8 +56,12 @@ def _body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def experiments_router(state: AppState, dependencies: list) -> APIRouter:
+def experiments_router(state: AppState, dependencies: list, admin: list | None = None) -> APIRouter:
+    """``dependencies`` guard every route (any key); ``admin`` also guards the routes that change
+    presets or experiments and read results (server/auth.py: a ``user`` key reads and sends
+    feedback)."""
     r = APIRouter(dependencies=dependencies)
+    admin = admin or []
 
     def mgr():
         return state.experiments
@@ -74,7 +78,7 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
     async def list_presets() -> dict[str, Any]:
         return {"object": "list", "data": [preset_view(p) for _, p in sorted(mgr().presets.items())]}
 
-    @r.post("/v1/presets", openapi_extra=_body(NewPreset))
+    @r.post("/v1/presets", dependencies=admin, openapi_extra=_body(NewPreset))
     async def create_preset(request: Request) -> dict[str, Any]:
         new = NewPreset.model_validate(await json_body(request))
         return preset_view(await mgr().create_preset(new))
@@ -83,7 +87,7 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
     async def get_preset(name: str) -> dict[str, Any]:
         return preset_view(mgr().get_preset(name))
 
-    @r.delete("/v1/presets/{name}")
+    @r.delete("/v1/presets/{name}", dependencies=admin)
     async def delete_preset(name: str) -> dict[str, Any]:
         await mgr().delete_preset(name)
         return {"id": name, "object": "preset", "deleted": True}
@@ -92,7 +96,7 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
     async def list_experiments() -> dict[str, Any]:
         return {"object": "list", "data": [experiment_view(e) for e in mgr().experiments.values()]}
 
-    @r.post("/v1/experiments", openapi_extra=_body(NewExperiment))
+    @r.post("/v1/experiments", dependencies=admin, openapi_extra=_body(NewExperiment))
     async def create_experiment(request: Request) -> dict[str, Any]:
         new = NewExperiment.model_validate(await json_body(request))
         return experiment_view(await mgr().create_experiment(new))
@@ -101,13 +105,13 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
     async def get_experiment(name: str) -> dict[str, Any]:
         return experiment_view(mgr().get_experiment(name))
 
-    @r.patch("/v1/experiments/{name}", openapi_extra=_body(ExperimentPatch))
+    @r.patch("/v1/experiments/{name}", dependencies=admin, openapi_extra=_body(ExperimentPatch))
     async def patch_experiment(name: str, request: Request) -> dict[str, Any]:
         body = await json_body(request)
         mgr().get_experiment(name)
         return experiment_view(await mgr().patch_experiment(name, ExperimentPatch.model_validate(body)))
 
-    @r.delete("/v1/experiments/{name}")
+    @r.delete("/v1/experiments/{name}", dependencies=admin)
     async def delete_experiment(name: str) -> dict[str, Any]:
         await mgr().delete_experiment(name)
         return {"id": name, "object": "experiment", "deleted": True}
@@ -118,7 +122,7 @@ def experiments_router(state: AppState, dependencies: list) -> APIRouter:
         mgr().get_experiment(name)
         return await mgr().feedback(name, Feedback.model_validate(body))
 
-    @r.get("/v1/experiments/{name}/results")
+    @r.get("/v1/experiments/{name}/results", dependencies=admin)
     async def results(name: str) -> dict[str, Any]:
         return await mgr().results(name)
 

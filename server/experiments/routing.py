@@ -9,8 +9,16 @@ concatenated (earlier first), ``apply_to`` and ``return_activations`` are replac
 An experiment is entered with ``"steering": {"experiment": NAME}`` or ``model: "<base>:exp/NAME"``.
 A running experiment assigns the unit (the OpenAI ``user`` field, else the ``x-steer-user`` header,
 else a random id per request) to a variant by :func:`server.experiments.assign.assign`; its
-exposure is recorded when the response completes. A paused or stopped experiment serves its
-control variant and records nothing.
+exposure is recorded when the response ends, with its outcome. A paused or stopped experiment
+serves its control variant and records nothing.
+
+Inside an experiment the variant's steering is what is measured, so a request there may not
+add steering of its own (``features``, ``vectors``, ``apply_to``, ``return_activations``) nor a
+preset (``<base>:<preset>`` with ``steering.experiment``): a user's request that does is refused
+with 403 ``permission_denied`` (param ``steering``, or ``model`` for the preset) and nothing runs.
+An admin's request may: it is served with the override, marked (``experiment.excluded: true`` in
+the body, header ``x-steer-excluded: true``) and recorded with the outcome ``excluded``, so that
+results count it per variant but never score it.
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import InvalidRequest, ModelNotFound, NotFound
+from server.errors import InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from server.experiments import assign
 from server.experiments.models import Experiment, Preset, Variant
 from steering.spec import SteeringSpec, merge
 
 USER_HEADER = "x-steer-user"
+EXCLUDED_HEADER = "x-steer-excluded"
 EXPERIMENT_MODEL = "exp/"
 """``<base>:exp/NAME`` names an experiment; ``<base>:NAME`` a preset."""
 
@@ -37,30 +46,46 @@ class Routing:
     model: str | None = None
     """The model name as the request gave it (``<base>:<preset>``), echoed in the response."""
     experiment: str | None = None
+    experiment_id: str | None = None
+    """The id of the experiment that assigned the variant (its exposure is written to that one)."""
     variant: str | None = None
     unit_hash: str | None = None
     """sha256 of the assigned unit (never the raw id)."""
     unit_kind: str | None = None
     """user, header or random: where the unit came from."""
     record: bool = False
-    """Record an exposure when the response completes (the experiment is running)."""
+    """Record an exposure when the response ends (the experiment is running)."""
+    excluded: bool = False
+    """An admin overrode the variant's steering: served, but never scored in the results."""
+    finished: bool = False
+    """The exposure was handed over (a response ends once)."""
+    own: SteeringSpec | None = None
+    """The request's own steering layer, before presets and variants were merged under it (what a
+    key's policy checks in full: :func:`server.policy.check`)."""
 
     def headers(self) -> dict[str, str]:
         if self.experiment is None:
             return {}
-        return {"x-steer-experiment": self.experiment, "x-steer-variant": self.variant or ""}
+        out = {"x-steer-experiment": self.experiment, "x-steer-variant": self.variant or ""}
+        if self.excluded:
+            out[EXCLUDED_HEADER] = "true"
+        return out
 
-    def body_field(self) -> dict[str, str] | None:
+    def body_field(self) -> dict[str, Any] | None:
         if self.experiment is None:
             return None
-        return {"name": self.experiment, "variant": self.variant or ""}
+        out: dict[str, Any] = {"name": self.experiment, "variant": self.variant or ""}
+        if self.excluded:
+            out["excluded"] = True
+        return out
 
 
 def route(req: Any, headers: Mapping[str, str] | None, *, served_names: Sequence[str],
           presets: Mapping[str, Preset], experiments: Mapping[str, Experiment],
-          packs: Any = None) -> Routing:
+          packs: Any = None, admin: bool = False) -> Routing:
     """Resolve presets / experiments of ``req`` in place: ``req.model`` becomes the base model
-    and ``req.steering`` the merged steering (without its ``experiment``)."""
+    and ``req.steering`` the merged steering (without its ``experiment``). ``admin``: the caller's
+    key is an admin's, who may override a variant's steering (see the module docstring)."""
     routing = Routing()
     preset, exp_name = _model_suffix(req, routing, served_names, presets, experiments)
     steering = req.steering
@@ -76,15 +101,35 @@ def route(req: Any, headers: Mapping[str, str] | None, *, served_names: Sequence
         exp_name = named
     variant_layer = None
     if exp_name is not None:
-        variant = _assign(experiments[exp_name], req, headers, routing)
+        override = _override(steering, preset)
+        if override is not None and not admin:
+            raise PermissionDenied(
+                f"a request inside experiment {exp_name!r} runs its variant's steering as it is: "
+                f"{'a preset model' if override == 'model' else 'steering of its own'} may not be "
+                "added (only an admin key may, and its response is excluded from the results)",
+                override)
+        exp = experiments[exp_name]
+        variant = _assign(exp, req, headers, routing)
         routing.experiment, routing.variant = exp_name, variant.name
+        routing.experiment_id, routing.excluded = exp.id or exp.name, override is not None
         variant_layer = variant.steering
+    routing.own = steering
     preset_layer = preset.steering if preset is not None else None
     if preset_layer is not None or variant_layer is not None:
         req.steering = merge(*(canonical(x, packs) for x in (preset_layer, variant_layer, steering)))
     elif steering is not req.steering:
         req.steering = steering
     return routing
+
+
+def _override(own: SteeringSpec | None, preset: Preset | None) -> str | None:
+    """The param of what a request adds to its experiment variant's steering (None: nothing)."""
+    if preset is not None:
+        return "model"
+    if own is not None and (own.features or own.vectors
+                            or own.model_fields_set & {"apply_to", "return_activations"}):
+        return "steering"
+    return None
 
 
 def _model_suffix(req: Any, routing: Routing, served_names: Sequence[str],

@@ -5,6 +5,10 @@
 * generated tokens and latency: p50 / p95.
 * sample-ratio mismatch: chi-square of the observed split against the weights; warns at p < 0.001.
 
+Only exposures whose outcome is ``ok`` are measured (``n`` and everything above). Those that
+failed, were aborted by their client or were excluded (an admin overrode the variant's steering)
+are counted per variant under ``outcomes``; the sample-ratio check counts every assignment.
+
 The statistics themselves live in :mod:`server.stats`.
 """
 
@@ -13,6 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from server.stats import SRM_ALPHA, mean_ci, percentile, srm_check, two_proportion_p, welch_p
+
+UNSCORED = ("failed", "aborted", "excluded")
+"""Exposure outcomes counted per variant but never measured."""
 
 
 def _variant_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -53,20 +60,29 @@ def results(experiment: dict[str, Any], observations: list[dict[str, Any]]) -> d
     """The results body for ``experiment`` (its spec) from the store's observations."""
     variants = experiment["variants"]
     by: dict[str, list[dict[str, Any]]] = {v["name"]: [] for v in variants}
+    others: dict[str, dict[str, int]] = {v["name"]: dict.fromkeys(UNSCORED, 0) for v in variants}
     for o in observations:
-        if o["variant"] in by:
+        if o["variant"] not in by:
+            continue
+        outcome = o.get("outcome") or "ok"
+        if outcome == "ok":
             by[o["variant"]].append(o)
+        else:
+            counts = others[o["variant"]]
+            counts[outcome] = counts.get(outcome, 0) + 1
     control = next(v["name"] for v in variants if v.get("control"))
     sums = {name: _variant_summary(rows) for name, rows in by.items()}
     out_variants = []
     for v in variants:
         s = sums[v["name"]]
         item = {"name": v["name"], "control": bool(v.get("control")), "weight": v["weight"],
-                **{k: val for k, val in s.items() if not k.startswith("_")}}
+                **{k: val for k, val in s.items() if not k.startswith("_")},
+                "outcomes": others[v["name"]]}
         if v["name"] != control:
             item["vs_control"] = _vs_control(s, sums[control])
         out_variants.append(item)
-    srm = srm_check([sums[v["name"]]["n"] for v in variants], [v["weight"] for v in variants])
+    assigned = [sums[v["name"]]["n"] + sum(others[v["name"]].values()) for v in variants]
+    srm = srm_check(assigned, [v["weight"] for v in variants])
     warnings = []
     if srm["mismatch"]:
         warnings.append(f"sample ratio mismatch: the observed split departs from the weights "

@@ -76,7 +76,27 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX feedback_by_experiment ON feedback (experiment);
     """,
+    # 3: experiment identity (an experiment deleted and created again under its name is another
+    #    one: exposures and feedback name the id), and each exposure's outcome. Experiments of
+    #    older servers keep their name as their id.
+    """
+    ALTER TABLE experiments ADD COLUMN id TEXT;
+    UPDATE experiments SET id = name;
+    CREATE UNIQUE INDEX experiments_by_id ON experiments (id);
+    ALTER TABLE exposures ADD COLUMN experiment_id TEXT;
+    UPDATE exposures SET experiment_id = experiment;
+    ALTER TABLE exposures ADD COLUMN outcome TEXT NOT NULL DEFAULT 'ok';
+    CREATE INDEX exposures_by_experiment_id ON exposures (experiment_id, variant);
+    ALTER TABLE feedback ADD COLUMN experiment_id TEXT;
+    UPDATE feedback SET experiment_id = experiment;
+    CREATE INDEX feedback_by_experiment_id ON feedback (experiment_id);
+    """,
 ]
+
+OUTCOMES = ("ok", "failed", "aborted", "excluded")
+"""What became of an exposure: ``ok`` (the response completed), ``failed`` (an error ended it),
+``aborted`` (the client went away), ``excluded`` (an admin overrode the variant's steering).
+Only ``ok`` exposures enter the results' scores."""
 
 
 def default_data_dir() -> Path:
@@ -95,6 +115,7 @@ class Exposure:
 
     response_id: str
     experiment: str
+    """The experiment's name (as served)."""
     variant: str
     unit_hash: str
     unit_kind: str  # "user" | "header" | "random"
@@ -104,6 +125,10 @@ class Exposure:
     generated_tokens: int
     latency_s: float
     finish_reason: str | None
+    experiment_id: str | None = None
+    """The id of the experiment that assigned it (None: its name, as for pre-id experiments)."""
+    outcome: str = "ok"
+    """One of :data:`OUTCOMES`."""
 
 
 class ExperimentStore:
@@ -114,13 +139,14 @@ class ExperimentStore:
     def put_preset(self, name: str, spec: dict[str, Any]) -> None: raise NotImplementedError
     def delete_preset(self, name: str) -> None: raise NotImplementedError
     def list_experiments(self) -> list[dict[str, Any]]: raise NotImplementedError
-    def put_experiment(self, name: str, spec: dict[str, Any], status: str) -> None: raise NotImplementedError
+    def put_experiment(self, name: str, spec: dict[str, Any], status: str,
+                       experiment_id: str | None = None) -> None: raise NotImplementedError
     def set_status(self, name: str, status: str) -> None: raise NotImplementedError
     def delete_experiment(self, name: str) -> None: raise NotImplementedError
-    def record_exposure(self, e: Exposure) -> None: raise NotImplementedError
-    def record_feedback(self, experiment: str, response_id: str, score: float | None,
+    def record_exposure(self, e: Exposure) -> bool: raise NotImplementedError
+    def record_feedback(self, experiment_id: str, response_id: str, score: float | None,
                         label: str | None) -> tuple[str, str] | None: raise NotImplementedError
-    def observations(self, experiment: str) -> list[dict[str, Any]]: raise NotImplementedError
+    def observations(self, experiment_id: str) -> list[dict[str, Any]]: raise NotImplementedError
     def close(self) -> None: pass
 
 
@@ -205,16 +231,21 @@ class SQLStore(ExperimentStore):
     # -- experiments ---------------------------------------------------------------------
     def list_experiments(self) -> list[dict[str, Any]]:
         with self._session() as tx:
-            rows = tx.all("SELECT spec, status, created FROM experiments ORDER BY created, name")
-        return [{**json.loads(r["spec"]), "status": r["status"], "created": r["created"]} for r in rows]
+            rows = tx.all("SELECT id, spec, status, created FROM experiments ORDER BY created, name")
+        return [{**json.loads(r["spec"]), "id": r["id"], "status": r["status"], "created": r["created"]}
+                for r in rows]
 
-    def put_experiment(self, name: str, spec: dict[str, Any], status: str) -> None:
+    def put_experiment(self, name: str, spec: dict[str, Any], status: str,
+                       experiment_id: str | None = None) -> None:
+        """Store a new experiment (its id: ``experiment_id``, else its name); a stale row of the
+        same name is replaced, id included."""
         now = time.time()
         with self._session() as tx:
-            tx.execute("INSERT INTO experiments (name, spec, status, created, updated)"
-                       " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
-                       " spec = excluded.spec, status = excluded.status, updated = excluded.updated",
-                       (name, json.dumps(spec), status, now, now))
+            tx.execute("INSERT INTO experiments (name, spec, status, created, updated, id)"
+                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                       " spec = excluded.spec, status = excluded.status, updated = excluded.updated,"
+                       " created = excluded.created, id = excluded.id",
+                       (name, json.dumps(spec), status, now, now, experiment_id or name))
 
     def set_status(self, name: str, status: str) -> None:
         with self._session() as tx:
@@ -229,23 +260,31 @@ class SQLStore(ExperimentStore):
             tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
 
     # -- observations --------------------------------------------------------------------
-    def record_exposure(self, e: Exposure) -> None:
-        """Insert one exposure (a response id is recorded once; a repeat is ignored)."""
-        with self._session() as tx:
+    def record_exposure(self, e: Exposure) -> bool:
+        """Insert one exposure (a response id is recorded once; a repeat is ignored). False, and
+        nothing written, when its experiment (by id) no longer exists: an exposure of a deleted
+        experiment never lands in a new one of the same name."""
+        experiment_id = e.experiment_id or e.experiment
+        with self._transaction() as tx:
+            if tx.one("SELECT 1 AS x FROM experiments WHERE id = ?", (experiment_id,)) is None:
+                return False
             tx.execute(
                 "INSERT INTO exposures (response_id, experiment, variant, unit_hash, unit_kind,"
-                " started, finished, prompt_tokens, generated_tokens, latency_s, finish_reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
+                " started, finished, prompt_tokens, generated_tokens, latency_s, finish_reason,"
+                " experiment_id, outcome)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
                 (e.response_id, e.experiment, e.variant, e.unit_hash, e.unit_kind, e.started,
-                 e.finished, e.prompt_tokens, e.generated_tokens, e.latency_s, e.finish_reason))
+                 e.finished, e.prompt_tokens, e.generated_tokens, e.latency_s, e.finish_reason,
+                 experiment_id, e.outcome))
+            return True
 
-    def record_feedback(self, experiment: str, response_id: str, score: float | None,
+    def record_feedback(self, experiment_id: str, response_id: str, score: float | None,
                         label: str | None) -> tuple[str, str] | None:
         """Insert or update the feedback of one exposure: ("created" | "updated", its variant), or
-        None when the experiment has no exposure with that id."""
+        None when the experiment (by id) has no exposure with that response id."""
         with self._transaction() as tx:
-            row = tx.one("SELECT variant FROM exposures WHERE response_id = ? AND experiment = ?",
-                         (response_id, experiment))
+            row = tx.one("SELECT variant, experiment FROM exposures"
+                         " WHERE response_id = ? AND experiment_id = ?", (response_id, experiment_id))
             if row is None:
                 return None
             now = time.time()
@@ -253,19 +292,20 @@ class SQLStore(ExperimentStore):
                              (score, label, now, response_id))
             if cur.rowcount:
                 return "updated", row["variant"]
-            tx.execute("INSERT INTO feedback (response_id, experiment, score, label, created, updated)"
-                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO UPDATE SET"
-                       " score = excluded.score, label = excluded.label, updated = excluded.updated",
-                       (response_id, experiment, score, label, now, now))
+            tx.execute("INSERT INTO feedback (response_id, experiment, score, label, created, updated,"
+                       " experiment_id) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO UPDATE"
+                       " SET score = excluded.score, label = excluded.label, updated = excluded.updated",
+                       (response_id, row["experiment"], score, label, now, now, experiment_id))
             return "created", row["variant"]
 
-    def observations(self, experiment: str) -> list[dict[str, Any]]:
-        """Per exposure: variant, tokens, latency and its feedback (score/label or None)."""
+    def observations(self, experiment_id: str) -> list[dict[str, Any]]:
+        """Per exposure of the experiment ``experiment_id``: variant, outcome, tokens, latency and
+        its feedback (score/label or None)."""
         with self._session() as tx:
             return tx.all(
-                "SELECT e.variant, e.generated_tokens, e.latency_s, f.score, f.label"
+                "SELECT e.variant, e.outcome, e.generated_tokens, e.latency_s, f.score, f.label"
                 " FROM exposures e LEFT JOIN feedback f ON f.response_id = e.response_id"
-                " WHERE e.experiment = ? ORDER BY e.started, e.response_id", (experiment,))
+                " WHERE e.experiment_id = ? ORDER BY e.started, e.response_id", (experiment_id,))
 
 
 class SQLiteStore(SQLStore):
@@ -300,10 +340,13 @@ class SQLiteStore(SQLStore):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield Tx(self._db, "?")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("COMMIT")
+            finally:
+                # The body or the COMMIT itself failed (disk full, I/O error, busy): never leave
+                # the shared connection inside a transaction for the next call.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:

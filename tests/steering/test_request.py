@@ -158,3 +158,82 @@ def test_no_feature_source_means_unknown_feature():
     with pytest.raises(SteeringError) as e:
         c.compile({"features": {"formality": 1.0}})
     assert e.value.param == "steering.features.formality" and e.value.code == "unknown_feature"
+
+
+# -- raw-vector bounds (issue 16) ---------------------------------------------------------------
+def rejects(c, vectors, param, **kw):
+    with pytest.raises(SteeringError) as e:
+        c.compile({"vectors": vectors}, **kw)
+    assert e.value.param == param, e.value.message
+    return e.value.message
+
+
+def unit(norm, seed=0):
+    v = np.random.default_rng(seed).standard_normal(D)
+    return v / np.linalg.norm(v) * norm
+
+
+def test_values_must_be_finite_after_the_float32_cast():
+    c = compiler()
+    msg = rejects(c, [vec([1e39] * D)], "steering.vectors[0].values")
+    assert "float32" in msg
+    rejects(c, [vec([0.0] * (D - 1) + [-3.5e38])], "steering.vectors[0].values")
+    raw = np.full(D, np.finfo(np.float32).max, dtype="<f4")
+    rejects(c, [{"layer": 1, "base64": base64.b64encode(raw.tobytes()).decode()}],
+            "steering.vectors[0].base64")
+    # a clamp uses only the direction, but its values must still be representable
+    rejects(c, [vec([1e39] * D, mode="ablate")], "steering.vectors[0].values")
+
+
+def test_huge_finite_vectors_are_refused_even_without_measured_norms():
+    c = compiler()
+    assert c.layer_norms is None
+    rejects(c, [vec([1e30] * D)], "steering.vectors[0].values")  # ‖v‖² overflows float32
+    rejects(c, [vec([1e18] * D, scale=30.0)], "steering.vectors[0].scale")
+    assert c.compile({"vectors": [vec(unit(1e6))]}) is not None  # large, but representable
+
+
+def test_add_norm_is_bounded_relative_to_the_layers_residual_norm():
+    c = compiler()
+    c.layer_norms = {1: 100.0, 2: 50.0}
+    assert c.compile({"vectors": [vec(unit(399.0))]}) is not None  # F = 4 by default
+    rejects(c, [vec(unit(401.0))], "steering.vectors[0].values")
+    rejects(c, [vec(unit(300.0), scale=2.0)], "steering.vectors[0].scale")  # the scale pushes it over
+    assert c.compile({"vectors": [vec(unit(300.0), scale=-1.0)]}) is not None
+    msg = rejects(c, [vec(unit(60.0)) | {"layer": 2}, vec(unit(300.0)) | {"layer": 2}],
+                  "steering.vectors[1].values")
+    assert "layer 2" in msg and "4 ×" in msg
+    # a clamp's target is bounded the same way; its direction's length does not matter
+    assert c.compile({"vectors": [vec(unit(1e6), mode="clamp", target=390.0)]}) is not None
+    rejects(c, [vec(unit(1.0), mode="clamp", target=-410.0)], "steering.vectors[0].target")
+
+
+def test_a_policy_can_only_tighten_the_vector_bound():
+    c = compiler()
+    c.layer_norms = {1: 100.0}
+    rejects(c, [vec(unit(150.0))], "steering.vectors[0].values", max_vector_norm=1.0)
+    assert c.compile({"vectors": [vec(unit(99.0))]}, max_vector_norm=1.0) is not None
+    rejects(c, [vec(unit(450.0))], "steering.vectors[0].values", max_vector_norm=10.0)
+    c.max_vector_norm = 2.0  # the server's own factor (--max-steering-vector-norm)
+    rejects(c, [vec(unit(250.0))], "steering.vectors[0].values")
+
+
+def test_max_steering_strength_bounds_a_raw_vectors_dose_like_a_features():
+    c = compiler(max_strength=2.0)  # strength 2 = 0.5 × the stream's norm
+    c.layer_norms = {1: 100.0}
+    assert c.compile({"vectors": [vec(unit(49.0))]}) is not None
+    rejects(c, [vec(unit(60.0))], "steering.vectors[0].values")
+    rejects(c, [vec(unit(30.0), scale=2.0)], "steering.vectors[0].scale")
+
+
+def test_readout_bytes_bound_entries_and_captured_streams():
+    from steering.request import readout_record_bytes
+
+    c = compiler()
+    plain = c.compile({"features": {"tone/pirate": 1.0, "bridge": {"strength": 1.0, "mode": "clamp"}}})
+    assert plain.readout_bytes(100) == 0  # no readout asked
+    asked = c.compile({"features": {"tone/pirate": 1.0, "bridge": {"strength": 1.0, "mode": "clamp"},
+                                    "formality": 1.0}, "return_activations": True})
+    # layer 2: two clamp entries, one record per position; formality (add) captures layer 1
+    assert asked.capture == (1,)
+    assert asked.readout_bytes(10) == 10 * (readout_record_bytes(2) + readout_record_bytes(D))

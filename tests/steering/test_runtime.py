@@ -7,7 +7,7 @@ import torch
 from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.request import SteeringCompiler
-from steering import runtime
+from steering import readouts, runtime
 from steering.runtime import SteeringRuntime, set_runtime
 from steering.wire import WireRecord
 
@@ -248,3 +248,99 @@ def test_readout_files_entry_activations_and_captured_streams():
     assert rt.pop_readout("req-B") is None
     rt.release(["internal-A", "internal-B"])
     assert rt.allocator.busy == 0
+
+
+# -- unseated requests and readout bytes (issue 16) ---------------------------------------------
+def distinct_wires(n):
+    c = SteeringCompiler(SteeringConfig(max_slots=S, max_features=K), D, L)
+    rng = np.random.default_rng(11)
+    return [c.compile({"vectors": [{"layer": 1, "values": rng.standard_normal(D).tolist()}]}).wire()
+            for _ in range(n)]
+
+
+def test_a_request_without_a_free_slot_runs_unsteered_and_is_reported():
+    rt = make_runtime()
+    wires = distinct_wires(S + 1)
+    for i, w in enumerate(wires[:S]):
+        assert rt.admit(f"cmpl-{i}-abcd1234", w).slot > 0
+    rs = rt.admit("cmpl-extra-abcd1234", wires[S])  # the gate let one too many through
+    assert rs.slot == 0 and rs.unseated and rt.unseated_total == 1
+    assert rt.allocator.busy == S  # nobody else's slot was touched
+    # the API server asks by its own ids; the worker's suffix and n > 1 prefixes still match
+    assert rt.take_unseated(["cmpl-0", "cmpl-extra"]) == ["cmpl-extra"]
+    assert rt.take_unseated(["cmpl-extra"]) == []  # reported once
+    rt.release([f"cmpl-{i}-abcd1234" for i in range(S)] + ["cmpl-extra-abcd1234"])
+    assert rt.allocator.busy == 0 and not rt.requests
+
+
+def test_a_program_that_cannot_be_written_fails_its_request_only():
+    rt = make_runtime()
+    good = distinct_wires(1)[0]
+    bad = good.model_copy(update={"hash": "bad", "program": {"d": D, "layers": [{"layer": 1}]}})
+    rs = rt.admit("r-bad", bad)
+    assert rs.slot == 0 and rs.unseated and rt.allocator.busy == 0
+    assert not rt.slot_add.any() and not rt.slot_entries.any()
+    assert rt.admit("r-good", good).slot > 0
+
+
+def test_a_malformed_record_is_refused_by_the_shim_not_raised():
+    from types import SimpleNamespace
+
+    from steering.vllm_shim import _seat
+
+    rt = make_runtime()
+    rs = _seat(rt, "r1", SimpleNamespace(extra_args={"steering": {"v": 99}}))
+    assert rs is not None and rs.slot == 0 and rs.unseated
+    assert _seat(rt, "r2", SimpleNamespace(extra_args=None)) is None  # unsteered: untouched
+    assert rt.take_unseated(["r1"]) == ["r1"]
+
+
+def readout_request(rt, key, positions=3, layer_count=L):
+    clamp = programs()[1]  # two clamp entries at layer 1
+    clamp.return_activations = True
+    rs = rt.admit(f"internal-{key}", WireRecord.from_extra_args(clamp.extra_args(readout_key=key)))
+    for layer in range(layer_count):
+        h = torch.randn(positions, D, dtype=torch.float64)
+        r = torch.randn(positions, D, dtype=torch.float64)
+        run_step(rt, [rs.slot], [positions], [0], [positions], [0], h, r, layer, readout=[(0, rs)])
+    return clamp, rs
+
+
+def test_readout_bytes_match_the_api_servers_bound_and_are_freed():
+    from steering.request import readout_record_bytes
+
+    rt = make_runtime()
+    clamp, _ = readout_request(rt, "req-A", positions=3)
+    assert rt.readout_bytes == 3 * readout_record_bytes(2) == clamp.readout_bytes(3)
+    records = rt.pop_readout("req-A")
+    assert [len(v) for *_, v in records] == [2, 2, 2] and isinstance(records[0][3], list)
+    assert rt.readout_bytes == 0 and not rt.readouts
+    readout_request(rt, "req-B")
+    assert rt.drop_readout("req-B") > 0 and rt.readout_bytes == 0
+    assert rt.pop_readout("req-B") is None
+
+
+def test_unread_readouts_expire_after_their_request_ended(monkeypatch):
+    rt = make_runtime()
+    readout_request(rt, "req-A")
+    monkeypatch.setattr(readouts, "READOUT_TTL_S", 0.0)
+    rt.release([])  # the request is still running: its readout is kept
+    assert "req-A" in rt.readouts
+    rt.release(["internal-req-A"])  # ended; the TTL counts from here
+    import time
+    time.sleep(0.01)
+    rt.release([])
+    assert not rt.readouts and rt.readout_bytes == 0 and rt.allocator.busy == 0
+
+
+def test_over_the_hard_cap_the_oldest_readout_is_dropped_and_says_so():
+    from steering.request import readout_record_bytes
+
+    rt = make_runtime()
+    rt.readouts.max_bytes = 4 * readout_record_bytes(2)
+    readout_request(rt, "old", positions=3)
+    readout_request(rt, "new", positions=3)
+    assert rt.readout_bytes <= rt.cfg.max_readout_bytes
+    assert rt.pop_readout("old") == runtime.READOUT_DROPPED  # never a silently short readout
+    assert len(rt.pop_readout("new")) == 3
+    assert rt.readout_bytes == 0

@@ -447,7 +447,7 @@ def test_failing_store_still_serves_and_counts(parts, tmp_path):
     assert client.post("/v1/experiments", json=two_variant("fs"), headers=AUTH).status_code == 200
     r = chat(client, user="alice", steering={"experiment": "fs"})
     assert r.status_code == 200 and r.json()["experiment"]["name"] == "fs"
-    state.experiments._pool.submit(lambda: None).result()  # the recording has run
+    state.experiments.flush()  # the recording has run
     m = client.get("/metrics").text
     assert 'steer_experiment_store_errors_total{op="exposure"} 1.0' in m
     r = client.post("/v1/experiments/fs/feedback", headers=AUTH, json={"response_id": r.json()["id"], "score": 1})
@@ -463,7 +463,7 @@ def test_postgres_outage_still_serves_counts_and_recovers(parts, tmp_path, pg_cl
     state = make_state(parts, tmp_path, store=open_store(pg_cluster.url(db)))
     client = TestClient(create_app(state))
     state.experiments.ready()
-    flush = lambda: state.experiments._pool.submit(lambda: None).result()  # noqa: E731
+    flush = state.experiments.flush
     try:
         assert client.post("/v1/experiments", json=two_variant("pg"), headers=AUTH).status_code == 200
         r = chat(client, user="alice", steering={"experiment": "pg"})

@@ -52,22 +52,24 @@ def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) ->
 
 def test_migrations_from_empty_and_reopen(backend):
     store = backend.open()
-    assert store.schema_version() == len(MIGRATIONS) == 2
+    assert store.schema_version() == len(MIGRATIONS) == 3
     store.close()
     assert {"schema_version", "presets", "experiments", "exposures", "feedback"} <= backend.tables()
-    assert {"exposures_by_experiment", "feedback_by_experiment"} <= backend.indexes()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert {"exposures_by_experiment", "feedback_by_experiment", "experiments_by_id",
+            "exposures_by_experiment_id", "feedback_by_experiment_id"} <= backend.indexes()
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
     if backend.name == "sqlite":
         assert backend.raw("PRAGMA journal_mode") == [("wal",)]
     again = backend.open()  # re-opening applies nothing twice
-    assert again.schema_version() == 2
+    assert again.schema_version() == 3
     again.close()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
 
 
 def test_float_columns_keep_full_precision(backend):
     """Timestamps and latencies round-trip exactly (PostgreSQL's REAL would keep ~7 digits)."""
     store = backend.open()
+    store.put_experiment("e", {"name": "e"}, "running")
     e = _exposure("r1", "a", latency=0.123456789012)
     e.started = 1_700_000_000.123456
     store.record_exposure(e)
@@ -77,13 +79,21 @@ def test_float_columns_keep_full_precision(backend):
 
 
 def test_partial_migration_is_completed(backend):
-    """A database at version 1 (an older server) is brought to the latest version."""
+    """A database at version 1 (an older server) is brought to the latest version; its
+    experiments keep their name as their id, their exposures count as completed (``ok``)."""
     backend.script("CREATE TABLE schema_version (version INTEGER NOT NULL);" + MIGRATIONS[0]
-                   + ";INSERT INTO schema_version VALUES (1)")
+                   + ";INSERT INTO schema_version VALUES (1)"
+                   + ";INSERT INTO experiments VALUES ('old', '{\"name\": \"old\"}', 'running', 1, 1)"
+                   + ";INSERT INTO exposures VALUES ('r1', 'old', 'a', 'h', 'user', 1, 2, 3, 4, 1, 'stop')"
+                   + ";INSERT INTO feedback VALUES ('r1', 'old', 2.5, NULL, 1, 1)")
     assert "feedback_by_experiment" not in backend.indexes()
     store = backend.open()
-    assert store.schema_version() == 2
+    assert store.schema_version() == 3
     assert "feedback_by_experiment" in backend.indexes()
+    assert [e["id"] for e in store.list_experiments()] == ["old"]
+    [obs] = store.observations("old")
+    assert (obs["variant"], obs["outcome"], obs["score"]) == ("a", "ok", 2.5)
+    assert store.record_feedback("old", "r1", 3.0, None) == ("updated", "a")
     store.close()
 
 
@@ -100,8 +110,8 @@ def test_concurrent_openers_migrate_once(backend):
 
     with ThreadPoolExecutor(4) as pool:
         stores = list(pool.map(lambda _: backend.open(), range(4)))
-    assert all(s.schema_version() == 2 for s in stores)
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert all(s.schema_version() == 3 for s in stores)
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
     for s in stores:
         s.close()
 

@@ -1,0 +1,76 @@
+"""Engine-free stand-ins for HTTP tests: the real app, tokenizer and steering compiler (bundled
+packs) over a fake engine. Import as ``from fakes import ...`` from tests under tests/server.
+
+    parts = load_parts()                          # once per module: tokenizer, packs, compiler
+    state = make_state(parts, tmp_path)           # ServeConfig(api_key=KEY) unless given one
+    client = TestClient(create_app(state))        # no lifespan: the fake engine stands in
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from server.app import AppState
+from server.config import ServeConfig
+
+MODEL = "SmolLM2-135M-Instruct"
+KEY = "sk-test"
+AUTH = {"authorization": f"Bearer {KEY}"}
+
+
+class FakeEngine:
+    """Answers every request with four tokens (a pirate line when steered); records the
+    SamplingParams it was given. ``fail`` (an exception) is raised from ``generate`` instead."""
+
+    errored = False
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.params: list[Any] = []
+        self.fail = fail
+
+    async def generate(self, prompt, params, request_id):
+        self.params.append(params)
+        if self.fail is not None:
+            raise self.fail
+        text = "Arr matey, ahoy!" if params.extra_args else "Hello there, friend."
+        out = SimpleNamespace(index=0, text=text, token_ids=[1, 2, 3, 4], finish_reason="length",
+                              logprobs=None)
+        yield SimpleNamespace(outputs=[out], finished=True, prompt_logprobs=None)
+
+    async def abort(self, request_id):
+        pass
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0
+
+
+def load_parts() -> dict[str, Any]:
+    """The bundled model's tokenizer, its bundled packs and a steering compiler over them."""
+    from transformers import AutoTokenizer
+
+    from steering.config import SteeringConfig
+    from steering.model_store import resolve_model
+    from steering.packs.registry import PackRegistry
+    from steering.request import SteeringCompiler
+
+    path = resolve_model(None)
+    packs = PackRegistry.bundled(path)
+    return {"tokenizer": AutoTokenizer.from_pretrained(str(path)), "packs": packs,
+            "compiler": SteeringCompiler(SteeringConfig(), hidden_size=576, num_layers=30,
+                                         feature_source=packs)}
+
+
+def make_state(parts: dict[str, Any], data_dir: Path, config: ServeConfig | None = None,
+               engine: Any = None, max_model_len: int = 2048) -> AppState:
+    """An AppState as if the engine had started: ``engine`` (a FakeEngine by default)."""
+    config = config or ServeConfig(api_key=KEY)
+    config.data_dir = str(data_dir)
+    state = AppState(config=config)
+    state.engine = engine or FakeEngine()
+    state.tokenizer = parts["tokenizer"]
+    state.max_model_len = max_model_len
+    state.compiler = parts["compiler"]
+    state.packs = parts["packs"]
+    return state

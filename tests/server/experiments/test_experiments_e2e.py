@@ -4,11 +4,11 @@ feedback and results (and their plot), streamed chunks, presets as model names, 
 
 from __future__ import annotations
 
-import html
 import json
 import uuid
 
 import httpx
+from markupsafe import escape
 
 from clients.cli import main
 from server.experiments import assign
@@ -131,7 +131,7 @@ def test_offline_run_real_engine(server, tmp_path, capsys):
             assert f'data-prompt="{p["id"]}"' in page
         assert "Describe a city at night &amp; its &lt;lights&gt;." in page
         for o in report["outputs"]:
-            assert html.escape(o["text"]) in page
+            assert str(escape(o["text"])) in page  # Jinja2 autoescape (markupsafe)
         assert "pirate" in capsys.readouterr().out  # the summary table
         # Offline runs are not exposures of the live experiment.
         assert call(server, "GET", f"/v1/experiments/{name}/results").json()["n"] == 0

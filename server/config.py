@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steering.config import SteeringConfig
+from steering.request import DEFAULT_MAX_VECTOR_NORM
 
 
 @dataclass
@@ -35,8 +36,8 @@ class ServeConfig:
     steer_layers: list[int] | None = SteeringConfig.layers
     max_steering_strength: float = SteeringConfig.max_strength
     # Raw vectors: largest ‖scale·v‖ (and |clamp target|) in units of the layer's median residual
-    # norm, measured at start (steering/request.py: DEFAULT_MAX_VECTOR_NORM explains the 4).
-    max_steering_vector_norm: float = 4.0
+    # norm, measured at start (steering/request.py: DEFAULT_MAX_VECTOR_NORM explains the value).
+    max_steering_vector_norm: float = DEFAULT_MAX_VECTOR_NORM
     # Slot queue (steering/slots.py): a request waits at most this long for a slot, and at most
     # max_steering_waiters wait at once (None: 4 × slots); beyond either, 429 with Retry-After.
     steering_queue_timeout: float = 30.0

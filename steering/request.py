@@ -45,9 +45,12 @@ from steering.wire import ApplyTo, WireRecord
 
 __all__ = ["CompiledSteering", "SteeringCompiler", "SteeringError"]
 
-DEFAULT_MAX_VECTOR_NORM = 4.0
+DEFAULT_MAX_VECTOR_NORM = 8.0
 """F: the largest ‖scale·v‖ (and |clamp target|) of a raw vector, in units of its layer's median
-residual norm (see the module docstring)."""
+residual norm (see the module docstring). 8 = the dose bound of the default --max-steering-strength
+(32 × 0.25): coherence already collapses near 2 (hotwire's dose guard, our packs), but a deliberate
+push that forces a token (the engine tests push 5.8× at the last layer) stays possible; a key's
+policy lowers it (max_vector_norm)."""
 FLOAT32_SAFE_NORM = float(np.sqrt(np.finfo(np.float32).max))
 """‖scale·v‖ above this squares to inf in float32 (RMSNorm's mean of squares): refused always."""
 READOUT_RECORD_OVERHEAD = 224

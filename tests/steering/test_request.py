@@ -196,7 +196,8 @@ def test_huge_finite_vectors_are_refused_even_without_measured_norms():
 def test_add_norm_is_bounded_relative_to_the_layers_residual_norm():
     c = compiler()
     c.layer_norms = {1: 100.0, 2: 50.0}
-    assert c.compile({"vectors": [vec(unit(399.0))]}) is not None  # F = 4 by default
+    c.max_vector_norm = 4.0  # the server's factor (--max-steering-vector-norm)
+    assert c.compile({"vectors": [vec(unit(399.0))]}) is not None
     rejects(c, [vec(unit(401.0))], "steering.vectors[0].values")
     rejects(c, [vec(unit(300.0), scale=2.0)], "steering.vectors[0].scale")  # the scale pushes it over
     assert c.compile({"vectors": [vec(unit(300.0), scale=-1.0)]}) is not None
@@ -211,6 +212,7 @@ def test_add_norm_is_bounded_relative_to_the_layers_residual_norm():
 def test_a_policy_can_only_tighten_the_vector_bound():
     c = compiler()
     c.layer_norms = {1: 100.0}
+    c.max_vector_norm = 4.0  # the server's factor (--max-steering-vector-norm)
     rejects(c, [vec(unit(150.0))], "steering.vectors[0].values", max_vector_norm=1.0)
     assert c.compile({"vectors": [vec(unit(99.0))]}, max_vector_norm=1.0) is not None
     rejects(c, [vec(unit(450.0))], "steering.vectors[0].values", max_vector_norm=10.0)

@@ -78,7 +78,8 @@ def create_app(state: AppState) -> FastAPI:
     @app.get("/health", responses=HEALTH_RESPONSES)
     async def health() -> JSONResponse:
         if state.startup_error is not None:
-            return JSONResponse({"status": "failed", "error": str(state.startup_error)}, 503)
+            # The kind only: the message (paths, URLs) is in the server's log, not for any caller.
+            return JSONResponse({"status": "failed", "error": type(state.startup_error).__name__}, 503)
         if state.engine is None:
             return JSONResponse({"status": "starting"}, 503)
         if state.engine.errored:

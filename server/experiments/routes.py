@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel
 
 from server.experiments.models import (
     Experiment,
@@ -34,26 +33,10 @@ from server.experiments.models import (
     Preset,
 )
 from server.http import json_body
+from server.openapi import request_body
 
 if TYPE_CHECKING:
     from server.state import AppState
-
-
-def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            return _inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
-        return {k: _inline_refs(v, defs) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_inline_refs(x, defs) for x in node]
-    return node
-
-
-def _body(model: type[BaseModel]) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` of a route that reads ``model`` with :func:`json_body`."""
-    schema = model.model_json_schema()
-    schema = _inline_refs(schema, schema.pop("$defs", {}))
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def experiments_router(state: AppState, dependencies: list, admin: list | None = None) -> APIRouter:
@@ -78,7 +61,7 @@ def experiments_router(state: AppState, dependencies: list, admin: list | None =
     async def list_presets() -> dict[str, Any]:
         return {"object": "list", "data": [preset_view(p) for _, p in sorted(mgr().presets.items())]}
 
-    @r.post("/v1/presets", dependencies=admin, openapi_extra=_body(NewPreset))
+    @r.post("/v1/presets", dependencies=admin, openapi_extra=request_body(NewPreset))
     async def create_preset(request: Request) -> dict[str, Any]:
         new = NewPreset.model_validate(await json_body(request))
         return preset_view(await mgr().create_preset(new))
@@ -96,7 +79,7 @@ def experiments_router(state: AppState, dependencies: list, admin: list | None =
     async def list_experiments() -> dict[str, Any]:
         return {"object": "list", "data": [experiment_view(e) for e in mgr().experiments.values()]}
 
-    @r.post("/v1/experiments", dependencies=admin, openapi_extra=_body(NewExperiment))
+    @r.post("/v1/experiments", dependencies=admin, openapi_extra=request_body(NewExperiment))
     async def create_experiment(request: Request) -> dict[str, Any]:
         new = NewExperiment.model_validate(await json_body(request))
         return experiment_view(await mgr().create_experiment(new))
@@ -105,7 +88,7 @@ def experiments_router(state: AppState, dependencies: list, admin: list | None =
     async def get_experiment(name: str) -> dict[str, Any]:
         return experiment_view(mgr().get_experiment(name))
 
-    @r.patch("/v1/experiments/{name}", dependencies=admin, openapi_extra=_body(ExperimentPatch))
+    @r.patch("/v1/experiments/{name}", dependencies=admin, openapi_extra=request_body(ExperimentPatch))
     async def patch_experiment(name: str, request: Request) -> dict[str, Any]:
         body = await json_body(request)
         mgr().get_experiment(name)
@@ -116,7 +99,7 @@ def experiments_router(state: AppState, dependencies: list, admin: list | None =
         await mgr().delete_experiment(name)
         return {"id": name, "object": "experiment", "deleted": True}
 
-    @r.post("/v1/experiments/{name}/feedback", openapi_extra=_body(Feedback))
+    @r.post("/v1/experiments/{name}/feedback", openapi_extra=request_body(Feedback))
     async def feedback(name: str, request: Request) -> dict[str, Any]:
         body = await json_body(request)
         mgr().get_experiment(name)

@@ -39,11 +39,27 @@ class FakeEngine:
                               logprobs=None)
         yield SimpleNamespace(outputs=[out], finished=True, prompt_logprobs=None)
 
+    @property
+    def seen(self) -> list[Any]:
+        """The steering record (``extra_args``) of each request, in order."""
+        return [p.extra_args for p in self.params]
+
+    @property
+    def seeds(self) -> list[int | None]:
+        return [p.seed for p in self.params]
+
     async def abort(self, request_id):
         pass
 
     def get_num_unfinished_requests(self) -> int:
         return 0
+
+
+def chat(client: Any, headers: dict[str, str], **extra: Any) -> Any:
+    """POST a small greedy chat completion (``extra`` adds or overrides body fields)."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+            "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def load_parts() -> dict[str, Any]:

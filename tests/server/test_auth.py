@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import MODEL, load_parts, make_state
+from fakes import MODEL, chat, load_parts, make_state
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
@@ -56,12 +56,6 @@ def api(parts, tmp_path) -> Iterator[tuple[TestClient, Any]]:
     client, state = serve(parts, tmp_path, auth_yaml(), api_key=API_KEY)
     yield client, state
     state.experiments.close()
-
-
-def chat(client: TestClient, headers: dict[str, str], **extra: Any) -> Any:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-            "temperature": 0, **extra}
-    return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
 # -- the auth file -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakes import MODEL, FakeEngine, load_parts, make_state
+from fakes import FakeEngine, MODEL, chat, load_parts, make_state
 from fastapi.testclient import TestClient
 
 from server.app import create_app
@@ -56,12 +56,6 @@ def api(parts, tmp_path) -> Iterator[tuple[TestClient, Any]]:
     client, state = serve(parts, tmp_path, PUBLIC)
     yield client, state
     state.experiments.close()
-
-
-def chat(client: TestClient, headers: dict[str, str], **extra: Any) -> Any:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-            "temperature": 0, **extra}
-    return client.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def applied(r: Any) -> dict[str, Any]:

@@ -6,72 +6,28 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from server.app import AppState, create_app
-from server.config import ServeConfig
 from server.experiments import assign
 from server.experiments.manager import ExperimentManager
 from server.experiments.backend import open_store
 from server.experiments.store import SQLiteStore
-from steering.model_store import resolve_model
-from steering.config import SteeringConfig
-from steering.request import SteeringCompiler
 
-MODEL = "SmolLM2-135M-Instruct"
-KEY = "sk-test"
-AUTH = {"authorization": f"Bearer {KEY}"}
-
-
-class FakeEngine:
-    """Answers every request with four tokens (a pirate line when steered); records the steering
-    and seed it was given."""
-
-    errored = False
-
-    def __init__(self) -> None:
-        self.seen: list[Any] = []
-        self.seeds: list[int | None] = []
-
-    async def generate(self, prompt, params, request_id):
-        self.seen.append(params.extra_args)
-        self.seeds.append(params.seed)
-        text = "Arr matey, ahoy!" if params.extra_args else "Hello there, friend."
-        out = SimpleNamespace(index=0, text=text, token_ids=[1, 2, 3, 4], finish_reason="length",
-                              logprobs=None)
-        yield SimpleNamespace(outputs=[out], finished=True, prompt_logprobs=None)
-
-    async def abort(self, request_id):
-        pass
-
-    def get_num_unfinished_requests(self) -> int:
-        return 0
+import fakes
+from fakes import AUTH, KEY, MODEL, load_parts
 
 
 @pytest.fixture(scope="module")
 def parts() -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from steering.packs.registry import PackRegistry
-
-    path = resolve_model(None)
-    packs = PackRegistry.bundled(path)
-    return {"tokenizer": AutoTokenizer.from_pretrained(str(path)), "packs": packs,
-            "compiler": SteeringCompiler(SteeringConfig(), hidden_size=576, num_layers=30,
-                                         feature_source=packs)}
+    return load_parts()
 
 
 def make_state(parts: dict[str, Any], data_dir: Path, store: Any = None) -> AppState:
-    state = AppState(config=ServeConfig(api_key=KEY, data_dir=str(data_dir)))
-    state.engine = FakeEngine()
-    state.tokenizer = parts["tokenizer"]
-    state.max_model_len = 2048
-    state.compiler = parts["compiler"]
-    state.packs = parts["packs"]
+    state = fakes.make_state(parts, data_dir)
     if store is not None:
         state.experiments = ExperimentManager(state, store=store)
     return state

@@ -32,6 +32,8 @@ from typing import Any
 from server import vllm_env  # noqa: F401,E402  (the CPU defaults steer serve runs with)
 
 TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
+# The folder holding the packages (a checkout's root, or site-packages when installed): the
+# working directory of each part's ``python -m clients.bench.run`` child, never a data location.
 REPO = Path(__file__).resolve().parents[2]
 
 

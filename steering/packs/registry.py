@@ -14,6 +14,7 @@ JSON-able data except :meth:`resolve` (a Feature) and :meth:`encode` (an array).
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,8 +33,23 @@ _WORD_RE = re.compile(r"[a-z0-9]+")
 
 
 def bundled_packs_dir() -> Path:
-    """The repository's ``feature_packs/`` folder."""
-    return Path(__file__).resolve().parents[2] / "feature_packs"
+    """The bundled data: the ``feature_packs`` package, holding the bundled packs,
+    ``presets.yaml`` and ``recipes/``.
+
+    The one place that locates it, found through :mod:`importlib.resources`, so a source
+    checkout, an editable install and an installed wheel all serve the same packs whatever the
+    working directory. It must be a real folder (packs are read with ``safetensors``)."""
+    try:
+        root = importlib.resources.files("feature_packs")
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "the bundled feature packs (the 'feature_packs' package) are not installed: reinstall "
+            "steer-server (`make install`, or `pip install -e .` in a checkout)") from None
+    path = root if isinstance(root, Path) else Path(str(root))
+    if not path.is_dir():
+        raise RuntimeError(f"the bundled feature packs at {root} are not a folder on disk: "
+                           "install steer-server unzipped (pip does)")
+    return path
 
 
 def discover_packs(paths: Iterable[str | Path]) -> list[Path]:

@@ -11,11 +11,19 @@ the store, and the calls the app and routes make.
   503 ``store_unavailable``; exposures (:meth:`record`) are fire and forget, retried a bounded
   number of times, and counted in ``steer_experiment_exposures_lost_total{reason}`` when they
   cannot be stored. When the store fails, requests are still served and the failure is counted.
+* replicas: servers sharing one database (PostgreSQL, or one SQLite file) serve each other's
+  presets and experiments. Every ``store_refresh_s`` seconds (``--store-refresh-s``; 0: never)
+  :meth:`ExperimentManager.refresh` asks the store for the revision of the definitions — one
+  tiny query — and re-reads presets and experiments only when it changed (creations, status
+  changes and deletions made through any server). A refreshed definition that does not compile
+  on this server is handled as at start-up: logged, kept. A failing store keeps the last good
+  definitions (logged once per outage, counted as ``op="refresh"``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from server.config import DEFAULTS
 from server.errors import Conflict, EngineUnavailable, InvalidRequest, NotFound, StoreUnavailable
 from server.experiments import recording, routing
 from server.experiments.backend import open_store
@@ -42,6 +51,7 @@ from server.experiments.recording import ExperimentMetrics
 from server.experiments.routing import Routing
 from server.experiments.store import (
     DB_ENV,
+    Definitions,
     ExperimentStore,
     Exposure,
     UnavailableStore,
@@ -56,6 +66,10 @@ if TYPE_CHECKING:
     from server.state import AppState
 
 logger = logging.getLogger(__name__)
+
+
+class NoAnswer(TimeoutError):
+    """The store thread did not answer a call within ``call_timeout_s``."""
 
 
 class ExperimentManager:
@@ -79,15 +93,23 @@ class ExperimentManager:
         self.metrics = ExperimentMetrics(state.metrics.registry, lambda name: name in self.experiments)
         self._presets = Presets(*presets_file(cfg))
         self.experiments: dict[str, Experiment] = {}
+        """Name → experiment. A refresh replaces the dict (never changes it in place)."""
+        self.refresh_s = float(getattr(cfg, "store_refresh_s", DEFAULTS.store_refresh_s) or 0.0)
+        self._revision: int | None = None
+        """The store's revision of the definitions held here (None: unknown, the next refresh
+        reads them)."""
+        self._local_edits = 0
+        """Incremented by every change this server makes to its definitions: a refresh that read
+        the store before such a change does not apply what it read."""
+        self._refresh_failing = False
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._skipped: set[str] = set()
+        """Stored experiments that failed validation, logged once."""
         try:
+            revision = store.revision()  # first: a change made while we read is seen next time
             self._presets.load(store.list_presets())
-            for row in store.list_experiments():
-                try:
-                    exp = Experiment.model_validate(row)
-                except ValidationError as exc:
-                    logger.warning("skipping stored experiment %r: %s", row.get("name"), exc)
-                    continue
-                self.experiments[exp.name] = exp
+            self.experiments = self._validated(store.list_experiments())
+            self._revision = revision
         except Exception as exc:  # noqa: BLE001
             self._store_failed("load", exc)
 
@@ -98,21 +120,135 @@ class ExperimentManager:
 
     def ready(self) -> None:
         """Once the compiler exists: validate the presets file (a bad preset in a --presets file
-        stops the server; in the bundled file it is skipped) and the stored definitions (logged)."""
+        stops the server; in the bundled file it is skipped) and the stored definitions (logged).
+        Called on the event loop (the app's start-up), it also starts the refresh from the store
+        (:meth:`start_refresh`)."""
+        if self.state.compiler is not None:
+            self._presets.check(self._compile)
+            self._warn_uncompilable(self._presets.stored(), self.experiments.values())
+        self.start_refresh()
+
+    def _warn_uncompilable(self, presets: Any, experiments: Any) -> None:
+        """Log the stored presets and the experiment variants that do not compile on this engine:
+        they stay (a request that uses one gets the compiler's 400), as at start-up."""
         if self.state.compiler is None:
             return
-        self._presets.check(self._compile)
-        for exp in self.experiments.values():
+        for preset in presets:
+            try:
+                self._compile(preset.steering, "steering")
+            except (SteeringError, InvalidRequest) as exc:
+                logger.warning("stored preset %r no longer compiles: %s", preset.name, exc)
+        for exp in experiments:
             for i, v in enumerate(exp.variants):
                 try:
                     self._compile(v.steering, f"variants.[{i}].steering")
                 except (SteeringError, InvalidRequest) as exc:
                     logger.warning("experiment %r variant %r no longer compiles: %s", exp.name, v.name, exc)
 
+    def _validated(self, rows: list[dict[str, Any]]) -> dict[str, Experiment]:
+        """Name → experiment of the stored ``rows``; an invalid row is skipped (logged once)."""
+        out: dict[str, Experiment] = {}
+        for row in rows:
+            try:
+                exp = Experiment.model_validate(row)
+            except ValidationError as exc:
+                key = f"{row.get('name')}/{row.get('id')}"
+                if key not in self._skipped:
+                    self._skipped.add(key)
+                    logger.warning("skipping stored experiment %r: %s", row.get("name"), exc)
+                continue
+            out[exp.name] = exp
+        return out
+
+    # -- replicas: refreshing the definitions from the store -------------------------------
+    def start_refresh(self) -> None:
+        """Start the periodic :meth:`refresh` on the running event loop (once; not when
+        ``store_refresh_s`` is 0, the store could not be opened, or no loop runs here)."""
+        if self._refresh_task is not None or self.refresh_s <= 0 or self.writer.closing \
+                or isinstance(self.store, UnavailableStore):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._refresh_task = loop.create_task(self._refresh_loop(), name="steer-store-refresh")
+
+    async def _refresh_loop(self) -> None:
+        while not self.writer.closing:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001  (a bug here must not stop the refreshes)
+                logger.exception("refreshing presets and experiments failed")
+
+    async def refresh(self) -> bool:
+        """Re-read presets and experiments from the store if another server (or anyone) changed
+        them since this one last read them: True when it applied a change. One small query when
+        nothing changed. A failing store keeps the current definitions: the failure is counted
+        (``op="refresh"``) and logged once until a refresh succeeds again."""
+        edits = self._local_edits
+        try:
+            defs: Definitions = await self._on_store(self.store.definitions, self._revision)
+        except WriterClosed:
+            return False
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.store_failed("refresh")
+            if not self._refresh_failing:
+                self._refresh_failing = True
+                logger.error("experiment store refresh failed (serving the definitions last read; "
+                             "logged once until it recovers): %s", exc)
+            return False
+        if self._refresh_failing:
+            self._refresh_failing = False
+            logger.info("experiment store refresh recovered")
+        if not defs.changed:
+            return False
+        if edits != self._local_edits:
+            return False  # this server changed a definition meanwhile: read again next time
+        self._apply(defs)
+        return True
+
+    def _apply(self, defs: Definitions) -> None:
+        """Serve the definitions ``defs`` read (replacing the dicts, never changing them in place:
+        a request being routed keeps the view it started with)."""
+        assert defs.presets is not None and defs.experiments is not None
+        fresh_presets = self._presets.replace_stored(defs.presets)
+        old, new = self.experiments, self._validated(defs.experiments)
+        # New or changed ("created" aside: this server's own creation holds its own clock's).
+        fresh = [e for name, e in new.items()
+                 if name not in old or old[name].model_copy(update={"created": e.created}) != e]
+        for name, exp in old.items():
+            if name not in new or (new[name].id or name) != (exp.id or name):
+                self.metrics.forget(name, (v.name for v in exp.variants))
+        self.experiments = new
+        self._revision = defs.revision
+        if fresh_presets or fresh or len(new) != len(old):
+            logger.info("presets and experiments refreshed from the store (revision %d): %d stored "
+                        "presets, %d experiments", defs.revision, len(self._presets.stored()), len(new))
+        self._warn_uncompilable(fresh_presets, fresh)
+
+    def _edited(self) -> None:
+        """This server changed its definitions: a refresh in flight must not apply what it read."""
+        self._local_edits += 1
+
     # -- store access --------------------------------------------------------------------
     def _store_failed(self, op: str, exc: BaseException) -> None:
         self.metrics.store_failed(op)
         logger.error("experiment store %s failed: %s", op, exc)
+
+    async def _on_store(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the store thread, waited for at most ``call_timeout_s``: its result,
+        or QueueFull / WriterClosed / NoAnswer (the call is cancelled if it has not started)
+        / the store's own exception."""
+        fut = self.writer.submit(fn, *args)
+        timeout = self.limits.call_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise NoAnswer(f"no answer within {timeout:g} s") from None
 
     async def call(self, op: str, fn: Any, *args: Any) -> Any:
         """Run a store method on the store thread and wait at most ``call_timeout_s`` for it;
@@ -120,16 +256,13 @@ class ExperimentManager:
         call that timed out before it started never runs). The database's own error is logged,
         never sent."""
         try:
-            fut = self.writer.submit(fn, *args)
+            return await self._on_store(fn, *args)
         except (QueueFull, WriterClosed) as exc:
             self._store_failed(op, exc)
             raise StoreUnavailable("the experiment store is busy; retry shortly") from None
-        timeout = self.limits.call_timeout_s
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
-        except asyncio.TimeoutError:
-            fut.cancel()
-            self._store_failed(op, TimeoutError(f"no answer within {timeout:g} s"))
+        except NoAnswer as exc:
+            self._store_failed(op, exc)
+            timeout = self.limits.call_timeout_s
             raise StoreUnavailable(f"the experiment store did not answer within {timeout:g} s; "
                                    "retry shortly (the change may or may not have been applied)") \
                 from None
@@ -170,6 +303,10 @@ class ExperimentManager:
             return
 
     def close(self) -> None:
+        task, self._refresh_task = self._refresh_task, None
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):  # its loop may be closed already
+                task.get_loop().call_soon_threadsafe(task.cancel)
         left = self.writer.close(self.limits.close_timeout_s)
         if left:
             self.metrics.exposure_lost("shutdown", left)
@@ -213,6 +350,7 @@ class ExperimentManager:
             raise Conflict(f"a preset named {new.name!r} exists", "name")
         preset = Preset(name=new.name, steering=new.steering, description=new.description, source="api")
         await self.call("admin", self.store.put_preset, preset.name, preset.model_dump(mode="json"))
+        self._edited()
         self.presets[preset.name] = preset
         return preset
 
@@ -222,7 +360,8 @@ class ExperimentManager:
     async def delete_preset(self, name: str) -> None:
         self._presets.check_removable(name)
         await self.call("admin", self.store.delete_preset, name)
-        del self.presets[name]
+        self._edited()
+        self.presets.pop(name, None)  # a refresh may have dropped it meanwhile
 
     # -- experiments ---------------------------------------------------------------------
     async def create_experiment(self, new: NewExperiment) -> Experiment:
@@ -234,6 +373,7 @@ class ExperimentManager:
         await self.call("admin", self.store.put_experiment, exp.name,
                         exp.model_dump(mode="json", exclude={"created", "id"}), exp.status, exp.id)
         exp = exp.model_copy(update={"created": time.time()})
+        self._edited()
         self.experiments[exp.name] = exp
         return exp
 
@@ -246,14 +386,20 @@ class ExperimentManager:
     async def patch_experiment(self, name: str, patch: ExperimentPatch) -> Experiment:
         exp = self.get_experiment(name)
         await self.call("admin", self.store.set_status, name, patch.status)
+        self._edited()
+        exp = self.experiments.get(name)  # the current one, should a refresh have run meanwhile
+        if exp is None:  # ...and found it deleted (by another server): nothing was updated
+            raise NotFound(f"no experiment named {name!r}", "name")
         exp = self.experiments[name] = exp.model_copy(update={"status": patch.status})
         return exp
 
     async def delete_experiment(self, name: str) -> None:
         self.get_experiment(name)
         await self.call("admin", self.store.delete_experiment, name)
-        exp = self.experiments.pop(name)
-        self.metrics.forget(name, (v.name for v in exp.variants))
+        self._edited()
+        exp = self.experiments.pop(name, None)  # a refresh may have dropped it meanwhile
+        if exp is not None:
+            self.metrics.forget(name, (v.name for v in exp.variants))
 
     async def feedback(self, name: str, fb: Feedback) -> dict[str, Any]:
         exp = self.get_experiment(name)

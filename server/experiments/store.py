@@ -14,6 +14,11 @@ holds the applied versions, :data:`MIGRATIONS` is the ordered list of SQL script
 SQL both databases speak); opening a database applies the scripts it lacks, each in one
 transaction under an exclusive lock, so two servers starting at once apply each script once.
 
+Every write of a preset or an experiment also increments the one-row ``definitions_revision``
+in its transaction: :meth:`SQLStore.definitions` reads that number and re-reads the definitions
+only when it differs from the one the caller last saw, which is how servers sharing one database
+pick up each other's changes cheaply (see :meth:`server.experiments.manager.ExperimentManager.refresh`).
+
 Units are stored only as sha256 hashes, never raw user ids.
 """
 
@@ -91,6 +96,16 @@ MIGRATIONS: list[str] = [
     UPDATE feedback SET experiment_id = experiment;
     CREATE INDEX feedback_by_experiment_id ON feedback (experiment_id);
     """,
+    # 4: the revision of the definitions (presets and experiments): one row, incremented in the
+    #    transaction of every write to them, so that the servers sharing the database re-read
+    #    them only after a change (``ExperimentManager.refresh``).
+    """
+    CREATE TABLE definitions_revision (
+        id INTEGER PRIMARY KEY,
+        revision BIGINT NOT NULL
+    );
+    INSERT INTO definitions_revision (id, revision) VALUES (1, 1);
+    """,
 ]
 
 OUTCOMES = ("ok", "failed", "aborted", "excluded")
@@ -131,10 +146,27 @@ class Exposure:
     """One of :data:`OUTCOMES`."""
 
 
+@dataclass
+class Definitions:
+    """What :meth:`ExperimentStore.definitions` read: the revision of the presets and experiments
+    and, unless it was the one the caller already knew, their rows (as ``list_presets`` and
+    ``list_experiments`` return them)."""
+
+    revision: int
+    presets: list[dict[str, Any]] | None = None
+    experiments: list[dict[str, Any]] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.presets is not None
+
+
 class ExperimentStore:
     """The interface the server uses; :class:`SQLiteStore` and ``PostgresStore`` implement it.
     Every method may raise (the caller counts and logs failures; requests are served regardless)."""
 
+    def revision(self) -> int: raise NotImplementedError
+    def definitions(self, known: int | None = None) -> Definitions: raise NotImplementedError
     def list_presets(self) -> list[dict[str, Any]]: raise NotImplementedError
     def put_preset(self, name: str, spec: dict[str, Any]) -> None: raise NotImplementedError
     def delete_preset(self, name: str) -> None: raise NotImplementedError
@@ -213,20 +245,42 @@ class SQLStore(ExperimentStore):
                         tx.execute(stmt)
                 tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version + 1,))
 
+    # -- the revision of the definitions --------------------------------------------------
+    @staticmethod
+    def _bump(tx: Tx) -> None:
+        """Inside a write's transaction: the definitions changed."""
+        tx.execute("UPDATE definitions_revision SET revision = revision + 1 WHERE id = 1")
+
+    def revision(self) -> int:
+        """The revision of the presets and experiments: it changes with every write to them."""
+        with self._session() as tx:
+            row = tx.one("SELECT revision FROM definitions_revision WHERE id = 1")
+        return int(row["revision"]) if row else 0
+
+    def definitions(self, known: int | None = None) -> Definitions:
+        """The revision and, when it is not ``known``, the presets and experiments. The revision
+        is read first: rows newer than it only make the next call read them again."""
+        rev = self.revision()
+        if rev == known:
+            return Definitions(rev)
+        return Definitions(rev, self.list_presets(), self.list_experiments())
+
     # -- presets -------------------------------------------------------------------------
     def list_presets(self) -> list[dict[str, Any]]:
         with self._session() as tx:
             return [json.loads(r["spec"]) for r in tx.all("SELECT spec FROM presets ORDER BY name")]
 
     def put_preset(self, name: str, spec: dict[str, Any]) -> None:
-        with self._session() as tx:
+        with self._transaction() as tx:
             tx.execute("INSERT INTO presets (name, spec, created) VALUES (?, ?, ?)"
                        " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
                        (name, json.dumps(spec), time.time()))
+            self._bump(tx)
 
     def delete_preset(self, name: str) -> None:
-        with self._session() as tx:
+        with self._transaction() as tx:
             tx.execute("DELETE FROM presets WHERE name = ?", (name,))
+            self._bump(tx)
 
     # -- experiments ---------------------------------------------------------------------
     def list_experiments(self) -> list[dict[str, Any]]:
@@ -240,17 +294,19 @@ class SQLStore(ExperimentStore):
         """Store a new experiment (its id: ``experiment_id``, else its name); a stale row of the
         same name is replaced, id included."""
         now = time.time()
-        with self._session() as tx:
+        with self._transaction() as tx:
             tx.execute("INSERT INTO experiments (name, spec, status, created, updated, id)"
                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
                        " spec = excluded.spec, status = excluded.status, updated = excluded.updated,"
                        " created = excluded.created, id = excluded.id",
                        (name, json.dumps(spec), status, now, now, experiment_id or name))
+            self._bump(tx)
 
     def set_status(self, name: str, status: str) -> None:
-        with self._session() as tx:
+        with self._transaction() as tx:
             tx.execute("UPDATE experiments SET status = ?, updated = ? WHERE name = ?",
                        (status, time.time(), name))
+            self._bump(tx)
 
     def delete_experiment(self, name: str) -> None:
         """The experiment, its exposures and their feedback."""
@@ -258,6 +314,7 @@ class SQLStore(ExperimentStore):
             tx.execute("DELETE FROM feedback WHERE experiment = ?", (name,))
             tx.execute("DELETE FROM exposures WHERE experiment = ?", (name,))
             tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
+            self._bump(tx)
 
     # -- observations --------------------------------------------------------------------
     def record_exposure(self, e: Exposure) -> bool:

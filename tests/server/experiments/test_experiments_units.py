@@ -52,18 +52,19 @@ def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) ->
 
 def test_migrations_from_empty_and_reopen(backend):
     store = backend.open()
-    assert store.schema_version() == len(MIGRATIONS) == 3
+    assert store.schema_version() == len(MIGRATIONS) == 4
     store.close()
-    assert {"schema_version", "presets", "experiments", "exposures", "feedback"} <= backend.tables()
+    assert {"schema_version", "presets", "experiments", "exposures", "feedback",
+            "definitions_revision"} <= backend.tables()
     assert {"exposures_by_experiment", "feedback_by_experiment", "experiments_by_id",
             "exposures_by_experiment_id", "feedback_by_experiment_id"} <= backend.indexes()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
     if backend.name == "sqlite":
         assert backend.raw("PRAGMA journal_mode") == [("wal",)]
     again = backend.open()  # re-opening applies nothing twice
-    assert again.schema_version() == 3
+    assert again.schema_version() == 4
     again.close()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
 
 
 def test_float_columns_keep_full_precision(backend):
@@ -88,7 +89,7 @@ def test_partial_migration_is_completed(backend):
                    + ";INSERT INTO feedback VALUES ('r1', 'old', 2.5, NULL, 1, 1)")
     assert "feedback_by_experiment" not in backend.indexes()
     store = backend.open()
-    assert store.schema_version() == 3
+    assert store.schema_version() == 4
     assert "feedback_by_experiment" in backend.indexes()
     assert [e["id"] for e in store.list_experiments()] == ["old"]
     [obs] = store.observations("old")
@@ -110,8 +111,8 @@ def test_concurrent_openers_migrate_once(backend):
 
     with ThreadPoolExecutor(4) as pool:
         stores = list(pool.map(lambda _: backend.open(), range(4)))
-    assert all(s.schema_version() == 3 for s in stores)
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
+    assert all(s.schema_version() == 4 for s in stores)
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
     for s in stores:
         s.close()
 

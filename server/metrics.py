@@ -44,6 +44,13 @@ class Metrics:
             registry=r)
         self.waiting = Gauge(
             "steer_requests_waiting", "Requests waiting for a steering slot.", registry=r)
+        # Read at scrape time from the live slot gate (bind); both 0 with --no-steering.
+        self.slots_busy = Gauge(
+            "steer_steering_slots_busy", "Steering slots held: distinct steering configurations "
+            "admitted by the API server and not yet finished.", registry=r)
+        self.slots_total = Gauge(
+            "steer_steering_slots", "Steering slots of this server (--max-steering-slots).",
+            registry=r)
         self.engine_unfinished = Gauge(
             "steer_engine_unfinished_requests", "Requests the engine has not finished (incl. n>1 children).",
             registry=r)
@@ -64,10 +71,17 @@ class Metrics:
             "steer_auth_failures", "Requests without a valid API key, by error code.",
             ["code"], registry=r)
 
-    def bind(self, waiting: Callable[[], float], engine_unfinished: Callable[[], float]) -> None:
-        """Read the waiting and engine gauges from live objects at scrape time."""
+    def bind(self, waiting: Callable[[], float], engine_unfinished: Callable[[], float],
+             slots_busy: Callable[[], float] | None = None,
+             slots_total: Callable[[], float] | None = None) -> None:
+        """Read the waiting, engine and slot gauges from live objects at scrape time (a slot
+        gauge not given stays 0)."""
         self.waiting.set_function(waiting)
         self.engine_unfinished.set_function(engine_unfinished)
+        if slots_busy is not None:
+            self.slots_busy.set_function(slots_busy)
+        if slots_total is not None:
+            self.slots_total.set_function(slots_total)
 
     def exposition(self) -> bytes:
         """Our metrics followed by vLLM's own (registered in the default registry)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -34,6 +34,14 @@ class SteeringConfig:
     it the worker drops the oldest readout with a warning (its request then fails, never
     truncates)."""
 
+    packs: list[str] = field(default_factory=list)
+    """Feature packs the *workers* load to compile a request's steering themselves (stock ``vllm
+    serve`` with our worker class, where a request carries its steering as a JSON string in
+    ``vllm_xargs``; see :mod:`server.vllm_plugin`): pack folders (or folders of packs), and
+    ``"bundled"`` for the bundled packs that fit the served model. Operator-supplied only, never
+    from a request. Empty for ``steer serve``, which compiles in the API server and sends the
+    workers compiled records."""
+
     def __post_init__(self) -> None:
         if self.max_slots < 1:
             raise ValueError("max_slots must be >= 1")
@@ -41,6 +49,9 @@ class SteeringConfig:
             raise ValueError("max_features must be >= 0")
         if self.layers is not None:
             self.layers = sorted(set(int(x) for x in self.layers))
+        if isinstance(self.packs, str) or not all(isinstance(p, str) for p in self.packs):
+            raise ValueError("packs must be a list of pack folders (or \"bundled\")")
+        self.packs = list(self.packs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,13 @@ Private ones (this is why it is a shim, and why vLLM is pinned):
   read ``runner.input_batch``, ``runner.requests`` and ``num_computed_tokens_cpu``.
 
 Requests carry their compiled program as a :class:`steering.wire.WireRecord` in
-``SamplingParams.extra_args["steering"]``.
+``SamplingParams.extra_args["steering"]`` (``steer serve``), or, through stock ``vllm serve`` with
+this worker class, the request's steering object as a JSON *string* (``vllm_xargs.steering``):
+the worker then compiles it itself (:class:`SpecCompiler`, built at start from the configured
+``packs``) into the very record ``steer serve`` would have sent — same program, same hash — and
+seats that. The worker bounds raw vectors by the float32 limits only (it measures no residual
+norms); the API-server middleware :mod:`server.vllm_plugin` validates first, with the norm bound,
+sets the prefix-cache salt and holds the slot gate.
 
 Nothing a request carries may stop the engine: an exception in a worker's step kills the engine
 core, and vLLM's V1 model runner cannot finish or fail one request from inside a step (requests
@@ -44,7 +50,8 @@ import torch
 
 from steering.config import SteeringConfig
 from steering.runtime import SteeringRuntime, get_runtime, set_runtime
-from steering.wire import WireError, WireRecord
+from steering.spec import SteeringError
+from steering.wire import EXTRA_ARGS_KEY, WireError, WireRecord
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +84,91 @@ def engine_kwargs(cfg: SteeringConfig) -> dict[str, Any]:
         "worker_cls": f"steering.vllm_shim.{worker}",
         "additional_config": {ADDITIONAL_CONFIG_KEY: cfg.to_dict()},
     }
+
+
+# -- compiling JSON steering in the worker (stock vLLM server) ------------------------------
+BUNDLED_PACKS = "bundled"
+"""In ``SteeringConfig.packs``: the bundled packs that fit the served model."""
+SPEC_CACHE_SIZE = 64
+"""Compiled steering strings a worker keeps (a repeated configuration is compiled once)."""
+
+
+def load_config_packs(paths: list[str], model_dir: str | None):
+    """The PackRegistry of ``SteeringConfig.packs`` (None when empty): ``"bundled"`` is the
+    bundled packs that fit the model in ``model_dir``, anything else a pack folder (or a folder of
+    packs) that must fit. Raises PackError / FileNotFoundError naming the pack."""
+    if not paths:
+        return None
+    from steering.packs.registry import PackRegistry
+
+    extra = [p for p in paths if p != BUNDLED_PACKS]
+    if BUNDLED_PACKS in paths:
+        if model_dir is None:
+            raise ValueError('steering: packs "bundled" needs a local model folder')
+        return PackRegistry.bundled(model_dir, extra_paths=extra)
+    return PackRegistry.from_paths(extra, model_dir)
+
+
+def build_compiler(cfg: SteeringConfig, hidden_size: int, num_layers: int,
+                   model_dir: str | None):
+    """A :class:`steering.request.SteeringCompiler` over ``cfg`` and its packs, as ``steer
+    serve`` builds it (so the same spec compiles to the same program)."""
+    from steering.request import SteeringCompiler
+
+    packs = load_config_packs(cfg.packs, model_dir)
+    return SteeringCompiler(cfg, hidden_size=hidden_size, num_layers=num_layers,
+                            feature_source=packs)
+
+
+def parse_spec_string(text: str) -> dict[str, Any]:
+    """The steering object inside ``vllm_xargs.steering`` (a JSON string); SteeringError when
+    it is not one (param ``steering``)."""
+    import json
+
+    if not isinstance(text, str):
+        raise SteeringError("steering must be a JSON object encoded as a string")
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SteeringError(f"steering is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise SteeringError("steering must be a JSON object encoded as a string")
+    if "experiment" in obj:
+        raise SteeringError("experiments (and presets) are served by steer serve only, not "
+                            "through vLLM's server", "steering.experiment",
+                            "unsupported_parameter")
+    if obj.get("return_activations") is True:
+        raise SteeringError("return_activations is served by steer serve only: vLLM's server "
+                            "cannot return activations", "steering.return_activations",
+                            "unsupported_parameter")
+    return obj
+
+
+class SpecCompiler:
+    """Worker-side: a request's steering JSON string → the :class:`WireRecord` ``steer serve``
+    would send for it (cached by content). SteeringError when it is invalid."""
+
+    def __init__(self, compiler, cache_size: int = SPEC_CACHE_SIZE) -> None:
+        from collections import OrderedDict
+
+        self.compiler = compiler
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, WireRecord | None] = OrderedDict()
+
+    def wire(self, text: str) -> WireRecord | None:
+        """None when the steering asks for nothing."""
+        import hashlib
+
+        key = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        compiled = self.compiler.compile(parse_spec_string(text))
+        wire = compiled.wire() if compiled is not None else None
+        self._cache[key] = wire
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return wire
 
 
 # -- model surgery ---------------------------------------------------------------------------
@@ -164,12 +256,19 @@ class _SteeringWorkerMixin:
             device=runner.device,
             host_gating=not cudagraphs,
         )
+        # Requests of stock vLLM's server carry their steering as a JSON string: compile those
+        # here, with the configured packs (loaded before the model is traced: a bad pack stops
+        # the start with its name and problem).
+        model_dir = vcfg.model_config.model
+        specs = SpecCompiler(build_compiler(
+            cfg, int(hf.hidden_size), num_layers,
+            model_dir if os.path.isdir(str(model_dir)) else None))
         set_runtime(rt)
         wrapped = install_on_model(model, cfg)
-        _hook_runner(runner, rt)
+        _hook_runner(runner, rt, specs)
         logger.info(
-            "steering: %d slots × %d features on layers %s (host gating %s)",
-            cfg.max_slots, cfg.max_features, wrapped, rt.host_gating,
+            "steering: %d slots × %d features on layers %s (host gating %s; packs %s)",
+            cfg.max_slots, cfg.max_features, wrapped, rt.host_gating, cfg.packs or "none",
         )
 
     # Callable from the API server through collective_rpc.
@@ -198,7 +297,7 @@ class _SteeringWorkerMixin:
                 "unseated_total": rt.unseated_total}
 
 
-def _hook_runner(runner, rt: SteeringRuntime) -> None:
+def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None) -> None:
     """Wrap this runner instance's execute_model and _prepare_inputs (instance attributes)."""
     orig_execute = runner.execute_model
     orig_prepare = runner._prepare_inputs
@@ -223,7 +322,7 @@ def _hook_runner(runner, rt: SteeringRuntime) -> None:
             rs = rt.requests.get(rid)
             state = runner.requests[rid]
             if rs is None:
-                rs = _seat(rt, rid, state.sampling_params)
+                rs = _seat(rt, rid, state.sampling_params, specs)
                 if rs is None:
                     continue
             req_slots[i] = rs.slot
@@ -245,13 +344,26 @@ def _hook_runner(runner, rt: SteeringRuntime) -> None:
     runner._prepare_inputs = _prepare_inputs
 
 
-def _seat(rt: SteeringRuntime, rid: str, sp):
+def _seat(rt: SteeringRuntime, rid: str, sp, specs: SpecCompiler | None = None):
     """``rid``'s steering state on its first step, None when it is unsteered; whatever goes wrong
-    fails this request (runs on slot 0, reported to the API server), never the step."""
+    fails this request (runs on slot 0, reported to the API server), never the step.
+
+    ``extra_args["steering"]`` is a WireRecord (``steer serve``) or a JSON string (stock vLLM
+    server: compiled here by ``specs``)."""
     try:
-        wire = WireRecord.from_extra_args(sp.extra_args) if sp is not None else None
-    except WireError as exc:
+        extra = sp.extra_args if sp is not None else None
+        raw = (extra or {}).get(EXTRA_ARGS_KEY) if isinstance(extra, dict) else None
+        if isinstance(raw, str):
+            if specs is None:
+                return rt.refuse(rid, "a steering string reached a worker that cannot compile it")
+            wire = specs.wire(raw)
+        else:
+            wire = WireRecord.from_extra_args(extra)
+    except (WireError, SteeringError) as exc:
         return rt.refuse(rid, str(exc))
+    except Exception as exc:  # noqa: BLE001  (one request's problem must not stop the engine)
+        logger.exception("steering: compiling the steering of %s failed", rid)
+        return rt.refuse(rid, f"{type(exc).__name__}: {exc}")
     if wire is None:
         return None
     try:

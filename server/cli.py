@@ -46,6 +46,17 @@ def _store_url(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _seconds(value: str) -> float:
+    """A finite number of seconds, 0 or more."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected 0 or more seconds, got {value!r}")
+    return seconds
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible server")
     p.add_argument("--model", default=None,
@@ -72,6 +83,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                    default=DEFAULTS.enable_prefix_caching,
                    help="reuse KV blocks across requests (default: on)")
+    p.add_argument("--chat-template", default=DEFAULTS.chat_template, metavar="FILE",
+                   help="Jinja2 chat template instead of the model's own (as vLLM's flag)")
+    p.add_argument("--tool-call-parser", default=DEFAULTS.tool_call_parser, metavar="NAME",
+                   help="vLLM tool parser for tool_choice 'auto' (hermes, llama3_json, ...; "
+                        "default: hermes with the bundled ChatML tool template)")
+    p.add_argument("--shutdown-timeout", type=float, default=DEFAULTS.shutdown_timeout_s,
+                   metavar="SECONDS", dest="shutdown_timeout_s",
+                   help="on SIGTERM, let running streams finish this long (default: %(default)s)")
     p.add_argument("--log-level", default=DEFAULTS.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=DEFAULTS.access_log,
                    help="log a line per HTTP request (default: on); under heavy load the line costs "
@@ -131,6 +150,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    metavar="URL",
                    help="experiment store: postgresql://USER:PW@HOST[:PORT]/DB or sqlite:///PATH "
                         "(env STEER_EXPERIMENTS_DB; default: steer.db in --data-dir)")
+    p.add_argument("--store-refresh-s", type=_seconds, default=DEFAULTS.store_refresh_s,
+                   metavar="SECONDS",
+                   help="check the experiment store this often for presets and experiments that "
+                        "other servers sharing it created, changed or deleted (0: never; "
+                        "default: %(default)s)")
     p.set_defaults(func=serve)
 
 
@@ -152,7 +176,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_readout_bytes_total=args.max_readout_bytes_total,
         feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
         presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
+        store_refresh_s=args.store_refresh_s,
         max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
+        chat_template=args.chat_template, tool_call_parser=args.tool_call_parser,
+        shutdown_timeout_s=args.shutdown_timeout_s,
         log_level=args.log_level, access_log=args.access_log,
     )
 
@@ -237,7 +264,7 @@ def serve(args: argparse.Namespace) -> int:
     state = AppState(config=config)
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=config.host, port=config.port, log_level=config.log_level,
-        access_log=config.access_log, timeout_graceful_shutdown=5))
+        access_log=config.access_log, timeout_graceful_shutdown=config.shutdown_timeout_s))
 
     def fatal(_: BaseException) -> None:
         server.should_exit = True

@@ -2,7 +2,8 @@
 
 A body is validated (:mod:`server.protocol`), routed through presets and experiments
 (``state.experiments.route``), rendered to prompt token ids, its steering compiled, and run by
-:func:`server.generation.run`; the answer is one JSON body or a server-sent-event stream.
+:func:`server.generation.run`; the answer is one JSON body or a server-sent-event stream. Tool
+calls are read from each choice's output by :mod:`server.tools`; ``echo`` prepends the prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server import generation as gen
+from server import tools
 from server.auth import admit_generation, principal_of
 from server.errors import InvalidRequest, ModelNotFound, describe
 from server.http import DisconnectAwareStream, json_body, sse, until_client_gone
@@ -55,13 +57,39 @@ def _check_model(state: AppState, model: str | None) -> str:
     return model
 
 
+def _tool_setup(state: AppState) -> tools.ToolSetup:
+    if state.tools is None:  # engine-free tests build the state by hand
+        state.tools = tools.ToolSetup(state.tokenizer, state.config.chat_template,
+                                      state.config.tool_call_parser)
+    return state.tools
+
+
 def _chat_prompt(state: AppState, req: ChatCompletionRequest) -> list[int]:
+    setup = _tool_setup(state)
     try:
-        text = state.tokenizer.apply_chat_template(
-            req.chat_messages(), add_generation_prompt=True, tokenize=False)
+        text = setup.render(req)
+    except InvalidRequest:
+        raise
     except Exception as exc:  # noqa: BLE001  (template rejected the conversation)
         raise InvalidRequest(f"the chat template rejected these messages: {exc}", "messages") from None
     return list(state.tokenizer.encode(text, add_special_tokens=False))
+
+
+def _readers(state: AppState, req: gen.GenerationRequest) -> Callable[[], tools.ToolCallReader | None]:
+    """A factory of one tool-call reader per choice (None: plain content)."""
+    if not isinstance(req, ChatCompletionRequest):
+        return lambda: None
+    setup = _tool_setup(state)
+    setup.reader(req)  # a 400 now (not mid-stream) when the request's tool_choice cannot be read
+    return lambda: setup.reader(req)
+
+
+def _echo_text(state: AppState, req: gen.GenerationRequest, prompt_ids: list[int]) -> str | None:
+    """The prompt as ``echo`` returns it (None without echo)."""
+    if not isinstance(req, CompletionRequest) or not req.echo:
+        return None
+    prompt = req.single_prompt()
+    return prompt if isinstance(prompt, str) else state.tokenizer.decode(prompt_ids)
 
 
 def _text_prompt(state: AppState, req: CompletionRequest) -> list[int]:
@@ -99,8 +127,12 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
     gen.check_context(len(prompt_ids), state.max_model_len, req, prompt_param,
                       state.config.max_response_budget)
     request_id = f"{prefix}-{uuid.uuid4().hex}"
-    job = gen.Job(request_id=request_id, prompt_ids=prompt_ids,
-                  params=gen.sampling_params(req, compiled, request_id), compiled=compiled)
+    readers = _readers(state, req)
+    params = gen.sampling_params(
+        req, compiled, request_id, vocab_size=len(state.tokenizer), engine=state.engine,
+        tool_schema=tools.constraint_schema(req) if isinstance(req, ChatCompletionRequest) else None)
+    job = gen.Job(request_id=request_id, prompt_ids=prompt_ids, params=params, compiled=compiled,
+                  echo=_echo_text(state, req, prompt_ids))
     # The slot (and readout bytes) are taken before any response starts: a 429 is a real status.
     admitted = await _admit(request, state, compiled, job)
     if not admitted:
@@ -115,7 +147,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
 
             response = _HeldStream(
                 job.held,
-                _stream(state, req, job, compiled, model, chat, ab.body_field(), on_complete=completed),
+                _stream(state, req, job, compiled, model, chat, ab.body_field(), on_complete=completed,
+                        readers=readers),
                 media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
             streaming = True  # from here the stream frees what the request holds
             return response
@@ -127,8 +160,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
         if choices is None:
             state.experiments.finish(ab, job, len(prompt_ids), outcome="aborted")
             return Response(status_code=499)  # the client closed the request: nobody to answer
-        build = _chat_body if chat else _completion_body
-        body = build(req, job, compiled, model, choices)
+        body = (_chat_body(req, job, compiled, model, choices, readers) if chat
+                else _completion_body(req, job, compiled, model, choices))
         activations = await gen.steering_activations(state, job)
         if activations is not None:
             body["steering"]["activations"] = activations
@@ -183,10 +216,12 @@ async def _collect(state: AppState, job: gen.Job, chat: bool) -> dict[int, gen.C
     async for out in gen.run(state, job):
         if out.prompt_logprobs:  # only the first delta carries them
             job.prompt_logprobs = gen.prompt_logprobs(state, out)
+            if job.echo is not None and k is not None:
+                job.echo_logprobs = gen.echo_logprobs(state, job.prompt_ids, out, k)
         for o in out.outputs:
             c = choices[o.index]
             if k is not None and o.token_ids:
-                offset = sum(len(t) for t in c.text)
+                offset = sum(len(t) for t in c.text) + len(job.echo or "")
                 c.logprobs.append(gen.chat_logprobs(state, o, k) if chat
                                   else gen.completion_logprobs(state, o, k, offset))
             c.text.append(o.text)
@@ -210,16 +245,25 @@ def _common(req: gen.GenerationRequest, job: gen.Job, compiled: CompiledSteering
 
 
 def _chat_body(req: gen.GenerationRequest, job: gen.Job,
-               compiled: CompiledSteering | None, model: str, choices: dict[int, gen.Choice]) -> dict[str, Any]:
+               compiled: CompiledSteering | None, model: str, choices: dict[int, gen.Choice],
+               readers: Callable[[], tools.ToolCallReader | None]) -> dict[str, Any]:
     body = _common(req, job, compiled, model, "chat.completion")
     body["choices"] = []
     for index, c in sorted(choices.items()):
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(c.text)}
+        finish_reason = c.finish_reason
+        reader = readers()
+        if reader is not None:
+            message["content"], calls = reader.finish(message["content"])
+            if calls:
+                message["tool_calls"] = calls
+            finish_reason = reader.finish_reason(finish_reason)
         choice: dict[str, Any] = {
             "index": index,
-            "message": {"role": "assistant", "content": "".join(c.text)},
+            "message": message,
             "logprobs": ({"content": [item for part in c.logprobs for item in part]}
                          if job.params.logprobs is not None else None),
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish_reason,
         }
         if req.return_token_ids:
             choice["token_ids"] = c.token_ids
@@ -236,9 +280,11 @@ def _completion_body(req: gen.GenerationRequest, job: gen.Job,
     for index, c in sorted(choices.items()):
         logprobs = None
         if job.params.logprobs is not None:
-            logprobs = {key: [v for part in c.logprobs for v in part[key]]
+            parts = ([job.echo_logprobs] if job.echo_logprobs else []) + c.logprobs
+            logprobs = {key: [v for part in parts for v in part[key]]
                         for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
-        choice: dict[str, Any] = {"index": index, "text": "".join(c.text), "logprobs": logprobs,
+        choice: dict[str, Any] = {"index": index, "text": (job.echo or "") + "".join(c.text),
+                                  "logprobs": logprobs,
                                   "finish_reason": c.finish_reason}
         if req.return_token_ids:
             choice["token_ids"] = c.token_ids
@@ -250,7 +296,9 @@ def _completion_body(req: gen.GenerationRequest, job: gen.Job,
 async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                   compiled: CompiledSteering | None, model: str, chat: bool,
                   experiment: dict[str, str] | None = None,
-                  on_complete: Callable[[str], None] | None = None) -> AsyncIterator[str]:
+                  on_complete: Callable[[str], None] | None = None,
+                  readers: Callable[[], tools.ToolCallReader | None] = lambda: None,
+                  ) -> AsyncIterator[str]:
     """SSE events: one chunk per choice delta, an optional usage chunk, then ``[DONE]``. The first
     chunk carries the request-level fields (``steering``, ``experiment``, prompt ids/logprobs).
     ``on_complete(outcome)`` runs once the stream ends: ``ok`` when the generation finished
@@ -261,16 +309,32 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
     k = job.params.logprobs
     started: set[int] = set()
     offsets: dict[int, int] = {}
+    choice_readers: dict[int, tools.ToolCallReader | None] = {}
     completion_tokens = 0
     first = True
     try:
         async for out in gen.run(state, job):
             if out.prompt_logprobs:  # only the first delta carries them
                 job.prompt_logprobs = gen.prompt_logprobs(state, out)
+                if job.echo is not None and k is not None:
+                    job.echo_logprobs = gen.echo_logprobs(state, job.prompt_ids, out, k)
             for o in out.outputs:
                 if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
                 completion_tokens += len(o.token_ids)
+                finish_reason = o.finish_reason
+                if chat:
+                    if o.index not in choice_readers:
+                        choice_readers[o.index] = readers()
+                    reader = choice_readers[o.index]
+                    delta: dict[str, Any] = {"content": o.text}
+                    if reader is not None:
+                        delta = reader.feed(o.text, list(o.token_ids))
+                        finish_reason = reader.finish_reason(o.finish_reason)
+                        if not delta and finish_reason is None and o.index in started:
+                            continue  # nothing to say yet (a tool call still being read)
+                    if o.index not in started:
+                        delta = {"role": "assistant", **delta}
                 chunk = _common(req, job, compiled, model, obj) if first else \
                     {"id": job.request_id, "object": obj, "created": int(time.time()), "model": model}
                 if first and experiment is not None:
@@ -278,19 +342,23 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                 first = False
                 choice: dict[str, Any] = {"index": o.index}
                 if chat:
-                    delta: dict[str, Any] = {"content": o.text}
-                    if o.index not in started:
-                        delta = {"role": "assistant", **delta}
                     choice["delta"] = delta
                     choice["logprobs"] = ({"content": gen.chat_logprobs(state, o, k)}
                                           if k is not None else None)
+                    offsets[o.index] = offsets.get(o.index, 0) + len(o.text)
                 else:
-                    choice["text"] = o.text
-                    choice["logprobs"] = (gen.completion_logprobs(state, o, k, offsets.get(o.index, 0))
-                                          if k is not None else None)
-                offsets[o.index] = offsets.get(o.index, 0) + len(o.text)
+                    echo = job.echo if job.echo is not None and o.index not in started else ""
+                    offset = offsets.get(o.index, 0) + len(echo)
+                    choice["text"] = echo + o.text
+                    choice["logprobs"] = None
+                    if k is not None:
+                        lp = gen.completion_logprobs(state, o, k, offset)
+                        if echo and job.echo_logprobs:
+                            lp = {key: job.echo_logprobs[key] + lp[key] for key in lp}
+                        choice["logprobs"] = lp
+                    offsets[o.index] = offset + len(o.text)
                 started.add(o.index)
-                choice["finish_reason"] = o.finish_reason
+                choice["finish_reason"] = finish_reason
                 if req.return_token_ids:
                     choice["token_ids"] = list(o.token_ids)
                 chunk["choices"] = [choice]

@@ -52,12 +52,30 @@ class ServeConfig:
     presets: str | None = None  # presets YAML (default: feature_packs/presets.yaml with the bundled packs)
     data_dir: str | None = None  # experiment store (default: $STEER_DATA_DIR or ~/.cache/steer/data)
     experiments_db: str | None = None  # postgresql://… or sqlite:///… (default: SQLite in data_dir)
+    store_refresh_s: float = 2.0
+    """Every this many seconds, ask the experiment store whether presets or experiments changed
+    (one tiny query) and re-read them if so: servers sharing one database serve each other's
+    admin changes within about this long. 0: never (only what was stored at start and this
+    server's own changes)."""
     max_request_bytes: int = 8 * 2**20  # request bodies above this are refused with 413
     # Largest n × max_tokens × (1 + top_logprobs) (+ prompt tokens × (1 + prompt_logprobs)) one
     # request may ask for, in response entries (a token or one logprob alternative, ~100-200 bytes
     # each in the API server): 2**20 bounds one response near 100-200 MB, and still admits n = 8
     # full-length outputs of a 128k-token context without logprobs. Beyond it: 400.
     max_response_budget: int = 2**20
+    chat_template: str | None = None
+    """A Jinja2 chat template file (vLLM's ``--chat-template``) used instead of the model's own.
+    None: the model's template; a conversation with tools is rendered with a tool-aware template
+    (the model's own when it renders tools, else the bundled ChatML tool template for ChatML
+    models; see :mod:`server.tools`)."""
+    tool_call_parser: str | None = None
+    """The vLLM tool parser (``hermes``, ``llama3_json``, …; vLLM's ``--tool-call-parser``) that
+    finds tool calls in free text for ``tool_choice: "auto"``. None: ``hermes`` when the bundled
+    ChatML tool template renders the tools (its format), else ``auto`` is refused with a 400."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM, streams still running get this long to finish before they are cut (uvicorn's
+    graceful shutdown); new connections are refused at once. Keep it under the orchestrator's
+    grace period (Kubernetes: terminationGracePeriodSeconds)."""
     log_level: str = "info"
     access_log: bool = True  # one log line per HTTP request (uvicorn's access log)
     engine_overrides: dict[str, Any] = field(default_factory=dict)

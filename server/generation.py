@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from server import vllm_env  # noqa: F401
 from server.errors import CapacityExceeded, ContextTooLong, InvalidRequest, SteeringUnavailable
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.structured import structured_outputs, token_biases
 from steering.readouts import READOUT_DROPPED
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -48,6 +49,8 @@ class Job:
     generated_tokens: int = 0  # over all choices, counted in run()
     finish_reason: str | None = None  # the last one reported
     held: Held | None = None  # slot lease and readout bytes, from admission (server/steering_limits.py)
+    echo: str | None = None  # the prompt text a completion with echo returns first
+    echo_logprobs: dict[str, list[Any]] | None = None  # the echoed prompt's logprobs (echo + logprobs)
 
 
 def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str,
@@ -112,12 +115,17 @@ def _vllm_param(exc: Exception, req: GenerationRequest) -> str | None:
 
 
 def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
-                    request_id: str | None = None) -> SamplingParams:
+                    request_id: str | None = None, *, vocab_size: int | None = None,
+                    tool_schema: dict[str, Any] | None = None,
+                    engine: Any = None) -> SamplingParams:
     """SamplingParams with OpenAI defaults (temperature 1.0, top_p 1.0); a value vLLM rejects is
     a 400 naming the field.
 
     ``request_id`` is where the workers file post-steering activations
-    (``steering.return_activations``)."""
+    (``steering.return_activations``); ``vocab_size`` bounds ``logit_bias`` keys;
+    ``tool_schema`` is the constraint a ``tool_choice`` imposes (:mod:`server.tools`); with
+    ``engine``, a structured-output constraint is checked by vLLM's own backend validation here,
+    so a bad schema, regex or grammar is a 400 before any stream starts."""
     temperature = 1.0 if req.temperature is None else req.temperature
     if temperature == 0.0 and req.n > 1:
         raise InvalidRequest(
@@ -131,11 +139,27 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
                              "min_tokens")
     logprobs = req.num_logprobs()
     extra_args = compiled.extra_args(readout_key=request_id) if compiled is not None else None
+    biases = token_biases(req.logit_bias, vocab_size) if vocab_size is not None else None
     try:
-        return _make_sampling_params(req, temperature, max_tokens, logprobs, extra_args)
+        params = _make_sampling_params(req, temperature, max_tokens, logprobs, extra_args)
+        params.logit_bias = biases
     except (VLLMValidationError, ValueError, TypeError, OverflowError) as exc:
         message = str(exc.args[0]) if exc.args else type(exc).__name__
         raise InvalidRequest(message, _vllm_param(exc, req)) from None
+    constraint_param = "tools" if tool_schema is not None else \
+        "response_format" if req.response_format is not None else "structured_outputs"
+    try:
+        params.structured_outputs = structured_outputs(req.response_format, req.structured_outputs,
+                                                       tool_schema)
+        if params.structured_outputs is not None and hasattr(engine, "vllm_config"):
+            params.verify(engine.model_config, None, engine.vllm_config.structured_outputs_config,
+                          engine.tokenizer)
+    except InvalidRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the backends raise their own types for bad grammars)
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        raise InvalidRequest(f"{constraint_param}: {message}", constraint_param) from None
+    return params
 
 
 def _make_sampling_params(req: GenerationRequest, temperature: float, max_tokens: int | None,
@@ -155,10 +179,18 @@ def _make_sampling_params(req: GenerationRequest, temperature: float, max_tokens
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=_prompt_logprobs(req, logprobs),
         output_kind=RequestOutputKind.DELTA,
         extra_args=extra_args,
     )
+
+
+def _prompt_logprobs(req: GenerationRequest, logprobs: int | None) -> int | None:
+    """``prompt_logprobs``; with ``echo`` and ``logprobs``, at least ``logprobs`` (the echoed
+    prompt's logprobs come from it)."""
+    if isinstance(req, CompletionRequest) and req.echo and logprobs is not None:
+        return max(logprobs, req.prompt_logprobs or 0)
+    return req.prompt_logprobs
 
 
 async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
@@ -281,6 +313,31 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+def echo_logprobs(state: AppState, prompt_ids: list[int], out: RequestOutput,
+                  k: int) -> dict[str, list[Any]] | None:
+    """OpenAI completions ``logprobs`` of the prompt tokens (``echo``): the first token has no
+    logprob (nothing precedes it), as OpenAI reports it; offsets start at 0."""
+    if out.prompt_logprobs is None:
+        return None
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = 0
+    for token_id, pos in zip(prompt_ids, out.prompt_logprobs):
+        tok = state.tokenizer.decode([token_id])
+        if pos is None or token_id not in pos:
+            token_lps.append(None)
+            tops.append(None)
+        else:
+            token_lps.append(_finite(pos[token_id].logprob))
+            ranked = sorted((lp for lp in pos.items() if lp[1].rank is not None and lp[1].rank <= k),
+                            key=lambda item: item[1].rank)[:k]
+            tops.append({_token_text(state, tid, lp.decoded_token): _finite(lp.logprob)
+                         for tid, lp in ranked})
+        tokens.append(tok)
+        offsets.append(offset)
+        offset += len(tok)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def prompt_logprobs(state: AppState, out: RequestOutput) -> list[dict[str, Any] | None] | None:

@@ -1,31 +1,34 @@
 """Request models for /v1/chat/completions and /v1/completions.
 
 Bodies are parsed with :func:`parse_chat` / :func:`parse_completion`, which first reject OpenAI
-features this server does not implement (tools, response_format, images, ...) with a 400 that
-names the parameter, then validate the rest with pydantic. Unknown fields are rejected too:
-nothing a client sends is silently ignored.
+features this server does not implement (images, audio, deprecated ``functions``, ...) with a 400
+that names the parameter, then validate the rest with pydantic. Unknown fields are rejected too:
+nothing a client sends is silently ignored. Tools, ``response_format``, vLLM's
+``structured_outputs``, ``logit_bias`` and ``echo`` are supported (:mod:`server.tools`,
+:mod:`server.structured`); README's compatibility table lists every field.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from server.errors import InvalidRequest, validation_error
+from server.structured import LogitBias, ResponseFormat, StructuredOutputs
 from steering.spec import SteeringSpec
 
 # OpenAI request fields we know but do not implement. A field may still be sent with a value
 # that asks for nothing (None, [], {}, False, "none", {"type": "text"}).
 UNSUPPORTED_CHAT = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
-    "response_format", "logit_bias", "audio", "modalities", "prediction",
+    "functions", "function_call", "audio", "modalities", "prediction",
     "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
     "prompt_cache_key", "safety_identifier", "verbosity",
 )
-UNSUPPORTED_COMPLETION = ("logit_bias", "suffix", "echo", "best_of")
-UNSUPPORTED_MESSAGE = ("name", "tool_calls", "tool_call_id", "function_call", "audio", "refusal")
-SUPPORTED_ROLES = ("system", "developer", "user", "assistant")
+UNSUPPORTED_COMPLETION = ("suffix", "best_of")
+UNSUPPORTED_MESSAGE = ("name", "function_call", "audio", "refusal")
+SUPPORTED_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Bounds of request fields (beyond them: 400 naming the field). As vLLM's OpenAI server bounds
 # them where it does (seed within int64, at most 4 stop strings, 20 logprobs); elsewhere chosen
@@ -47,6 +50,10 @@ MAX_TEXT_CHARS = 2**22
 """Characters of one message content or prompt string (4 Mi: ~1M tokens, above any context)."""
 MAX_PROMPT_TOKENS = 2**22
 """Token ids of one prompt given as ids."""
+MAX_TOOLS = 128
+"""Tools per request (OpenAI's limit), and tool calls per assistant message."""
+MAX_ID_CHARS = 256
+"""Characters of a tool call id."""
 
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -58,9 +65,7 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 def _asks_for_nothing(name: str, value: Any) -> bool:
     if value is None or value is False or value == [] or value == {}:
         return True
-    if name in ("tool_choice", "function_call") and value == "none":
-        return True
-    if name == "response_format" and value == {"type": "text"}:
+    if name == "function_call" and value == "none":
         return True
     if name == "best_of" and value == 1:
         return True
@@ -89,7 +94,10 @@ def _check_messages(messages: Any) -> Any:
         msg = _strip_unsupported(msg, UNSUPPORTED_MESSAGE, f"{where}.")
         checked.append(msg)
         role = msg.get("role")
-        if isinstance(role, str) and role not in SUPPORTED_ROLES:
+        if not isinstance(role, str):
+            raise InvalidRequest(f"each message needs a role, one of {list(SUPPORTED_ROLES)}",
+                                 f"{where}.role")
+        if role not in SUPPORTED_ROLES:
             raise InvalidRequest(
                 f"role '{role}' is not supported; use one of {list(SUPPORTED_ROLES)}",
                 f"{where}.role", "unsupported_parameter")
@@ -120,15 +128,125 @@ class TextPart(_Strict):
     text: Text
 
 
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
+
+class FunctionDef(_Strict):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    """The arguments' JSON schema (None: no arguments)."""
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class CalledFunction(_Strict):
+    name: FunctionName
+    arguments: Text
+    """The arguments as a JSON string (as the model produced them)."""
+
+
+class ToolCall(_Strict):
+    """A tool call of an earlier assistant turn, sent back in ``messages``."""
+
+    id: str = Field(max_length=MAX_ID_CHARS)
+    type: Literal["function"]
+    function: CalledFunction
+
+
+class _Message(_Strict):
     def text(self) -> str:
-        """The message content as one string (text parts joined)."""
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.text for part in self.content)
+        """The message content as one string (text parts joined; null content is "")."""
+        content = getattr(self, "content", None)
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            return content
+        return "".join(part.text for part in content)
+
+    def for_template(self) -> dict[str, Any]:
+        """This message as chat templates expect it (``developer`` is the new name of
+        ``system``)."""
+        role = "system" if self.role == "developer" else self.role  # type: ignore[attr-defined]
+        return {"role": role, "content": self.text()}
+
+
+Content = Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)]
+
+
+class SystemMessage(_Message):
+    role: Literal["system", "developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: Content | None = None
+    """May be null (or absent) on a turn that made tool calls."""
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    """The calls this turn made."""
+
+    def for_template(self) -> dict[str, Any]:
+        """Tool-call arguments go to the template as objects where they parse, as vLLM passes
+        them."""
+        msg = super().for_template()
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls]
+        return msg
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+    tool_call_id: str = Field(max_length=MAX_ID_CHARS)
+    """The call this result answers."""
+
+    def for_template(self) -> dict[str, Any]:
+        return {**super().for_template(), "tool_call_id": self.tool_call_id}
+
+
+MESSAGE_TYPES = (SystemMessage, UserMessage, AssistantMessage, ToolMessage)
+
+
+def _message_kind(value: Any) -> str | None:
+    role = value.get("role") if isinstance(value, dict) else getattr(value, "role", None)
+    return {"system": "system-message", "developer": "system-message", "user": "user-message",
+            "assistant": "assistant-message", "tool": "tool-message"}.get(role)  # type: ignore[arg-type]
+
+
+# One model per role, told apart by ``role`` (tags are not identifiers, so error params skip them).
+ChatMessage = Annotated[
+    Annotated[SystemMessage, Tag("system-message")] | Annotated[UserMessage, Tag("user-message")]
+    | Annotated[AssistantMessage, Tag("assistant-message")] | Annotated[ToolMessage, Tag("tool-message")],
+    Discriminator(_message_kind)]
+
+
+def _json_or_text(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class StreamOptions(_Strict):
@@ -157,6 +275,9 @@ class _GenerationRequest(_Strict):
     min_tokens: Count = 0
     return_token_ids: bool = False
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     steering: RequestSteering | None = None
 
     def stop_list(self) -> list[str]:
@@ -174,6 +295,9 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def max_output(self) -> tuple[int | None, str]:
         """The output limit and the param it came from."""
@@ -189,12 +313,28 @@ class ChatCompletionRequest(_GenerationRequest):
             return None
         return self.top_logprobs or 0
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """Messages for the chat template (``developer`` is the new name of ``system``)."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """Messages for the chat template."""
+        return [m.for_template() for m in self.messages]
+
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """OpenAI's default: ``auto`` when tools are given, else ``none``."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def check_tools(self) -> None:
+        """400 when ``tool_choice`` asks for tools the request does not define."""
+        choice = self.tool_choice
+        if choice is None or choice == "none":
+            return
+        names = [t.function.name for t in self.tools or []]
+        if not names:
+            raise InvalidRequest(f"tool_choice {choice if isinstance(choice, str) else 'function'!r} "
+                                 "needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequest(f"tool_choice names function {choice.function.name!r}, which is "
+                                 f"not among the tools {names}", "tool_choice.function.name")
 
 
 class CompletionRequest(_GenerationRequest):
@@ -202,6 +342,8 @@ class CompletionRequest(_GenerationRequest):
              | list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]])
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    """Return the prompt before the completion (with its logprobs when ``logprobs`` is set)."""
 
     def max_output(self) -> tuple[int | None, str]:
         return self.max_tokens, "max_tokens"
@@ -243,7 +385,9 @@ def parse_chat(body: Any) -> ChatCompletionRequest:
     body = _strip_unsupported(_require_object(body), UNSUPPORTED_CHAT)
     if "messages" in body:
         body["messages"] = _check_messages(body["messages"])
-    return _validate(ChatCompletionRequest, body)
+    req = _validate(ChatCompletionRequest, body)
+    req.check_tools()
+    return req
 
 
 def parse_completion(body: Any) -> CompletionRequest:

@@ -15,6 +15,7 @@ from server.engine import build_engine_args, create_engine, load_packs
 from server.errors import EngineUnavailable
 from server.metrics import Metrics
 from server.steering_limits import SteeringLimits, measure_layer_norms
+from server.tools import ToolSetup
 from steering.request import SteeringCompiler
 from steering.slots import SlotGate
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -37,6 +38,7 @@ class AppState:
     experiments: Any = None  # server.experiments.manager.ExperimentManager (presets, A/B tests)
     gate: SlotGate | None = None
     limits: SteeringLimits | None = None  # slot leases, readout budget, unseated audit
+    tools: ToolSetup | None = None  # chat templates and the tool parser (server/tools.py)
     startup_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -72,6 +74,7 @@ class AppState:
         engine = await asyncio.to_thread(create_engine, args)
         try:
             self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, str(path))
+            self.tools = ToolSetup(self.tokenizer, cfg.chat_template, cfg.tool_call_parser)
             self.model_path = path
             self.max_model_len = engine.model_config.max_model_len
             if steering_cfg is not None:
@@ -91,7 +94,9 @@ class AppState:
             gate = self.gate
             self.metrics.bind(
                 waiting=lambda: gate.waiting if gate is not None else 0,
-                engine_unfinished=engine.get_num_unfinished_requests)
+                engine_unfinished=engine.get_num_unfinished_requests,
+                slots_busy=lambda: gate.resident if gate is not None else 0,
+                slots_total=lambda: gate.capacity if gate is not None else 0)
         except BaseException:
             engine.shutdown()
             raise

@@ -176,7 +176,14 @@ def test_parse_chat_accepts_openai_shapes() -> None:
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools.[0].function"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function", "function": {"name": "g"}},
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice.function.name"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a", "choice": ["b"]}},
+     "structured_outputs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages.[0].content.[0].type"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": False, "top_logprobs": 3}, "top_logprobs"),
 ])
@@ -191,5 +198,6 @@ def test_parse_completion_prompts() -> None:
     assert parse_completion({"prompt": [1, 2]}).single_prompt() == [1, 2]
     assert parse_completion({"prompt": [[1, 2]]}).single_prompt() == [1, 2]
     assert parse_completion({"prompt": "hi"}).max_output() == (16, "max_tokens")  # OpenAI's default
+    assert parse_completion({"prompt": "hi", "echo": True}).echo
     with pytest.raises(InvalidRequest):
-        parse_completion({"prompt": "hi", "echo": True})
+        parse_completion({"prompt": "hi", "suffix": "!"})

@@ -80,6 +80,9 @@ class ExperimentManager:
         self.state = state
         self.limits = limits or WriteLimits()
         cfg = state.config
+        self._reopen: tuple[str | None, Path] | None = None
+        """Where the store lives, kept when it could not be opened at start: the refresh loop
+        retries the open (a database that comes up after the server is used once it does)."""
         if store is None:
             url = getattr(cfg, "experiments_db", None) or os.environ.get(DB_ENV) or None
             data_dir = Path(getattr(cfg, "data_dir", None) or default_data_dir())
@@ -88,6 +91,7 @@ class ExperimentManager:
             except Exception as exc:  # noqa: BLE001  (serve anyway; count and log)
                 logger.error("experiment store %s unavailable: %s", redact(url) if url else data_dir, exc)
                 store = UnavailableStore(exc)
+                self._reopen = (url, data_dir)
         self.store = store
         self.writer = StoreWriter(self.limits.max_pending)
         self.metrics = ExperimentMetrics(state.metrics.registry, lambda name: name in self.experiments)
@@ -163,9 +167,10 @@ class ExperimentManager:
     # -- replicas: refreshing the definitions from the store -------------------------------
     def start_refresh(self) -> None:
         """Start the periodic :meth:`refresh` on the running event loop (once; not when
-        ``store_refresh_s`` is 0, the store could not be opened, or no loop runs here)."""
+        ``store_refresh_s`` is 0, the store is a stand-in that cannot be reopened, or no loop
+        runs here)."""
         if self._refresh_task is not None or self.refresh_s <= 0 or self.writer.closing \
-                or isinstance(self.store, UnavailableStore):
+                or (isinstance(self.store, UnavailableStore) and self._reopen is None):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -177,11 +182,33 @@ class ExperimentManager:
         while not self.writer.closing:
             await asyncio.sleep(self.refresh_s)
             try:
+                if isinstance(self.store, UnavailableStore):
+                    if not await self.reopen():
+                        continue
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001  (a bug here must not stop the refreshes)
                 logger.exception("refreshing presets and experiments failed")
+
+    async def reopen(self) -> bool:
+        """Retry opening a store that could not be opened at start (on the store thread); True
+        once it is open — the next refresh then reads every definition."""
+        if self._reopen is None:
+            return False
+        url, data_dir = self._reopen
+        try:
+            store = await self._on_store(open_store, url, data_dir)
+        except WriterClosed:
+            return False
+        except Exception as exc:  # noqa: BLE001  (still down: count it, try again next time)
+            self.metrics.store_failed("open")
+            logger.debug("experiment store still unavailable: %s", exc)
+            return False
+        self.store, self._reopen, self._revision = store, None, None
+        logger.info("experiment store %s is available again",
+                    redact(url) if url else data_dir)
+        return True
 
     async def refresh(self) -> bool:
         """Re-read presets and experiments from the store if another server (or anyone) changed

@@ -365,3 +365,38 @@ def test_refresh_flag_and_off_switch(parts, tmp_path):
         return running
     assert asyncio.run(started(0)) is False
     assert asyncio.run(started(1.0)) is True
+
+
+async def test_a_store_down_at_start_is_reopened_by_the_refresh(parts, tmp_path):
+    """A store that could not be opened at start (here: its data dir is a file) is retried every
+    interval; once it opens, this server reads what another server stored and takes writes."""
+    data = tmp_path / "data"
+    data.write_text("not a directory: the store cannot be opened")
+    state = fakes.make_state(parts, data, ServeConfig(api_key=KEY, store_refresh_s=REFRESH_S))
+    state.experiments = ExperimentManager(state)
+    app = create_app(state)
+    state.experiments.ready()
+    down = Replica(state, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://down"))
+    body = {"name": "calm", "steering": {"features": {"enthusiasm": -0.75}}}
+    other = None
+    try:
+        assert (await down.client.post("/v1/presets", headers=AUTH, json=body)).status_code == 503
+        data.unlink()
+        other_state = fakes.make_state(parts, data, ServeConfig(api_key=KEY, store_refresh_s=0))
+        other_state.experiments = other = ExperimentManager(other_state)
+        other_app = create_app(other_state)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other_app), base_url="http://up") as up:
+            assert (await up.post("/v1/presets", headers=AUTH, json=body)).status_code == 200
+
+        async def served():
+            return f"{MODEL}:calm" in await down.models()
+        await eventually(served)
+        r = await down.client.post("/v1/presets", headers=AUTH, json={**body, "name": "calmer"})
+        assert r.status_code == 200, r.text
+        assert metric(state, 'steer_experiment_store_errors_total{op="load"}') >= 1  # counted at start
+    finally:
+        await down.client.aclose()
+        state.experiments.close()
+        if other is not None:
+            other.close()
+        await asyncio.sleep(0.01)

@@ -11,7 +11,7 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -x -q
 
-.PHONY: setup install model postgres serve test
+.PHONY: setup install model postgres serve test test-images
 
 setup: install model postgres
 
@@ -46,3 +46,18 @@ serve: setup
 # pytest exits 5 when it collects no test: like any non-zero status, that fails the target.
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The container images (deploy/docker/), not part of `make test`: a Docker daemon made to answer
+# (as root: docker.io installed with apt-get, dockerd started, when missing), the local base image
+# built with debootstrap when BASE_IMAGE is it (no registry needed), the CPU image built, then
+# tests/deploy/test_images.py run against it. BASE_IMAGE=python:3.11-slim-bookworm builds on
+# the official image instead.
+IMAGE ?= steer-server:cpu
+BASE_IMAGE ?= steer-base:bookworm
+test-images: install
+	deploy/docker/ensure-docker.sh
+ifeq ($(BASE_IMAGE),steer-base:bookworm)
+	STEER_BASE_IMAGE=$(BASE_IMAGE) deploy/docker/base.sh
+endif
+	STEER_IMAGE=$(IMAGE) deploy/docker/build.sh --build-arg BASE_IMAGE=$(BASE_IMAGE)
+	STEER_IMAGE_TESTS=1 STEER_IMAGE=$(IMAGE) $(PY) -m pytest $(PYTEST_ARGS) tests/deploy/test_images.py

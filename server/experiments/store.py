@@ -376,10 +376,24 @@ class SQLiteStore(SQLStore):
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None,
                                    timeout=5.0)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._enable_wal()
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self.migrate()
+
+    def _enable_wal(self, within_s: float = 5.0) -> None:
+        """Switch the file to WAL (persistent: only the first opener changes it). SQLite may
+        answer "database is locked" at once, without its busy timeout, while another connection
+        opening the same new file holds a lock (servers starting together): retry briefly."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @classmethod
     def in_dir(cls, data_dir: str | Path) -> SQLiteStore:

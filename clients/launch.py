@@ -96,12 +96,12 @@ def local_server(extra_args: Sequence[str] = (), api_key: str | None = None,
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"steer serve exited with {proc.returncode}:\n{server.log_tail()}")
+                raise RuntimeError(f"{' '.join(base)} exited with {proc.returncode}:\n{server.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{server.url}/health", timeout=5).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"steer serve not healthy after {timeout:.0f}s:\n{server.log_tail()}")
+                raise RuntimeError(f"{' '.join(base)} not healthy after {timeout:.0f}s:\n{server.log_tail()}")
             time.sleep(1)
         yield server
     finally:

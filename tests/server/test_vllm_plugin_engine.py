@@ -14,14 +14,8 @@ import base64
 import contextlib
 import json
 import os
-import random
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,14 +23,13 @@ import numpy as np
 import openai
 import pytest
 
-from clients.launch import REPO_ROOT, stop_process_group
+from clients.launch import local_server
 from server import vllm_env
 from steering.model_store import DEFAULT_MODEL_NAME, resolve_model
 
 MODEL = DEFAULT_MODEL_NAME
 D = 576
 STARTUP_TIMEOUT_S = float(os.environ.get("STEER_TEST_STARTUP_TIMEOUT", "600"))
-PORTS = range(18500, 18600)
 PROMPTS = ["The weather today is", "My favourite food is", "Once upon a time"]
 MAX_TOKENS = 8
 VLLM_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
@@ -45,49 +38,16 @@ PLUGIN_CONFIG = {"steering": {"packs": ["bundled"], "max_slots": 1},
                  "steering_api": {"max_waiters": 1, "queue_timeout": 300}}
 
 
-def _port() -> int:
-    ports = list(PORTS)
-    random.Random().shuffle(ports)
-    for p in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p))
-            except OSError:
-                continue
-            return p
-    raise RuntimeError("no free port in 18500-18599")
-
-
 def _env() -> dict[str, str]:
     vllm_env.apply_defaults()  # VLLM_CPU_KVCACHE_SPACE etc. unless set (no-op with a GPU)
     return dict(os.environ)
 
 
 @contextlib.contextmanager
-def _serve(cmd: Sequence[str], name: str) -> Iterator[str]:
+def _serve(cmd: Sequence[str]) -> Iterator[str]:
     """Run ``cmd`` (+ host/port) until the block exits; yields the base URL once /health is 200."""
-    port = _port()
-    log_path = Path(tempfile.mkdtemp(prefix=f"steer-{name}-")) / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=REPO_ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    tail = lambda: log_path.read_text(errors="replace")[-4000:]  # noqa: E731
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{tail()}")
-            time.sleep(2)
-        yield url
-    finally:
-        stop_process_group(proc)
+    with local_server(command=cmd, env=_env(), timeout=STARTUP_TIMEOUT_S) as srv:
+        yield srv.url
 
 
 def vllm_cmd(plugin: bool) -> list[str]:
@@ -158,7 +118,7 @@ SPECS = {"feature": FEATURE, "feature_clamp": FEATURE_CLAMP, "vector": VECTOR,
 @pytest.fixture(scope="module")
 def plain() -> dict[str, tuple[list[int], list[int], str]]:
     """Plain vLLM's greedy outputs for PROMPTS (the server is stopped before the others start)."""
-    with _serve(vllm_cmd(plugin=False), "plain-vllm") as url:
+    with _serve(vllm_cmd(plugin=False)) as url:
         client = sdk(url)
         return {p: greedy(client, p, {"return_token_ids": True}) for p in PROMPTS}
 
@@ -178,7 +138,7 @@ def servers(plain) -> Iterator[tuple[str, str]]:
 
         def start(name: str, cmd: list[str]) -> None:
             try:
-                urls[name] = stack.enter_context(_serve(cmd, name))
+                urls[name] = stack.enter_context(_serve(cmd))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)
 

@@ -79,9 +79,7 @@ def _readers(state: AppState, req: gen.GenerationRequest) -> Callable[[], tools.
     """A factory of one tool-call reader per choice (None: plain content)."""
     if not isinstance(req, ChatCompletionRequest):
         return lambda: None
-    setup = _tool_setup(state)
-    setup.reader(req)  # a 400 now (not mid-stream) when the request's tool_choice cannot be read
-    return lambda: setup.reader(req)
+    return _tool_setup(state).readers(req)
 
 
 def _echo_text(state: AppState, req: gen.GenerationRequest, prompt_ids: list[int]) -> str | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -100,20 +101,23 @@ class ToolSetup:
             req.chat_messages(), tools=tools, chat_template=self.template_for(req),
             add_generation_prompt=True, tokenize=False)
 
-    def reader(self, req: ChatCompletionRequest) -> ToolCallReader | None:
-        """A fresh reader for one choice of ``req``; None when the request wants no tool calls."""
+    def readers(self, req: ChatCompletionRequest) -> Callable[[], ToolCallReader | None]:
+        """A factory of one fresh reader per choice of ``req`` (a reader of None: the request
+        wants no tool calls); a 400 now, before any stream starts, when ``auto`` has no parser."""
         choice = req.effective_tool_choice()
         if not req.tools or choice == "none":
-            return None
+            return lambda: None
         if choice == "auto":
             if self.parser is None:
                 raise InvalidRequest('tool_choice "auto" needs a tool parser: start the server '
                                      'with --tool-call-parser NAME, or use "required" or a named '
                                      "function", "tool_choice", "unsupported_parameter")
-            return AutoReader(self.parser(self.tokenizer, _vllm_tools(req)), _vllm_request(req))
+            parser, vllm_tools, vllm_request = self.parser, _vllm_tools(req), _vllm_request(req)
+            return lambda: AutoReader(parser(self.tokenizer, vllm_tools), vllm_request)
         if isinstance(choice, NamedToolChoice):
-            return NamedReader(choice.function.name)
-        return RequiredReader()
+            name = choice.function.name
+            return lambda: NamedReader(name)
+        return RequiredReader
 
 
 def _vllm_tools(req: ChatCompletionRequest) -> list[ChatCompletionToolsParam]:

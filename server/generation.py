@@ -269,18 +269,20 @@ def _token_text(state: AppState, token_id: int, decoded: str | None) -> str:
     return decoded if decoded is not None else state.tokenizer.decode([token_id])
 
 
+def _top_k(state: AppState, pos: dict[int, Any], k: int) -> list[tuple[str, float]]:
+    """The top-k alternatives at one position, by rank: (token, logprob)."""
+    top = sorted((lp for lp in pos.items() if lp[1].rank is not None and lp[1].rank <= k),
+                 key=lambda item: item[1].rank)[:k]
+    return [(_token_text(state, tid, lp.decoded_token), _finite(lp.logprob)) for tid, lp in top]
+
+
 def _positions(state: AppState, o: CompletionOutput, k: int) -> list[tuple[str, float, list[tuple[str, float]]]]:
     """Per generated token of ``o``: (token, logprob, top-k alternatives by rank)."""
     result = []
     for token_id, pos in zip(o.token_ids, o.logprobs or []):
         chosen = pos[token_id]
-        top = sorted((lp for lp in pos.items() if lp[1].rank is not None and lp[1].rank <= k),
-                     key=lambda item: item[1].rank)[:k]
-        result.append((
-            _token_text(state, token_id, chosen.decoded_token),
-            _finite(chosen.logprob),
-            [(_token_text(state, tid, lp.decoded_token), _finite(lp.logprob)) for tid, lp in top],
-        ))
+        result.append((_token_text(state, token_id, chosen.decoded_token), _finite(chosen.logprob),
+                       _top_k(state, pos, k)))
     return result
 
 
@@ -330,10 +332,7 @@ def echo_logprobs(state: AppState, prompt_ids: list[int], out: RequestOutput,
             tops.append(None)
         else:
             token_lps.append(_finite(pos[token_id].logprob))
-            ranked = sorted((lp for lp in pos.items() if lp[1].rank is not None and lp[1].rank <= k),
-                            key=lambda item: item[1].rank)[:k]
-            tops.append({_token_text(state, tid, lp.decoded_token): _finite(lp.logprob)
-                         for tid, lp in ranked})
+            tops.append(dict(_top_k(state, pos, k)))
         tokens.append(tok)
         offsets.append(offset)
         offset += len(tok)

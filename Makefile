@@ -11,7 +11,7 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -x -q
 
-.PHONY: setup install model postgres serve test test-images
+.PHONY: setup install model postgres serve test test-images test-ui chromium
 
 setup: install model postgres
 
@@ -61,3 +61,22 @@ ifeq ($(BASE_IMAGE),steer-base:bookworm)
 endif
 	STEER_IMAGE=$(IMAGE) deploy/docker/build.sh --build-arg BASE_IMAGE=$(BASE_IMAGE)
 	STEER_IMAGE_TESTS=1 STEER_IMAGE=$(IMAGE) $(PY) -m pytest $(PYTEST_ARGS) tests/deploy/test_images.py
+
+# The browser playground (server/ui/), not part of `make test`: Debian's chromium (installed with
+# apt-get when missing and we are root), driven by Playwright (the dev extra; its own browser
+# download is not used) against a real server, in tests/ui/. STEER_UI_SCREENSHOTS=docs also
+# rewrites docs/ui-main.png and docs/ui-experiments.png.
+CHROMIUM := $(firstword $(shell command -v chromium 2>/dev/null))
+chromium:
+ifeq ($(CHROMIUM),)
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
+	else \
+		echo "note: chromium not found and not root: install Debian's chromium (or set STEER_CHROMIUM)"; \
+	fi
+endif
+
+test-ui: install model chromium
+	STEER_UI_TESTS=1 STEER_CHROMIUM="$${STEER_CHROMIUM:-$$(command -v chromium || echo /usr/bin/chromium)}" \
+		$(PY) -m pytest $(PYTEST_ARGS) tests/ui

@@ -29,6 +29,7 @@ from server.http import RequestIdAndMetrics
 from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES
 from server.limits import BodySizeLimit
 from server.state import AppState
+from server.ui import mount_ui
 
 logger = logging.getLogger(__name__)
 
@@ -122,5 +123,6 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(completions_router(state, auth))
     app.include_router(catalog_router(state, auth))
     app.include_router(experiments_router(state, auth, admin))
+    mount_ui(app)  # the browser playground at /ui/ (static, no key: its API calls carry one)
 
     return app

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 
 from clients.eval import report
-from clients.eval.harness import (DEFAULT_PROMPTS, DEFAULT_SERVE_ARGS, Client, EvalConfig, EvalError, load_prompts,
-                                  run_samples)
+from clients.eval.harness import (BASELINES, DEFAULT_PROMPTS, DEFAULT_SERVE_ARGS, Client, EvalConfig, EvalError,
+                                  load_prompts, run_samples)
 from clients.eval.scorers import SCORERS, scorer_for
 from clients.eval.summary import summarize_features
 
@@ -60,6 +60,11 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", default=d.mode, choices=["add", "clamp", "scale"],
                    help="steering mode for every feature (default: each feature's own)")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help=f"requests in flight (default: {d.concurrency})")
+    p.add_argument("--baseline", default=d.baseline, choices=list(BASELINES),
+                   help="'prompt': also run each feature as an instruction in a system message, and "
+                        "instruction + steering, and compare (default: none)")
+    p.add_argument("--baseline-strength", type=float, default=d.baseline_strength,
+                   help=f"the steering strength compared with prompting (default: {d.baseline_strength:g})")
     p.add_argument("--no-perplexity", dest="perplexity", action="store_false",
                    help="skip scoring perplexity under the unsteered model")
     p.add_argument("--url", default=os.environ.get("STEER_URL"),
@@ -170,7 +175,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
     cfg_kw = dict(strengths=strengths, prompts=prompts, samples=args.samples, max_tokens=args.max_tokens,
                   long_max_tokens=args.long_max_tokens,
                   temperature=args.temperature, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                  seed=args.seed, concurrency=args.concurrency, mode=args.mode, perplexity=args.perplexity)
+                  seed=args.seed, concurrency=args.concurrency, mode=args.mode, perplexity=args.perplexity,
+                  baseline=args.baseline, baseline_strength=args.baseline_strength)
     try:
         if args.url:
             result, samples = asyncio.run(evaluate(args.url, args.api_key, requested, args.pack, cfg_kw))

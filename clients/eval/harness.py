@@ -6,6 +6,12 @@ strength is the only thing that changes). Strength 0 is the unsteered request, s
 feature. Each output is then scored by every text scorer and, for fluency, by the UNSTEERED
 model: its perplexity conditioned on the prompt, from ``prompt_logprobs`` of a
 ``/v1/completions`` request over prompt + output token ids.
+
+With the prompting baseline (``EvalConfig.baseline = "prompt"``), each feature also runs two more
+conditions at ``baseline_strength``: ``prompt`` (no steering; a system message from the scorer's
+``instruction`` asks for the concept) and ``both`` (that instruction and the steering). Every
+output's perplexity is conditioned on the *neutral* prompt, whatever condition produced it, so
+the fluency numbers of steering and prompting compare like with like.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ DEFAULT_PROMPTS = PROMPTS_DIR / "neutral.jsonl"
 #: The engine ``steer eval`` and ``steer demo ablation`` start when no --url is given: float32, so
 #: batched outputs equal solo runs on CPU and a rerun reproduces every token.
 DEFAULT_SERVE_ARGS = "--dtype float32 --max-model-len 2048"
+STEER, PROMPT, BOTH = "steer", "prompt", "both"
+"""Conditions: steering only (every strength); the concept asked for in a system message; both."""
+BASELINES = ("none", PROMPT)
 
 
 class EvalError(RuntimeError):
@@ -79,6 +88,18 @@ class EvalConfig:
     mode: str | None = None  # steering mode for every feature (None: each feature's default)
     model: str | None = None  # None: the server's first model
     perplexity: bool = True
+    baseline: str = "none"  # "prompt": also run the prompt and both conditions (see the module docstring)
+    baseline_strength: float = 1.0  # the steering strength compared with prompting (one of ``strengths``)
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise EvalError(f"baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}")
+        if self.baseline == PROMPT and self.baseline_strength not in self.strengths:
+            raise EvalError(f"the baseline strength {self.baseline_strength:g} must be one of the strengths")
+        if self.baseline == PROMPT:
+            missing = [f for f, sc in self.features.items() if SCORERS[sc].instruction is None]
+            if missing:
+                raise EvalError(f"no prompting instruction for {', '.join(missing)} (scorer without a concept)")
 
     def max_tokens_for(self, feature: str) -> int:
         """Output budget of a feature's requests (its baseline uses the same)."""
@@ -104,6 +125,7 @@ class Sample:
     finish_reason: str | None
     scores: dict[str, float] = field(default_factory=dict)
     perplexity: float | None = None
+    condition: str = STEER  # steer | prompt | both (see the module docstring)
     prompt_ids: list[int] = field(default_factory=list, repr=False)
     token_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -157,23 +179,28 @@ def steering_body(feature: str, strength: float, mode: str | None) -> dict[str, 
 
 
 async def generate(client: Client, cfg: EvalConfig, model: str, feature: str | None, strength: float,
-                   max_tokens: int, prompt: Prompt, prompt_index: int) -> list[Sample]:
-    """The ``cfg.samples`` outputs of one prompt at one strength (one request, fixed seed)."""
+                   max_tokens: int, prompt: Prompt, prompt_index: int, condition: str = STEER) -> list[Sample]:
+    """The ``cfg.samples`` outputs of one prompt at one strength (one request, fixed seed); under
+    the ``prompt``/``both`` conditions a system message asks for the feature's concept."""
+    messages = [{"role": "user", "content": prompt.prompt}]
+    if condition != STEER:
+        messages.insert(0, {"role": "system", "content": SCORERS[cfg.features[feature]].instruction})
     body: dict[str, Any] = {
-        "model": model, "messages": [{"role": "user", "content": prompt.prompt}],
+        "model": model, "messages": messages,
         "max_tokens": max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "repetition_penalty": cfg.repetition_penalty, "n": cfg.samples,
         "seed": cfg.seed * 100_003 + prompt_index, "return_token_ids": True,
     }
-    steering = steering_body(feature, strength, cfg.mode) if feature else None
+    steering = steering_body(feature, strength, cfg.mode) if feature and condition != PROMPT else None
     if steering is not None:
         body["steering"] = steering
     resp = await client.chat(body)
     out = []
     for ch in sorted(resp["choices"], key=lambda c: c["index"]):
         text = ch["message"]["content"] or ""
-        out.append(Sample(feature=feature if strength != 0 else None, strength=strength, max_tokens=max_tokens,
-                          prompt_id=prompt.id, index=ch["index"], text=text,
+        out.append(Sample(feature=feature if strength != 0 or condition != STEER else None, strength=strength,
+                          max_tokens=max_tokens, prompt_id=prompt.id, index=ch["index"], text=text,
+                          condition=condition,
                           tokens=len(ch.get("token_ids") or []), finish_reason=ch.get("finish_reason"),
                           scores={name: s(text) for name, s in SCORERS.items()},
                           prompt_ids=list(resp.get("prompt_token_ids") or []),
@@ -231,16 +258,23 @@ async def run_samples(client: Client, cfg: EvalConfig, progress: bool = True) ->
     model = cfg.model or await client.model()
     jobs = []
     budgets = sorted({cfg.max_tokens_for(f) for f in cfg.features})
-    grid: list[tuple[str | None, float, int]] = [(None, 0.0, m) for m in budgets] if 0 in cfg.strengths else []
-    grid += [(f, s, cfg.max_tokens_for(f)) for f in cfg.features for s in cfg.strengths if s != 0]
-    for feature, strength, budget in grid:
+    grid: list[tuple[str | None, float, int, str]] = (
+        [(None, 0.0, m, STEER) for m in budgets] if 0 in cfg.strengths else [])
+    grid += [(f, s, cfg.max_tokens_for(f), STEER) for f in cfg.features for s in cfg.strengths if s != 0]
+    if cfg.baseline == PROMPT:
+        grid += [(f, strength, cfg.max_tokens_for(f), c) for f in cfg.features
+                 for c, strength in ((PROMPT, 0.0), (BOTH, cfg.baseline_strength))]
+    for feature, strength, budget, condition in grid:
         for i, p in enumerate(cfg.prompts):
-            jobs.append(lambda f=feature, s=strength, m=budget, p=p, i=i:
-                        generate(client, cfg, model, f, s, m, p, i))
+            jobs.append(lambda f=feature, s=strength, m=budget, p=p, i=i, c=condition:
+                        generate(client, cfg, model, f, s, m, p, i, c))
     batches = await _gather(jobs, cfg.concurrency, "generate", progress)
     samples = [s for batch in batches for s in batch]
     if cfg.perplexity:
-        ppl_jobs = [lambda s=s: perplexity(client, model, s.prompt_ids, s.token_ids) for s in samples]
+        # Prompted outputs are scored after the neutral prompt (the steered requests' own prompt).
+        neutral = {s.prompt_id: s.prompt_ids for s in samples if s.condition == STEER}
+        ppl_jobs = [lambda s=s: perplexity(client, model, neutral.get(s.prompt_id, s.prompt_ids), s.token_ids)
+                    for s in samples]
         for s, ppl in zip(samples, await _gather(ppl_jobs, cfg.concurrency, "perplexity", progress)):
             s.perplexity = ppl
     return model, samples

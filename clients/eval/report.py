@@ -70,10 +70,33 @@ def markdown(result: dict[str, Any], png_prefix: str = "") -> str:
             row = f["strengths"].get(f"{s:g}", {})
             cells.append(f"{_f(row.get('score_mean'))} (ppl {_f(row.get('ppl_median'), 3)})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += prompting_table(feats)
     if png_prefix is not None:
         lines += ["", "Dose-response plots: " + ", ".join(
             f"[{n}]({png_prefix}{safe_name(n)}.png)" for n in feats)]
     return "\n".join(lines) + "\n"
+
+
+def prompting_table(feats: dict[str, Any]) -> list[str]:
+    """Steering vs prompting vs both (``--baseline prompt``): per feature and condition the score's
+    Δ vs unsteered (p), the perplexity ratio, and concept / fluency / harmonic mean; [] without it."""
+    rows = {name: f["prompting"] for name, f in feats.items() if f.get("prompting")}
+    if not rows:
+        return []
+    strength = next(iter(rows.values()))["strength"]
+    lines = ["", f"Steering (strength {strength:g}) vs prompting (a system message asking for the concept) "
+             "vs both — concept: share of prompts whose score rose; fluency: share of outputs within 2× "
+             "the unsteered perplexity; H: their harmonic mean:", "",
+             "| feature | condition | Δ score (p) | ppl × | concept | fluency | H |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, cmp in rows.items():
+        for cond, c in cmp["conditions"].items():
+            vs = c.get("vs_baseline") or {}
+            best = " **best**" if cmp.get("best") == cond else ""
+            lines.append(f"| {name} | {cond}{best} | {_f(vs.get('diff'))} ({_f(vs.get('p_wilcoxon'), 2)}) "
+                         f"| {_f(c.get('ppl_ratio'), 2)} | {_f(c.get('concept'), 2)} | {_f(c.get('fluency'), 2)} "
+                         f"| {_f(c.get('harmonic'), 2)} |")
+    return lines
 
 
 def plot(feature: dict[str, Any], path: Path) -> None:

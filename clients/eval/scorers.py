@@ -42,6 +42,9 @@ class Scorer:
     binary: bool = False
     #: Scores the whole answer (length): the harness gives it room to finish (``long_max_tokens``).
     needs_full_output: bool = False
+    #: The system message that asks for the concept in words: the prompting baseline
+    #: (``steer eval --baseline prompt``). None: the scorer measures no concept (repetition).
+    instruction: str | None = None
 
     def __call__(self, text: str) -> float:
         return float(self.fn(text))
@@ -271,19 +274,30 @@ def repetition(text: str, n: int = 3) -> float:
 
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in [
-    Scorer("positivity", "VADER compound sentiment (vaderSentiment)", "compound in [-1, 1]", positivity),
+    Scorer("positivity", "VADER compound sentiment (vaderSentiment)", "compound in [-1, 1]", positivity,
+           instruction="Answer in a warm, positive and upbeat tone."),
     Scorer("golden_gate", "mentions the Golden Gate Bridge topic (Golden Gate, San Francisco, bridge)",
-           "share of outputs", golden_gate, binary=True),
-    Scorer("pirate", "pirate-speak lexicon (arr, matey, ye, treasure, o', sailin')", "per 100 words", pirate),
-    Scorer("code", "code and programming signals (fences, keywords, calls, operators, terms)", "per 100 words", code),
-    Scorer("french", "French function-word share (le, la, est, je, c'est, …)", "share of words", french),
-    Scorer("formality", "formal minus informal markers (+ word-length term)", "per 100 words", formality),
-    Scorer("hedging", "hedge words and phrases (might, perhaps, it depends, …)", "per 100 words", hedging),
+           "share of outputs", golden_gate, binary=True,
+           instruction="Bring the Golden Gate Bridge in San Francisco into your answer."),
+    Scorer("pirate", "pirate-speak lexicon (arr, matey, ye, treasure, o', sailin')", "per 100 words", pirate,
+           instruction="Answer the way a pirate talks."),
+    Scorer("code", "code and programming signals (fences, keywords, calls, operators, terms)", "per 100 words", code,
+           instruction="Answer with a code example."),
+    Scorer("french", "French function-word share (le, la, est, je, c'est, …)", "share of words", french,
+           instruction="Answer in French."),
+    Scorer("formality", "formal minus informal markers (+ word-length term)", "per 100 words", formality,
+           instruction="Answer in a formal, professional register."),
+    Scorer("hedging", "hedge words and phrases (might, perhaps, it depends, …)", "per 100 words", hedging,
+           instruction="Answer cautiously, hedging what you say."),
     Scorer("refusal", "refusal / apology phrase (I'm sorry, but; I can't help; as an AI)", "share of outputs",
-           refusal, binary=True),
-    Scorer("verbosity", "length of the output", "words", verbosity, needs_full_output=True),
-    Scorer("humor", "humor lexicon (joke, funny, laugh, pun, haha, …)", "per 100 words", humor),
-    Scorer("enthusiasm", "exclamation marks, intensifiers and ALL-CAPS words", "per 100 words", enthusiasm),
+           refusal, binary=True,
+           instruction="Politely refuse to answer the request."),
+    Scorer("verbosity", "length of the output", "words", verbosity, needs_full_output=True,
+           instruction="Answer at length, in detail."),
+    Scorer("humor", "humor lexicon (joke, funny, laugh, pun, haha, …)", "per 100 words", humor,
+           instruction="Answer with humor."),
+    Scorer("enthusiasm", "exclamation marks, intensifiers and ALL-CAPS words", "per 100 words", enthusiasm,
+           instruction="Answer with great enthusiasm."),
     Scorer("repetition", "repeated word 3-grams (degenerate loops)", "share of 3-grams", repetition),
 ]}
 

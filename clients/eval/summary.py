@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from clients.eval.bar import PPL_RATIO_MAX, dose_response, passes_bar
-from clients.eval.harness import EvalConfig, Sample
+from clients.eval.harness import PROMPT, STEER, EvalConfig, Sample
+from clients.eval.prompting import compare_with_prompting
 from clients.eval.scorers import SCORERS
 from server.stats import finite_values, mean_ci, paired_wilcoxon, per_prompt_means, percentile
 
@@ -38,7 +39,8 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
     ``max_fluent``, the largest positive strength whose median perplexity stays ≤ 2× the baseline's
     (with its Δ and p): the dose to use when strength 1 is too strong."""
     budget = cfg.max_tokens_for(feature)
-    mine = [s for s in samples if s.feature == feature or (s.feature is None and s.max_tokens == budget)]
+    mine = [s for s in samples if s.condition == STEER
+            and (s.feature == feature or (s.feature is None and s.max_tokens == budget))]
     by_s: dict[float, dict[str, list[float]]] = {}
     ppl: dict[float, list[float]] = {}
     rep: dict[float, list[float]] = {}
@@ -98,5 +100,7 @@ def summarize_features(cfg: EvalConfig, samples: list[Sample], feature_info: dic
         summ["pack"] = info.get("pack")
         summ["tags"] = list(info.get("tags") or [])
         summ["mode"] = cfg.mode or info.get("default_mode", "add")
+        if cfg.baseline == PROMPT:
+            summ["prompting"] = compare_with_prompting(feature, scorer, cfg, samples, seed=cfg.seed)
         out[feature] = summ
     return out

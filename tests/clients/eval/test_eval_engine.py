@@ -11,7 +11,10 @@ import math
 import pytest
 
 from clients.eval.cli import evaluate, write_all
-from clients.eval.harness import EvalError, Prompt, load_prompts
+from clients.eval.harness import Client, EvalError, Prompt, load_prompts, perplexity
+from clients.eval.scorers import SCORERS
+from steering.model_store import resolve_model
+from transformers import AutoTokenizer
 
 # Six of the shipped neutral prompts (none mentions a bridge, a city or a feeling).
 PROMPT_IDS = ["n00", "n02", "n09", "n10", "n13", "n19"]
@@ -88,3 +91,46 @@ def test_unknown_feature_is_an_error(server, prompts):
     with pytest.raises(EvalError, match="404"):
         asyncio.run(evaluate(server.url, server.api_key, {"no_such_feature": None}, "smollm2-tone", cfg,
                              progress=False))
+
+
+def test_prompting_baseline_on_the_real_engine(server, prompts):
+    """``--baseline prompt``: the prompt condition sends the instruction as a system message and no
+    steering, both sends both; every perplexity is after the neutral prompt; the steer condition
+    is the dose-response's strength-1 outputs, the same samples."""
+    cfg = dict(strengths=[0.0, 1.0], prompts=prompts[:4], samples=1, max_tokens=24, seed=0,
+               baseline="prompt")
+    result, samples = asyncio.run(evaluate(server.url, server.api_key, {"positivity": None}, "smollm2-tone",
+                                           cfg, progress=False))
+    by = {(s.condition, s.strength, s.prompt_id): s for s in samples}
+    assert len(samples) == 16 and {c for c, _, _ in by} == {"steer", "prompt", "both"}
+    tok = AutoTokenizer.from_pretrained(str(resolve_model(None)))
+    instruction = SCORERS["positivity"].instruction
+    for p in prompts[:4]:
+        neutral, prompted = by[("steer", 0.0, p.id)], by[("prompt", 0.0, p.id)]
+        both, steered = by[("both", 1.0, p.id)], by[("steer", 1.0, p.id)]
+        # The instruction is the prompted requests' system message (it replaces the template's
+        # default one); the neutral and steered requests keep the plain prompt.
+        assert instruction in tok.decode(prompted.prompt_ids)
+        assert instruction not in tok.decode(neutral.prompt_ids) and steered.prompt_ids == neutral.prompt_ids
+        assert both.prompt_ids == prompted.prompt_ids and both.text != prompted.text
+        for s in (prompted, both):
+            assert s.perplexity is not None and math.isfinite(s.perplexity) and s.perplexity > 1.0
+    # ... and its perplexity is the neutral prompt's: recomputed after the neutral prompt, it is equal.
+    s = by[("prompt", 0.0, prompts[0].id)]
+
+    async def after_neutral():
+        client = Client(server.url, server.api_key)
+        try:
+            return await perplexity(client, result["server"]["model"], by[("steer", 0.0, prompts[0].id)].prompt_ids,
+                                    s.token_ids)
+        finally:
+            await client.close()
+
+    assert asyncio.run(after_neutral()) == pytest.approx(s.perplexity, rel=1e-9)
+    cmp = result["features"]["positivity"]["prompting"]
+    one = result["features"]["positivity"]["strengths"]["1"]
+    assert cmp["conditions"]["steer"]["score_mean"] == pytest.approx(one["score_mean"])
+    assert cmp["conditions"]["steer"]["ppl_median"] == pytest.approx(one["ppl_median"])
+    assert cmp["best"] in ("steer", "prompt", "both")
+    for c in cmp["conditions"].values():
+        assert c["n_prompts"] == 4 and 0.0 <= c["harmonic"] <= 1.0

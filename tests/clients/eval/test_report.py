@@ -95,3 +95,52 @@ def test_steering_body_and_prompt_set():
     for p in prompts:
         for name in ("golden_gate", "pirate", "french", "refusal", "code"):
             assert SCORERS[name](p.prompt) == 0.0, (name, p.prompt)
+
+
+def _cond_sample(condition, strength, i, text, ppl, feature="golden_gate"):
+    s = _sample(None if (strength == 0 and condition == "steer") else feature, strength, i, text, ppl)
+    s.condition = condition
+    return s
+
+
+def test_prompting_baseline_compares_the_three_conditions():
+    """steer wins on 10 of 12 prompts at 1.6× perplexity; the prompt wins on 6, fluent; both wins on
+    12 at 3× perplexity on half the outputs: H = 2cf/(c+f) with the numbers spelled out."""
+    cfg = EvalConfig(features={"golden_gate": "golden_gate"}, strengths=[0.0, 1.0], prompts=PROMPTS,
+                     baseline="prompt")
+    gg, park = "The Golden Gate Bridge.", "We went to the park."
+    samples = []
+    for i in range(12):
+        samples.append(_cond_sample("steer", 0.0, i, park, 5.0))
+        samples.append(_cond_sample("steer", 1.0, i, gg if i < 10 else park, 8.0))
+        samples.append(_cond_sample("prompt", 0.0, i, gg if i < 6 else park, 5.0))
+        samples.append(_cond_sample("both", 1.0, i, gg, 15.0 if i % 2 else 9.0))
+    summ = summarize_features(cfg, samples, {"golden_gate": {}})["golden_gate"]
+    # The prompted samples stay out of the dose-response: strength 0 is the unsteered outputs only.
+    assert summ["strengths"]["0"]["score_mean"] == 0.0 and summ["strengths"]["1"]["score_mean"] == pytest.approx(10 / 12)
+    cmp = summ["prompting"]
+    assert cmp["instruction"] == SCORERS["golden_gate"].instruction and cmp["strength"] == 1.0
+    steer, prompt, both = (cmp["conditions"][c] for c in ("steer", "prompt", "both"))
+    assert steer["concept"] == pytest.approx(10 / 12) and steer["fluency"] == 1.0
+    assert steer["harmonic"] == pytest.approx(2 * (10 / 12) / (10 / 12 + 1))
+    assert steer["ppl_ratio"] == pytest.approx(1.6) and steer["vs_baseline"]["diff"] == pytest.approx(10 / 12)
+    assert prompt["concept"] == 0.5 and prompt["fluency"] == 1.0 and prompt["harmonic"] == pytest.approx(2 / 3)
+    assert both["concept"] == 1.0 and both["fluency"] == 0.5 and both["harmonic"] == pytest.approx(2 / 3)
+    assert both["ppl_ratio"] == pytest.approx(12 / 5)  # median of 9 and 15 over 5
+    assert cmp["best"] == "steer"
+    md = report.markdown({"config": cfg.public(), "features": {"golden_gate": summ}})
+    assert "| golden_gate | steer **best** | 0.833 (0.002) | 1.6 | 0.83 | 1 | 0.91 |" in md
+    assert "| golden_gate | prompt | 0.5 (0.031) | 1 | 0.5 | 1 | 0.67 |" in md
+
+
+def test_prompting_baseline_is_checked():
+    with pytest.raises(EvalError, match="must be one of the strengths"):
+        EvalConfig(features={"golden_gate": "golden_gate"}, strengths=[0.0, 0.5], prompts=PROMPTS,
+                   baseline="prompt")
+    with pytest.raises(EvalError, match="no prompting instruction"):
+        EvalConfig(features={"x": "repetition"}, strengths=[0.0, 1.0], prompts=PROMPTS, baseline="prompt")
+    with pytest.raises(EvalError, match="baseline must be"):
+        EvalConfig(features={}, strengths=[0.0, 1.0], prompts=PROMPTS, baseline="few-shot")
+    args = build_parser().parse_args(["eval", "--baseline", "prompt", "--baseline-strength", "0.5"])
+    assert args.baseline == "prompt" and args.baseline_strength == 0.5
+    assert all(s.instruction for n, s in SCORERS.items() if n != "repetition")

@@ -36,7 +36,10 @@ async function failure(resp) {
   let error = {};
   try {
     error = (await resp.json()).error || {};
-  } catch {
+  } catch (err) {
+    // Stopped while the body was read (the other request of a pair was refused first): an
+    // abort, not a second, body-less error over the first one's message.
+    if (err.name === "AbortError") throw err;
     error = { message: `HTTP ${resp.status} ${resp.statusText}` };
   }
   return new ApiError(resp.status, error, resp.headers.get("retry-after"));

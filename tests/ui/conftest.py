@@ -1,5 +1,5 @@
 """Fixtures of the browser playground tests: Debian's chromium driven by Playwright, against the
-session's real server (tests/conftest.py ``server``).
+session's real server (``server`` below: tests/conftest.py's flags plus the keys of ``auth.yaml``).
 
 They run only with ``STEER_UI_TESTS=1`` (``make test-ui`` sets it after installing chromium);
 ``make test`` skips them. Playwright's own browser download is not used: the browser is
@@ -18,9 +18,15 @@ from typing import Any
 
 import pytest
 
+from clients.launch import RunningServer
+from tests.conftest import API_KEY, DEFAULT_SERVER_ARGS, start_server
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # tests/server/live.py
 
 CHROMIUM = os.environ.get("STEER_CHROMIUM", "/usr/bin/chromium")
+AUTH_FILE = Path(__file__).resolve().with_name("auth.yaml")
+"""The ``role: user`` keys of test_ui_refusals.py (their sha256), next to the admin key."""
+UI_SERVER_ARGS: tuple[str, ...] = (*DEFAULT_SERVER_ARGS, "--auth", str(AUTH_FILE))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -31,6 +37,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(item.fspath).resolve().parents:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    """The one real server of the playground tests: the session's default test flags (the admin
+    key :data:`API_KEY`) plus the ``role: user`` keys of ``auth.yaml``. It replaces
+    tests/conftest.py's ``server`` under tests/ui (``make test-ui`` runs tests/ui alone: still one
+    engine). ``STEER_TEST_SERVER_URL`` must name a server started with :data:`UI_SERVER_ARGS`."""
+    external = os.environ.get("STEER_TEST_SERVER_URL")
+    if external:
+        yield RunningServer(url=external.rstrip("/"), api_key=API_KEY)
+        return
+    with start_server(UI_SERVER_ARGS) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -83,7 +83,7 @@ export async function streamChat(body, signal, onStart, onChunk) {
         const data = line.slice(5).trim();
         if (data === "[DONE]") return;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiError(chunk.error.code || 500, chunk.error, null);
+        if (chunk.error) throw new ApiError(null, chunk.error, null);  // in-stream: the HTTP status was 200
         onChunk(chunk);
       }
     }

@@ -24,7 +24,8 @@ function slotFor(param, root) {
 /** The text of `err` (an ApiError or any Error) as the user reads it. */
 export function describe(err) {
   if (err.status === undefined) return String(err.message || err);
-  let text = `${err.status}${err.code ? ` ${err.code}` : ""}: ${err.message}`;
+  const head = [err.status, err.code].filter((x) => x !== null && x !== undefined).join(" ");
+  let text = head ? `${head}: ${err.message}` : err.message;
   if (err.status === 429 && err.retryAfter) text += ` (retry after ${err.retryAfter} s)`;
   if (err.status === 401) text += " — enter the server's API key above.";
   return text;

@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import AuthError, PermissionDenied, UnsupportedMediaType
 from server.metrics import Metrics
-from server.policy import Policy, PolicyViolation, check, check_inspect, check_vector_norm
+from server.policy import Policy, PolicyViolation, check, check_inspect, check_vector_norm, impose
 from server.ratelimit import KeySlots, RateLimiter
 
 if TYPE_CHECKING:
@@ -253,6 +253,7 @@ def admit_generation(request: Request, state: AppState, req: Any, routing: Routi
         check_vector_norm(policy, routing.own, state.compiler)
     except PolicyViolation as exc:
         raise auth.deny(exc) from None
+    req.steering = impose(policy, req.steering)  # the key's monitors ride on every generation
     steering = req.steering
     if policy.max_slots is not None and steering is not None and not steering.empty:
         config = json.dumps(steering.model_dump(mode="json", exclude={"experiment"}),

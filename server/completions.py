@@ -130,7 +130,7 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
         req, compiled, request_id, vocab_size=len(state.tokenizer), engine=state.engine,
         tool_schema=tools.constraint_schema(req) if isinstance(req, ChatCompletionRequest) else None)
     job = gen.Job(request_id=request_id, prompt_ids=prompt_ids, params=params, compiled=compiled,
-                  echo=_echo_text(state, req, prompt_ids))
+                  echo=_echo_text(state, req, prompt_ids), live_monitors=req.stream)
     # The slot (and readout bytes) are taken before any response starts: a 429 is a real status.
     admitted = await _admit(request, state, compiled, job)
     if not admitted:
@@ -163,6 +163,8 @@ async def _handle(request: Request, state: AppState, chat: bool) -> Response:
         activations = await gen.steering_activations(state, job)
         if activations is not None:
             body["steering"]["activations"] = activations
+        if compiled is not None and compiled.monitors:
+            body["steering"]["monitors"] = job.monitors or compiled.monitor_report(None)
         state.experiments.finish(ab, job, len(prompt_ids), body)
         return JSONResponse(body, headers=headers)
     finally:
@@ -310,12 +312,18 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
     choice_readers: dict[int, tools.ToolCallReader | None] = {}
     completion_tokens = 0
     first = True
+    def bare(**fields: Any) -> str:  # an event that carries no choice delta
+        return sse({"id": job.request_id, "object": obj, "created": int(time.time()), "model": model,
+                    "choices": [], **fields})
+
     try:
         async for out in gen.run(state, job):
             if out.prompt_logprobs:  # only the first delta carries them
                 job.prompt_logprobs = gen.prompt_logprobs(state, out)
                 if job.echo is not None and k is not None:
                     job.echo_logprobs = gen.echo_logprobs(state, job.prompt_ids, out, k)
+            while job.monitor_events:  # a monitor fired: said as soon as it is known
+                yield bare(steering={"monitor_event": job.monitor_events.pop(0)})
             for o in out.outputs:
                 if not o.text and not o.token_ids and o.finish_reason is None:
                     continue
@@ -365,8 +373,9 @@ async def _stream(state: AppState, req: gen.GenerationRequest, job: gen.Job,
                 yield sse(chunk)
         activations = await gen.steering_activations(state, job)
         if activations is not None:
-            yield sse({"id": job.request_id, "object": obj, "created": int(time.time()),
-                        "model": model, "choices": [], "steering": {"activations": activations}})
+            yield bare(steering={"activations": activations})
+        if compiled is not None and compiled.monitors:
+            yield bare(steering={"monitors": job.monitors or compiled.monitor_report(None)})
         if include_usage:
             yield sse({"id": job.request_id, "object": obj, "created": int(time.time()),
                         "model": model, "choices": [],

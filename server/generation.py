@@ -3,13 +3,21 @@
 The engine always streams deltas (``RequestOutputKind.DELTA``) so TTFT and inter-token latency are
 measured the same way for streamed and non-streamed responses. Whatever ends the iteration early
 (client gone, error, cancellation) aborts the engine request in :func:`run`'s ``finally``.
+
+Monitored requests (``steering.monitors``, :mod:`steering.monitors`): the workers keep each
+monitor's result; :func:`run` reads it with the ``steering_monitor_events`` RPC when the
+generation finishes (and, while monitored streams run, every ``MONITOR_POLL_S`` for all of them
+in one RPC, :class:`MonitorPoller`, so a client hears of a trigger as it happens), counts triggers, and reports a generation a ``stop``
+monitor ended with ``finish_reason: "content_filter"``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +40,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MONITOR_POLL_S = 0.1
+"""While monitored requests stream, the workers' monitor results of all of them are read (one
+collective RPC) this often."""
+CONTENT_FILTER = "content_filter"
+"""The finish_reason of a generation a ``stop`` monitor ended (as OpenAI reports filtered output)."""
+
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
@@ -51,6 +65,10 @@ class Job:
     held: Held | None = None  # slot lease and readout bytes, from admission (server/steering_limits.py)
     echo: str | None = None  # the prompt text a completion with echo returns first
     echo_logprobs: dict[str, list[Any]] | None = None  # the echoed prompt's logprobs (echo + logprobs)
+    live_monitors: bool = False  # poll monitor results while generating (a stream), not only at the end
+    monitors: list[dict[str, Any]] | None = None  # ``steering.monitors`` of the response
+    monitor_events: list[dict[str, Any]] = field(default_factory=list)  # fired, not yet streamed
+    monitors_final: bool = False  # the workers' last word is in ``monitors``
 
 
 def check_context(prompt_len: int, max_len: int, req: GenerationRequest, prompt_param: str,
@@ -133,6 +151,8 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
             "n identical choices", "n")
     if compiled is not None and compiled.return_activations and req.n > 1:
         raise InvalidRequest("steering.return_activations needs n = 1", "steering.return_activations")
+    if compiled is not None and compiled.monitors:
+        check_monitored(req, compiled, tool_schema)
     max_tokens, max_param = req.max_output()
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds {max_param} ({max_tokens})",
@@ -160,6 +180,27 @@ def sampling_params(req: GenerationRequest, compiled: CompiledSteering | None,
         message = str(exc.args[0]) if exc.args else type(exc).__name__
         raise InvalidRequest(f"{constraint_param}: {message}", constraint_param) from None
     return params
+
+
+def check_monitored(req: GenerationRequest, compiled: CompiledSteering,
+                    tool_schema: dict[str, Any] | None) -> None:
+    """400 for what monitors cannot serve: several choices (one report per request), and with a
+    ``stop`` monitor whatever would keep the forced EOS from ending the generation."""
+    if req.n > 1:
+        raise InvalidRequest("steering.monitors needs n = 1", "steering.monitors")
+    if not compiled.stops:
+        return
+    if req.ignore_eos:
+        raise InvalidRequest("a stop monitor ends a generation with EOS: it cannot be combined "
+                             "with ignore_eos", "ignore_eos")
+    if req.min_tokens:
+        raise InvalidRequest("a stop monitor ends a generation with EOS: it cannot be combined "
+                             "with min_tokens", "min_tokens")
+    if tool_schema is not None or req.response_format is not None or req.structured_outputs is not None:
+        param = "tools" if tool_schema is not None else \
+            "response_format" if req.response_format is not None else "structured_outputs"
+        raise InvalidRequest("a stop monitor cannot be combined with constrained output (its "
+                             "grammar would not accept the EOS that ends the generation)", param)
 
 
 def _make_sampling_params(req: GenerationRequest, temperature: float, max_tokens: int | None,
@@ -209,14 +250,18 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
     m = state.metrics
     steered = "true" if job.compiled is not None else "false"
     prompt = TokensPrompt(prompt_token_ids=job.prompt_ids)
-    if job.compiled is not None:
+    if job.compiled is not None and job.compiled.cache_salt is not None:
         prompt["cache_salt"] = job.compiled.cache_salt
+    monitored = job.compiled is not None and bool(job.compiled.monitors)
     m.running.inc()
     m.prompt_tokens.inc(len(job.prompt_ids))
     finished = False
     first_token = True
     last_seen: dict[int, float] = {}
     stream = engine.generate(prompt, job.params, job.request_id)
+    poller = monitor_poller(engine) if monitored and job.live_monitors else None
+    if poller is not None:
+        poller.watch(state, job)
     try:
         async for out in stream:
             now = time.monotonic()
@@ -237,6 +282,12 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
                         m.itl.labels(steered).observe((now - prev) / k)
                 last_seen[o.index] = now
             finished = out.finished
+            if monitored and finished:
+                await final_monitors(state, job)
+                if any(x["fired"] and x["action"] == "stop" for x in job.monitors or ()):
+                    for o in out.outputs:
+                        if o.finish_reason is not None:
+                            o.finish_reason = job.finish_reason = CONTENT_FILTER
             yield out
         m.e2e.labels(steered).observe(time.monotonic() - job.arrival)
         held, limits = job.held, state.limits
@@ -247,6 +298,8 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
                 "free in a worker), so its output is withheld; retry the request")
     finally:
         m.running.dec()
+        if poller is not None:
+            poller.unwatch(job)
         try:
             if not finished:
                 await stream.aclose()
@@ -257,6 +310,75 @@ async def run(state: AppState, job: Job) -> AsyncIterator[RequestOutput]:
         finally:
             if job.held is not None:  # after the abort was sent: the worker frees it first
                 job.held.end_generation()
+
+
+async def final_monitors(state: AppState, job: Job) -> None:
+    """The workers' final monitor results of ``job`` (they forget them): ``job.monitors``."""
+    per_rank = await state.require_engine().collective_rpc(
+        "steering_monitor_events", args=([job.request_id], True))
+    results = (per_rank[0] or {}).get(job.request_id) if per_rank else None
+    if results is None:  # the workers never monitored it: a report would claim what nobody watched
+        raise SteeringUnavailable("the engine did not report this request's monitors, so its "
+                                  "output is withheld (monitors need the engine's op to run on "
+                                  "every step: on a GPU, start the server with --enforce-eager)")
+    _fold_monitors(state, job, results)
+    job.monitors_final = True
+
+
+def _fold_monitors(state: AppState, job: Job, results: list[dict[str, Any]]) -> None:
+    """``results`` into ``job.monitors``; monitors that fired since the last read are queued in
+    ``job.monitor_events`` (streamed) and counted (``steer_monitor_triggers``)."""
+    assert job.compiled is not None
+    seen = {i for i, m in enumerate(job.monitors or ()) if m["fired"]}
+    job.monitors = job.compiled.monitor_report(results)
+    for i, m in enumerate(job.monitors):
+        if m["fired"] and i not in seen:
+            job.monitor_events.append({"monitor": i, **m})
+            state.metrics.monitor_triggered(m["feature"], m["action"])
+
+
+class MonitorPoller:
+    """Reads the monitor results of every monitored stream in flight with ONE collective RPC per
+    ``MONITOR_POLL_S`` (however many streams), while there are any; one per engine."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.jobs: dict[str, tuple[AppState, Job]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def watch(self, state: AppState, job: Job) -> None:
+        self.jobs[job.request_id] = (state, job)
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._loop())
+
+    def unwatch(self, job: Job) -> None:
+        self.jobs.pop(job.request_id, None)
+
+    async def _loop(self) -> None:
+        while self.jobs:
+            await asyncio.sleep(MONITOR_POLL_S)
+            keys = list(self.jobs)
+            if not keys:
+                return
+            try:
+                per_rank = await self.engine.collective_rpc("steering_monitor_events", args=(keys, False))
+            except Exception:  # noqa: BLE001  (the final read of each request still reports)
+                logger.debug("reading monitor results failed", exc_info=True)
+                continue
+            results = (per_rank[0] or {}) if per_rank else {}
+            for key in keys:
+                state, job = self.jobs.get(key, (None, None))
+                if job is not None and not job.monitors_final and key in results:
+                    _fold_monitors(state, job, results[key])
+
+
+_POLLERS: weakref.WeakKeyDictionary[Any, MonitorPoller] = weakref.WeakKeyDictionary()
+
+
+def monitor_poller(engine: Any) -> MonitorPoller:
+    if engine not in _POLLERS:
+        _POLLERS[engine] = MonitorPoller(engine)
+    return _POLLERS[engine]
 
 
 # -- response pieces --------------------------------------------------------------------------

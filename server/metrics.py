@@ -67,9 +67,18 @@ class Metrics:
         self.rate_limited = Counter(
             "steer_rate_limited", "Requests refused by a key's rate limit (requests or tokens).",
             ["kind"], registry=r)
+        # Monitors (steering.monitors): the feature label is a pack feature's name, or "other" for
+        # SAE latents ("pack/L12:123"), so the label set stays that of the loaded packs' features.
+        self.monitor_triggers = Counter(
+            "steer_monitor_triggers", "Monitors that fired, by feature and action (flag, stop).",
+            ["feature", "action"], registry=r)
         self.auth_failures = Counter(
             "steer_auth_failures", "Requests without a valid API key, by error code.",
             ["code"], registry=r)
+
+    def monitor_triggered(self, feature: str, action: str) -> None:
+        """Count one monitor that fired (bounded labels: see ``monitor_triggers``)."""
+        self.monitor_triggers.labels(feature if ":" not in feature else "other", action).inc()
 
     def bind(self, waiting: Callable[[], float], engine_unfinished: Callable[[], float],
              slots_busy: Callable[[], float] | None = None,

@@ -11,6 +11,10 @@ Feature names in a policy are matched against the canonical ``pack/feature`` nam
 name resolves to (:meth:`PackRegistry.resolve`): ``pack/feature`` matches that feature, ``pack/*``
 every feature and SAE latent of the pack, a bare ``feature`` that feature in any pack. A request
 name that resolves to nothing is left to the compiler (a 400 ``unknown_feature``).
+
+A policy may also *impose* monitors (``monitors``): they are added to every generation of the
+key, after presets and variants (:func:`impose`), and reported in its responses like the
+request's own; a request cannot remove them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from server.errors import PermissionDenied
-from steering.spec import FeatureSetting, SteeringError, SteeringSpec
+from steering.spec import MAX_MONITORS, FeatureSetting, MonitorSpec, SteeringError, SteeringSpec, merge
 
 DENIAL_REASONS = ("role", "feature", "strength", "protected", "raw_vectors", "return_activations",
                   "inspect", "max_slots", "vector_norm")
@@ -93,6 +97,9 @@ class Policy(_Strict):
     layer's median residual-stream norm: the compiler's bound with a smaller factor."""
     rate: Rate | None = None
     """Requests and tokens per minute."""
+    monitors: list[MonitorSpec] = Field(default_factory=list, max_length=MAX_MONITORS)
+    """Monitors added to every generation of the key (``flag`` to watch, ``stop`` to end a
+    generation where a feature fires)."""
 
 
 class PolicyViolation(PermissionDenied):
@@ -212,6 +219,13 @@ def check_inspect(policy: Policy, features: list[str], steering: SteeringSpec | 
             raise PolicyViolation("feature", f"this key may not read the feature {name!r}",
                                   f"features[{i}]")
     check(policy, steering, packs)
+
+
+def impose(policy: Policy, steering: SteeringSpec | None) -> SteeringSpec | None:
+    """``steering`` (already merged with presets and variants) with the policy's monitors added."""
+    if not policy.monitors:
+        return steering
+    return merge(steering, SteeringSpec(monitors=list(policy.monitors)))
 
 
 def _fmt(x: float | None) -> str:

@@ -38,13 +38,29 @@ def _layer_delta_fn(program: SteeringProgram, layer: int, dtype, device):
     return steer
 
 
+HF_LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers")
+"""Where transformers' causal LMs keep their decoder layers (text models; multimodal wrappers
+such as Gemma 3's ``Gemma3ForConditionalGeneration``)."""
+
+
+def hf_decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM (their outputs are ``hook_resid_post``)."""
+    for path in HF_LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ValueError(f"no decoder layers at {', '.join(HF_LAYER_PATHS)} in {type(model).__name__}")
+
+
 @contextmanager
 def hf_steering(model, program: SteeringProgram, mask: torch.Tensor | None = None) -> Iterator[None]:
     """Steer ``model`` (a transformers causal LM) with ``program`` inside the block.
 
     ``mask`` (optional, [batch, seq] bool) limits steering to some positions of the first call.
     """
-    layers = model.model.layers
+    layers = hf_decoder_layers(model)
     handles = []
     for layer in program.layers:
         fn = _layer_delta_fn(program, layer, model.dtype, model.device)

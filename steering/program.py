@@ -10,6 +10,11 @@ A program is pure data (numpy float32): per steered layer an additive vector and
 which expresses every mode: clamp (α=-1, β=t), scale (α=s-1, β=0), ablate (α=-1, β=0).
 The additive vector is applied first, so a clamp holds even when an add shares its layer.
 
+An entry may be *conditioned*: ``cond_k`` = c > 0 names the program's condition c (1-based;
+0 = unconditioned), and the entry's coefficient is multiplied by gate_c(t) ∈ {0, 1}, the
+condition's test on token t's stream at the condition's layer (see :mod:`steering.monitors`).
+A conditional add is an entry with e = 0, α = 0, β = 1 and d = the vector.
+
 Programs travel to the workers inside a :class:`steering.wire.WireRecord` as raw little-endian
 bytes (no pickles) and are shared between requests by content hash.
 """
@@ -38,6 +43,7 @@ class LayerProgram:
     rectify: list[bool] = field(default_factory=list)
     alpha: list[float] = field(default_factory=list)
     beta: list[float] = field(default_factory=list)
+    cond: list[int] = field(default_factory=list)  # 0 = unconditioned, c = condition c
 
     @property
     def num_entries(self) -> int:
@@ -57,6 +63,7 @@ class LayerProgram:
         bias: float = 0.0,
         theta: float = 0.0,
         rectify: bool = False,
+        cond: int = 0,
     ) -> None:
         self.enc.append(np.asarray(enc, dtype=np.float32).reshape(self.hidden_size))
         self.dec.append(np.asarray(dec, dtype=np.float32).reshape(self.hidden_size))
@@ -65,6 +72,7 @@ class LayerProgram:
         self.rectify.append(bool(rectify))
         self.alpha.append(float(alpha))
         self.beta.append(float(beta))
+        self.cond.append(int(cond))
 
     # -- dense views ------------------------------------------------------------------
     def add_f32(self) -> np.ndarray | None:
@@ -80,12 +88,33 @@ class LayerProgram:
             "rectify": np.asarray(self.rectify, np.uint8),
             "alpha": np.asarray(self.alpha, np.float32),
             "beta": np.asarray(self.beta, np.float32),
+            "cond": np.asarray(self.cond, np.uint8),
         }
 
 
-_ENTRY_FIELDS = ("enc", "dec", "bias", "theta", "rectify", "alpha", "beta")
-_ENTRY_DTYPES = {"rectify": np.uint8}
+@dataclass(frozen=True, eq=False)
+class ConditionProgram:
+    """One condition of a program: gate(t) = [sign·(act(x_t) − threshold) > 0] at ``layer``,
+    act = e·x + b, zeroed where ``rectify`` and pre <= θ (a feature's own readout)."""
+
+    layer: int
+    enc: np.ndarray  # [d] float32
+    bias: float
+    theta: float
+    rectify: bool
+    threshold: float
+    sign: float  # +1 above, -1 below
+
+    def key(self) -> tuple:
+        return (self.layer, self.enc.tobytes(), self.bias, self.theta, self.rectify,
+                self.threshold, self.sign)
+
+
+_ENTRY_FIELDS = ("enc", "dec", "bias", "theta", "rectify", "alpha", "beta", "cond")
+_ENTRY_DTYPES = {"rectify": np.uint8, "cond": np.uint8}
 _ENTRY_NAMES = "".join(_ENTRY_FIELDS).encode()
+_COND_FIELDS = ("layer", "enc", "bias", "theta", "rectify", "threshold", "sign")
+_COND_DTYPES = {"layer": "<i4", "rectify": np.uint8}
 
 
 @dataclass
@@ -94,6 +123,29 @@ class SteeringProgram:
 
     hidden_size: int
     layers: dict[int, LayerProgram] = field(default_factory=dict)
+    conditions: list[ConditionProgram] = field(default_factory=list)
+    """Condition c is ``conditions[c - 1]``."""
+
+    def condition(self, cond: ConditionProgram) -> int:
+        """The 1-based index of ``cond`` (an equal condition is stored once)."""
+        for i, have in enumerate(self.conditions):
+            if have.key() == cond.key():
+                return i + 1
+        self.conditions.append(cond)
+        return len(self.conditions)
+
+    def conditions_f32(self) -> dict[str, np.ndarray]:
+        c = self.conditions
+        return {
+            "layer": np.asarray([x.layer for x in c], "<i4"),
+            "enc": (np.stack([x.enc for x in c]).astype("<f4") if c
+                    else np.zeros((0, self.hidden_size), "<f4")),
+            "bias": np.asarray([x.bias for x in c], "<f4"),
+            "theta": np.asarray([x.theta for x in c], "<f4"),
+            "rectify": np.asarray([x.rectify for x in c], np.uint8),
+            "threshold": np.asarray([x.threshold for x in c], "<f4"),
+            "sign": np.asarray([x.sign for x in c], "<f4"),
+        }
 
     def at(self, layer: int) -> LayerProgram:
         if layer not in self.layers:
@@ -126,6 +178,11 @@ class SteeringProgram:
             for name in _ENTRY_FIELDS:
                 h.update(name.encode())
                 h.update(ent[name])
+        if self.conditions:
+            h.update(b"|conditions|")
+            for name, arr in self.conditions_f32().items():
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
     # -- wire -------------------------------------------------------------------------
@@ -138,7 +195,11 @@ class SteeringProgram:
             if ent is not None:
                 item.update(ent)
             layers.append(item)
-        return {"d": self.hidden_size, "layers": layers}
+        out: dict = {"d": self.hidden_size, "layers": layers}
+        if self.conditions:
+            out["conditions"] = {"n": len(self.conditions), **{
+                k: np.ascontiguousarray(v).tobytes() for k, v in self.conditions_f32().items()}}
+        return out
 
     @classmethod
     def from_wire(cls, wire: dict) -> "SteeringProgram":
@@ -159,5 +220,16 @@ class SteeringProgram:
                         enc[i], dec[i],
                         alpha=arr["alpha"][i], beta=arr["beta"][i], bias=arr["bias"][i],
                         theta=arr["theta"][i], rectify=bool(arr["rectify"][i]),
+                        cond=int(arr["cond"][i]),
                     )
+        conds = wire.get("conditions")
+        if conds:
+            n = int(conds["n"])
+            arr = {f: np.frombuffer(conds[f], dtype=_COND_DTYPES.get(f, "<f4")) for f in _COND_FIELDS}
+            enc = arr["enc"].reshape(n, d)
+            for i in range(n):
+                prog.conditions.append(ConditionProgram(
+                    layer=int(arr["layer"][i]), enc=enc[i].copy(), bias=float(arr["bias"][i]),
+                    theta=float(arr["theta"][i]), rectify=bool(arr["rectify"][i]),
+                    threshold=float(arr["threshold"][i]), sign=float(arr["sign"][i])))
         return prog

@@ -7,6 +7,10 @@ act(h) the feature's activation and c its calibration scale (1 for raw vectors):
     clamp:  h ← h + (t − act(h))·d   (t = s·c, or `target` for raw vectors)
     scale:  h ← h + (s − 1)·act(h)·d
     ablate: clamp to 0
+With ``when`` (a condition on a named feature at a layer at or before L) an entry steers only
+the tokens where the condition holds; a conditional add becomes an entry (α = 0, β = 1, d = the
+vector) so it can be gated. Monitors compile to readout tests carried beside the program. See
+:mod:`steering.monitors` for both.
 Only the delta is added: an SAE's reconstruction error never enters the stream.
 The spec's shape is checked by pydantic (:mod:`steering.spec`); here the checks that need the
 engine (layers, hidden size, bounds, feature names, the fields a mode needs). Any invalid field
@@ -39,8 +43,18 @@ import numpy as np
 from steering.config import SteeringConfig
 from steering.features import AmbiguousFeature, Feature, FeatureSource, Mode, UnknownFeature
 from steering.packs.manifest import DOSE_FRACTION
-from steering.program import SteeringProgram
-from steering.spec import FeatureSetting, SteeringError, SteeringSpec, VectorSpec
+from steering.monitors import MAX_CONDITIONS, MonitorProgram, monitors_to_wire
+from steering.program import ConditionProgram, SteeringProgram
+from steering.spec import (
+    MAX_MONITORS,
+    Condition,
+    FeatureSetting,
+    MonitorSpec,
+    SteeringError,
+    SteeringSpec,
+    Threshold,
+    VectorSpec,
+)
 from steering.wire import ApplyTo, WireRecord
 
 __all__ = ["CompiledSteering", "SteeringCompiler", "SteeringError"]
@@ -79,6 +93,8 @@ class CompiledSteering:
     """Add-mode named features whose act(h) is computed from the captured stream on readout."""
     salt: str | None = None
     """Overrides the prefix-cache salt (inspect requests use a unique one)."""
+    monitors: list[MonitorProgram] = field(default_factory=list)
+    """Features watched on the generated tokens (:mod:`steering.monitors`)."""
 
     def __post_init__(self) -> None:
         self._canonical = self.program.canonical()  # the program is complete: serialise it once
@@ -87,9 +103,17 @@ class CompiledSteering:
         self.hash = h[:32]
 
     @property
-    def cache_salt(self) -> str:
-        """Prefix-cache salt: KV blocks are never shared across different steering."""
+    def cache_salt(self) -> str | None:
+        """Prefix-cache salt: KV blocks are never shared across different steering. None for a
+        request that only monitors (it changes no KV block: it shares the unsteered cache)."""
+        if self.salt is None and not self.program.layers:
+            return None
         return self.salt or f"steer-{self.hash}"
+
+    @property
+    def stops(self) -> bool:
+        """Some monitor may end the generation (``action: stop``)."""
+        return any(m.action == "stop" for m in self.monitors)
 
     def wire(self, readout_key: str | None = None) -> WireRecord:
         """The record that carries this steering to the workers.
@@ -101,7 +125,8 @@ class CompiledSteering:
             hash=self.table_hash, apply_to=ApplyTo.named(self.apply_to),
             readout=self.return_activations, program=self.program.to_wire(self._canonical),
             readout_key=readout_key if readout else None,
-            capture=self.capture if readout else ())
+            capture=self.capture if readout else (),
+            monitors=monitors_to_wire(self.monitors, readout_key) if self.monitors else None)
 
     def extra_args(self, readout_key: str | None = None) -> dict[str, Any]:
         """The ``SamplingParams.extra_args`` that carry this steering to the workers."""
@@ -109,6 +134,17 @@ class CompiledSteering:
 
     def summary(self) -> dict[str, Any]:
         return {"hash": self.hash, "apply_to": self.apply_to, "applied": self.applied}
+
+    def monitor_report(self, results: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """``steering.monitors`` of a response: each monitor with a worker's results (fired,
+        first_token, peak); not fired when the worker reported nothing."""
+        results = results or []
+        out = []
+        for i, m in enumerate(self.monitors):
+            r = results[i] if i < len(results) else {}
+            out.append({**m.summary(), "fired": bool(r.get("fired", False)),
+                        "first_token": r.get("first_token"), "peak": r.get("peak")})
+        return out
 
     def readout_bytes(self, positions: int) -> int:
         """Upper bound of what a worker holds for this request's readout over ``positions`` token
@@ -173,6 +209,10 @@ class SteeringCompiler:
                 f"{len(spec.vectors)} vectors exceed the server maximum {self.cfg.max_vectors}",
                 "steering.vectors",
             )
+        if len(spec.monitors) > MAX_MONITORS:
+            raise SteeringError(
+                f"{len(spec.monitors)} monitors (the request's, its preset's, its variant's and "
+                f"its key's together) exceed the server maximum {MAX_MONITORS}", "steering.monitors")
         if spec.empty:
             return None
 
@@ -183,14 +223,14 @@ class SteeringCompiler:
         for name, setting in spec.features.items():
             item, feat = self._feature(program, name, setting)
             applied.append(item)
-            if item["mode"] == "add":
+            if item["mode"] == "add" and "when" not in item:
                 probes.append((item["feature"], feat))
             else:
                 labels.setdefault(item["layer"], []).append(item["feature"])
         for i, vector in enumerate(spec.vectors):
             item = self._vector(program, i, vector, factor)
             applied.append(item)
-            if item["mode"] != "add":
+            if item["mode"] != "add" or "when" in item:
                 labels.setdefault(item["layer"], []).append(f"vectors[{i}]")
         for layer, lp in program.layers.items():
             if lp.num_entries > self.cfg.max_features:
@@ -199,10 +239,14 @@ class SteeringCompiler:
                     f"server maximum {self.cfg.max_features} (--max-steered-features)",
                     "steering",
                 )
+        if len(program.conditions) > MAX_CONDITIONS:
+            raise SteeringError(f"{len(program.conditions)} distinct conditions exceed the server "
+                                f"maximum {MAX_CONDITIONS}", "steering")
+        monitors = [self._monitor(i, m) for i, m in enumerate(spec.monitors)]
         readout = spec.return_activations
         capture = tuple(sorted({f.layer for _, f in probes})) if readout else ()
         return CompiledSteering(program, spec.apply_to, readout, applied, capture=capture,
-                                entry_labels=labels, probes=probes)
+                                entry_labels=labels, probes=probes, monitors=monitors)
 
     # -- pieces -------------------------------------------------------------------------
     def _check_layer(self, layer: int, param: str) -> int:
@@ -217,15 +261,7 @@ class SteeringCompiler:
     def _feature(self, program: SteeringProgram, name: str,
                  setting: FeatureSetting) -> tuple[dict[str, Any], Feature]:
         param = f"steering.features.{name}"
-        if self.features is None:
-            raise SteeringError(f"unknown feature {name!r}: no feature packs are loaded", param,
-                                "unknown_feature")
-        try:
-            feat = self.features.resolve(name)
-        except UnknownFeature:
-            raise SteeringError(f"unknown feature {name!r}", param, "unknown_feature") from None
-        except AmbiguousFeature as e:
-            raise SteeringError(str(e.args[0]), param, "ambiguous_feature") from None
+        feat = self._resolve(name, param)
         mode = setting.mode or feat.default_mode
         strength = setting.strength
         if strength is None:
@@ -235,25 +271,74 @@ class SteeringCompiler:
         where = param if setting.bare else f"{param}.strength"
         s = _bounded(strength, self.cfg.max_strength, where, "strength")
         layer = self._check_layer(feat.layer, param)
-        if feat.direction.shape != (self.hidden_size,):
-            raise SteeringError(f"feature {feat.name!r} does not fit this model", param)
-        self._place(program.at(layer), feat, mode, s)
-        return {"feature": feat.name, "layer": layer, "mode": mode, "strength": s}, feat
+        item: dict[str, Any] = {"feature": feat.name, "layer": layer, "mode": mode, "strength": s}
+        cond = 0
+        if setting.when is not None:
+            cond = self._condition(program, setting.when, layer, f"{param}.when")
+            item["when"] = self._threshold_summary(setting.when)
+        self._place(program.at(layer), feat, mode, s, cond)
+        return item, feat
 
     @staticmethod
-    def _place(lp, feat: Feature, mode: Mode, s: float) -> None:
+    def _place(lp, feat: Feature, mode: Mode, s: float, cond: int = 0) -> None:
         unit = feat.unit_direction()
         c = feat.scale
-        if mode == "add":
+        if mode == "add" and not cond:
             lp.add_vector(s * c * unit)
             return
-        if feat.kind == "sae":
-            enc, dec = feat.encoder, feat.direction
-            kw = dict(bias=feat.bias, theta=feat.threshold, rectify=True)
-        else:
-            enc, dec, kw = unit, unit, {}
+        enc, bias, theta, rectify = _readout(feat)
+        kw = dict(bias=bias, theta=theta, rectify=rectify, cond=cond)
+        if mode == "add":  # gated: an entry whose coefficient is 0·act + 1 (its readout is act)
+            lp.add_entry(enc, s * c * unit, alpha=0.0, beta=1.0, **kw)
+            return
+        dec = feat.direction if feat.kind == "sae" else unit
         alpha, beta = {"clamp": (-1.0, s * c), "scale": (s - 1.0, 0.0), "ablate": (-1.0, 0.0)}[mode]
         lp.add_entry(enc, dec, alpha=alpha, beta=beta, **kw)
+
+    def _resolve(self, name: str, param: str) -> Feature:
+        if self.features is None:
+            raise SteeringError(f"unknown feature {name!r}: no feature packs are loaded", param,
+                                "unknown_feature")
+        try:
+            feat = self.features.resolve(name)
+        except UnknownFeature:
+            raise SteeringError(f"unknown feature {name!r}", param, "unknown_feature") from None
+        except AmbiguousFeature as e:
+            raise SteeringError(str(e.args[0]), param, "ambiguous_feature") from None
+        if feat.direction.shape != (self.hidden_size,):
+            raise SteeringError(f"feature {feat.name!r} does not fit this model", param)
+        return feat
+
+    def _test(self, spec: Threshold, param: str) -> tuple[Feature, ConditionProgram]:
+        """The readout test of a condition or monitor: its feature resolved, its layer readable,
+        its threshold bounded (by ``max_target``, the bound of any activation a request names)."""
+        feat = self._resolve(spec.feature, f"{param}.feature")
+        self._check_layer(feat.layer, f"{param}.feature")
+        bound = "above" if spec.above is not None else "below"
+        threshold = _bounded(spec.threshold, self.cfg.max_target, f"{param}.{bound}", "threshold")
+        enc, bias, theta, rectify = _readout(feat)
+        f32 = lambda x: float(np.float32(x))  # noqa: E731  (as the workers hold it)
+        return feat, ConditionProgram(layer=feat.layer, enc=enc.astype(np.float32), bias=f32(bias),
+                                      theta=f32(theta), rectify=rectify,
+                                      threshold=f32(threshold), sign=spec.sign)
+
+    def _condition(self, program: SteeringProgram, when: Condition, layer: int, param: str) -> int:
+        feat, test = self._test(when, param)
+        if feat.layer > layer:
+            raise SteeringError(
+                f"the condition's feature {feat.name!r} is read at layer {feat.layer}, after the "
+                f"steered layer {layer}: a condition must be read at or before the layer it steers",
+                f"{param}.feature")
+        return program.condition(test)
+
+    @staticmethod
+    def _threshold_summary(spec: Threshold) -> dict[str, Any]:
+        return {"feature": spec.feature,
+                "above" if spec.above is not None else "below": spec.threshold}
+
+    def _monitor(self, i: int, spec: MonitorSpec) -> MonitorProgram:
+        feat, test = self._test(spec, f"steering.monitors[{i}]")
+        return MonitorProgram(feature=feat.name, test=test, action=spec.action)
 
     def _decode_values(self, vector: VectorSpec, param: str) -> np.ndarray:
         if (vector.values is None) == (vector.base64 is None):
@@ -305,6 +390,10 @@ class SteeringCompiler:
         values_param = f"{param}.values" if vector.values is not None else f"{param}.base64"
         lp = program.at(layer)
         out: dict[str, Any] = {"vector": i, "layer": layer, "mode": mode}
+        cond = 0
+        if vector.when is not None:
+            cond = self._condition(program, vector.when, layer, f"{param}.when")
+            out["when"] = self._threshold_summary(vector.when)
         if mode == "add":
             bound, why = self._norm_bound(layer, factor)
             v_norm = float(np.linalg.norm(v))
@@ -313,7 +402,11 @@ class SteeringCompiler:
                 raise SteeringError(
                     f"‖scale·v‖ = {norm:.4g} exceeds {bound:.4g} ({why})",
                     values_param if v_norm > bound else f"{param}.scale")
-            lp.add_vector(scale * v)
+            if cond:  # gated: an entry 0·act + 1 (its readout: the projection on v̂)
+                unit = v / v_norm if v_norm > 0 else np.zeros_like(v)
+                lp.add_entry(unit, scale * v, alpha=0.0, beta=1.0, cond=cond)
+            else:
+                lp.add_vector(scale * v)
             out["scale"] = scale
             return out
         norm = float(np.linalg.norm(v))
@@ -328,11 +421,18 @@ class SteeringCompiler:
             if abs(t) > bound:
                 raise SteeringError(f"|target| = {abs(t):.4g} exceeds {bound:.4g} ({why})",
                                     f"{param}.target")
-            lp.add_entry(unit, unit, alpha=-1.0, beta=t)
+            lp.add_entry(unit, unit, alpha=-1.0, beta=t, cond=cond)
             out["target"] = t
         elif mode == "scale":
-            lp.add_entry(unit, unit, alpha=scale - 1.0, beta=0.0)
+            lp.add_entry(unit, unit, alpha=scale - 1.0, beta=0.0, cond=cond)
             out["scale"] = scale
         else:  # ablate
-            lp.add_entry(unit, unit, alpha=-1.0, beta=0.0)
+            lp.add_entry(unit, unit, alpha=-1.0, beta=0.0, cond=cond)
         return out
+
+
+def _readout(feat: Feature) -> tuple[np.ndarray, float, float, bool]:
+    """(e, b, θ, rectify) of a feature's act(h) (:meth:`Feature.activation`)."""
+    if feat.kind == "sae":
+        return np.asarray(feat.encoder, dtype=np.float64), float(feat.bias), float(feat.threshold), True
+    return feat.unit_direction(), 0.0, 0.0, False

@@ -5,14 +5,20 @@ Per steered site (layer L), with S1 = S + 1 slots (slot 0 = no steering, all zer
     add   [S1, d]       summed additive vectors
     enc   [S1, K, d]    readout directions e_k        dec [S1, K, d]  write directions d_k
     bias, theta, alpha, beta [S1, K];  rect [S1, K] (1 = JumpReLU/ReLU readout, 0 = linear)
+    cond  [S1, K]       the condition gating each entry (0 = none)
+    cenc [S1, C, d], cbias, ccut, cthr, csign [S1, C]   conditions read at L (csign 0 = not here)
+and one gate buffer [Tmax, 1 + C] (column 0 ≡ 1.0) that conditions fill and entries read.
 Per step only ``token_slots[:T]`` changes (plus the rows of newly admitted slots).
 
-Semantics (token t, slot s = token_slots[t], stream x = hidden + residual):
+Semantics (token t, slot s = token_slots[t], stream x = hidden + residual, or hidden alone when
+the layer returns one tensor and residual is None; see :mod:`steering.sites`):
     x ← x + add[s]
     pre = enc[s]·x + bias[s];  act = where(rect[s] & (pre <= theta[s]), 0, pre)     # [K]
-    x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·dec[s,k]
+    x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·gate[t, cond[s,k]]·dec[s,k]
+with gate[t, c] = [csign·(act_c(x) − cthr) > 0] computed at the condition's layer from x before
+that layer's steering (:mod:`steering.monitors`). Monitors read act after the op, on the host.
 The op adds the delta to ``hidden`` in place; vLLM's next layer (or final norm) sums it with
-``residual``, so the stream is steered exactly once.
+``residual`` (if any), so the stream is steered exactly once.
 
 Requests the worker cannot seat (no free slot although the API server's gate admitted them, or a
 program that cannot be written) run on slot 0 and are recorded in :attr:`SteeringRuntime.unseated`
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 
 from steering.config import SteeringConfig
+from steering.monitors import MAX_CONDITIONS, MonitorBook, MonitorState, MonitorStep
 from steering.program import SteeringProgram
 from steering.readouts import READOUT_DROPPED, Readout, ReadoutStore
 from steering.slots import SlotAllocator, SlotsExhausted
@@ -69,22 +76,38 @@ class SiteTables:
     alpha: torch.Tensor  # [S1, K]
     beta: torch.Tensor  # [S1, K]
     cut: torch.Tensor  # [S1, K] where(rect, theta, -inf): act = 0 where pre <= cut (derived)
+    cond: torch.Tensor  # [S1, K] int64: gate column of each entry (0 = the constant 1.0)
+    cenc: torch.Tensor  # [S1, C, d] conditions read at this layer
+    cbias: torch.Tensor  # [S1, C]
+    ccut: torch.Tensor  # [S1, C] as ``cut``
+    cthr: torch.Tensor  # [S1, C] threshold
+    csign: torch.Tensor  # [S1, C] +1 above, -1 below, 0 = condition not read at this layer
 
     @classmethod
-    def allocate(cls, s1: int, k: int, d: int, dtype, device) -> "SiteTables":
+    def allocate(cls, s1: int, k: int, d: int, dtype, device, c: int = MAX_CONDITIONS) -> "SiteTables":
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
         return cls(
             add=z(s1, d), enc=z(s1, k, d), dec=z(s1, k, d), bias=z(s1, k), theta=z(s1, k),
             rect=torch.zeros(s1, k, dtype=torch.bool, device=device),
             alpha=z(s1, k), beta=z(s1, k),
             cut=torch.full((s1, k), float("-inf"), dtype=dtype, device=device),
+            cond=torch.zeros(s1, k, dtype=torch.int64, device=device),
+            cenc=z(s1, c, d), cbias=z(s1, c), cthr=z(s1, c), csign=z(s1, c),
+            ccut=torch.full((s1, c), float("-inf"), dtype=dtype, device=device),
         )
 
     def clear_entries(self, slot: int, start: int, stop: int) -> None:
         """Entries ``start:stop`` of ``slot`` back to "no entry" (zeros; ``cut`` = -inf)."""
-        for t in (self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha, self.beta):
+        for t in (self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha, self.beta,
+                  self.cond):
             t[slot, start:stop].zero_()
         self.cut[slot, start:stop].fill_(float("-inf"))
+
+    def clear_conditions(self, slot: int) -> None:
+        """No condition of ``slot`` is read at this layer."""
+        for t in (self.cenc, self.cbias, self.cthr, self.csign):
+            t[slot].zero_()
+        self.ccut[slot].fill_(float("-inf"))
 
 
 @dataclass
@@ -94,6 +117,7 @@ class _ReqSteering:
     readout_key: str | None  # where post-steering activations are filed; None = not asked
     capture: frozenset[int] = frozenset()  # layers whose steered stream is filed too
     unseated: bool = False  # steered, but runs on slot 0: the API server fails it
+    monitor: MonitorState | None = None  # the request's monitors (None: not monitored)
 
 
 class SteeringRuntime:
@@ -127,6 +151,12 @@ class SteeringRuntime:
         # Host mirrors of what each slot does where (for gating and readout).
         self.slot_add = np.zeros((self.s1, num_layers), dtype=bool)
         self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
+        self.slot_conds = np.zeros((self.s1, num_layers), dtype=bool)  # reads a condition at L
+        self.slot_gated = np.zeros((self.s1, num_layers), dtype=bool)  # has gated entries at L
+        self.c = MAX_CONDITIONS
+        self.gates = torch.zeros(max_tokens, 1 + self.c, dtype=dtype, device=device)  # [Tmax, 1+C]
+        self.gates[:, 0] = 1.0  # unconditioned entries: × exactly 1.0
+        self.monitors = MonitorBook()
         self.allocator = SlotAllocator(cfg.max_slots)
         self.requests: dict[str, _ReqSteering] = {}
         self.readouts = ReadoutStore(cfg.max_readout_bytes)
@@ -137,12 +167,18 @@ class SteeringRuntime:
         self.site_add = np.zeros(num_layers, dtype=bool)
         self.site_entries = np.zeros(num_layers, dtype=bool)
         self.site_capture = np.zeros(num_layers, dtype=bool)
+        self.site_conds = np.zeros(num_layers, dtype=bool)
+        self.site_gated = np.zeros(num_layers, dtype=bool)
+        self.site_monitor = np.zeros(num_layers, dtype=bool)
+        self.monitor_step = MonitorStep(device)
         self.n_hi = self.s1
         self._readout_rows: np.ndarray | None = None  # token rows wanting readout
         self._readout_meta: list[tuple[str, int, int, frozenset[int]]] = []  # (key, pos, slot, capture)
         if not host_gating:
             self.site_add[self.layers] = True
             self.site_entries[self.layers] = self.k > 0
+            self.site_conds[self.layers] = True
+            self.site_gated[self.layers] = self.k > 0
 
     # -- slot contents ----------------------------------------------------------------------
     def write_slot(self, slot: int, program: SteeringProgram) -> None:
@@ -169,7 +205,19 @@ class SteeringRuntime:
                 rect = e["rectify"].astype(bool)
                 tab.rect[slot, :k].copy_(torch.from_numpy(rect))
                 tab.cut[slot, :k].copy_(torch.from_numpy(np.where(rect, e["theta"], -np.inf)))
+                tab.cond[slot, :k].copy_(torch.from_numpy(e["cond"].astype(np.int64)))
             self.slot_entries[slot, L] = k
+            self.slot_gated[slot, L] = bool(k) and bool(e["cond"].any())
+            here = [(c, x) for c, x in enumerate(program.conditions) if x.layer == L]
+            if here or self.slot_conds[slot, L]:
+                tab.clear_conditions(slot)
+            for c, x in here:
+                tab.cenc[slot, c].copy_(torch.from_numpy(x.enc))
+                tab.cbias[slot, c] = x.bias
+                tab.ccut[slot, c] = x.theta if x.rectify else float("-inf")
+                tab.cthr[slot, c] = x.threshold
+                tab.csign[slot, c] = x.sign
+            self.slot_conds[slot, L] = bool(here)
 
     # -- requests ---------------------------------------------------------------------------
     def admit(self, req_id: str, wire: WireRecord) -> _ReqSteering:
@@ -192,6 +240,15 @@ class SteeringRuntime:
         capture = frozenset(x for x in wire.capture if x in self.tables)
         rs = _ReqSteering(slot=slot, apply_to=int(wire.apply_to), readout_key=key,
                           capture=capture if key is not None else frozenset())
+        if wire.monitors is not None and not self.host_gating:
+            # Under CUDA-graph replay the op's Python (the monitors' host read) does not run: no
+            # report is kept, and the API server fails the request instead of reporting "quiet".
+            logger.error("steering: request %s has monitors, which need the op's Python on every "
+                         "step (start with --enforce-eager on GPU); not monitored", req_id)
+        elif wire.monitors is not None:
+            rs.monitor = MonitorState(wire.monitors.get("key") or req_id, wire.monitors,
+                                      self.hidden_size, self.dtype, self.device)
+            self.monitors.open(rs.monitor)
         self.requests[req_id] = rs
         if key is not None:
             self.readouts.open(key)
@@ -228,8 +285,10 @@ class SteeringRuntime:
         for L, tab in self.tables.items():
             tab.add[slot].zero_()
             tab.clear_entries(slot, 0, self.k)
+            tab.clear_conditions(slot)
             self.slot_add[slot, L] = False
             self.slot_entries[slot, L] = 0
+            self.slot_conds[slot, L] = self.slot_gated[slot, L] = False
 
     def release(self, req_ids) -> None:
         now = time.monotonic()
@@ -239,7 +298,10 @@ class SteeringRuntime:
                 self.allocator.release(rid)
                 if rs.readout_key is not None:
                     self.readouts.ended(rs.readout_key, now)
+                if rs.monitor is not None:
+                    self.monitors.ended(rs.monitor, now)
         self.readouts.expire(now)
+        self.monitors.expire(now)
         while self.unseated:
             rid, when = next(iter(self.unseated.items()))
             if now - when <= UNSEATED_TTL_S:
@@ -267,6 +329,7 @@ class SteeringRuntime:
         num_computed: np.ndarray,  # [R]
         num_prompt: np.ndarray,  # [R]
         readout_reqs: list[tuple[int, _ReqSteering]],  # (batch row, state) of readout requests
+        monitor_reqs: list[tuple[int, MonitorState]] = (),  # (batch row, state) of monitored ones
     ) -> None:
         """Fill the token → slot index for a step of sum(num_scheduled) tokens."""
         T = int(num_scheduled.sum())
@@ -293,6 +356,8 @@ class SteeringRuntime:
             present = present[present > 0]
             self.site_add = self.slot_add[present].any(axis=0)
             self.site_entries = (self.slot_entries[present] > 0).any(axis=0)
+            self.site_conds = self.slot_conds[present].any(axis=0)
+            self.site_gated = self.slot_gated[present].any(axis=0)
             self.n_hi = int(present.max()) + 1 if present.size else 1
         self._readout_rows = None
         self._readout_meta = []
@@ -309,62 +374,97 @@ class SteeringRuntime:
             if rows:
                 self._readout_rows = np.asarray(rows)
                 self._readout_meta = meta
+        self.monitor_step.plan(monitor_reqs, num_scheduled, num_computed, num_prompt)
+        self.site_monitor[list(self.monitor_step.layers)] = True
+
 
     def end_step(self) -> None:
         if self.host_gating:
             self.site_add[:] = False
             self.site_entries[:] = False
+            self.site_conds[:] = False
+            self.site_gated[:] = False
         self.site_capture[:] = False
+        self.site_monitor[:] = False
         self._readout_rows = None
         self._readout_meta = []
+        self.monitor_step.clear()
 
     # -- the op body ------------------------------------------------------------------------
-    def apply(self, hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
         """Steer ``hidden`` [T, d] in place at ``layer`` (see the module docstring)."""
         do_add, do_entries = self.site_add[layer], self.site_entries[layer]
-        if not (do_add or do_entries or self.site_capture[layer]):
+        do_conds = self.site_conds[layer]
+        if not (do_add or do_entries or do_conds or self.site_capture[layer]
+                or self.site_monitor[layer]):
             return
         T = hidden.shape[0]
         tab = self.tables[layer]
         idx = self.token_slots[:T]  # [T]
+        if do_conds:  # before this layer's steering: a condition reads the unsteered stream here
+            self._conditions(_stream(hidden, residual), tab, idx)
+        gates = self.gates[:T] if self.site_gated[layer] else None  # [T, 1 + C]
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
         if do_entries:
             if self.host_gating and self.n_hi > GATHER_ABOVE_SLOTS:
                 for a in range(0, T, GATHER_CHUNK):
-                    self._entries_gathered(hidden[a : a + GATHER_CHUNK], residual[a : a + GATHER_CHUNK],
-                                           tab, idx[a : a + GATHER_CHUNK])
+                    self._entries_gathered(hidden[a : a + GATHER_CHUNK],
+                                           None if residual is None else residual[a : a + GATHER_CHUNK],
+                                           tab, idx[a : a + GATHER_CHUNK],
+                                           None if gates is None else gates[a : a + GATHER_CHUNK])
             else:
-                self._entries_all_slots(hidden, residual, tab, idx)
+                self._entries_all_slots(hidden, residual, tab, idx, gates)
         if self._readout_rows is not None:
-            self._record_readout(hidden + residual, tab, layer)
+            self._record_readout(_stream(hidden, residual), tab, layer)
+        if self.site_monitor[layer]:
+            self.monitor_step.observe(_stream(hidden, residual), layer)
 
-    def _entries_all_slots(self, hidden: torch.Tensor, residual: torch.Tensor, tab: SiteTables,
-                           idx: torch.Tensor) -> None:
+    def _conditions(self, x: torch.Tensor, tab: SiteTables, idx: torch.Tensor) -> None:
+        """Fill gate columns 1..C for the conditions read at this layer from ``x`` [T, d], the
+        stream before this layer's steering; other columns keep what earlier layers wrote.
+
+        Semantics: gate[t, c] = [csign·(act_c(x_t) − cthr) > 0] where csign[slot[t], c] != 0."""
+        T, C, d = x.shape[0], self.c, self.hidden_size
+        nc = self.n_hi * C  # condition columns of the first n_hi slots
+        pre = torch.addmm(tab.cbias.view(-1)[:nc], x, tab.cenc.view(-1, d)[:nc].T)  # [T, n_hi·C]
+        pre = pre.view(T, self.n_hi, C).gather(1, idx.view(T, 1, 1).expand(T, 1, C)).squeeze(1)  # [T, C]
+        act = pre.masked_fill_(pre <= tab.ccut.index_select(0, idx), 0.0)  # [T, C]
+        sign = tab.csign.index_select(0, idx)  # [T, C]
+        fired = (act - tab.cthr.index_select(0, idx)).mul_(sign) > 0  # [T, C]
+        g = self.gates[:T, 1:]
+        g.copy_(torch.where(sign != 0, fired.to(g.dtype), g))
+
+    def _entries_all_slots(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+                           idx: torch.Tensor, gates: torch.Tensor | None = None) -> None:
         """The entries' delta as two matmuls over the entry columns of the first n_hi slots, other
         slots' columns zeroed per token: graph-safe, and cheapest while few slots are in use.
 
         Semantics: hidden[t] += Σ_k coef(slot[t], k)·dec[slot[t], k], as in the module docstring."""
         nk, d = self.n_hi * self.k, self.hidden_size  # entry columns of the first n_hi slots
-        x = hidden + residual  # [T, d]
+        x = _stream(hidden, residual)  # [T, d]
         pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
         act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
         coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
         coef.masked_fill_(idx[:, None] != self.col_slot[None, :nk], 0.0)  # other slots' entries
+        if gates is not None:  # conditioned entries × their gate; the others × exactly 1.0
+            coef.mul_(gates.index_select(1, tab.cond.view(-1)[:nk]))  # [T, nK]
         hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
 
     @staticmethod
-    def _entries_gathered(hidden: torch.Tensor, residual: torch.Tensor, tab: SiteTables,
-                          idx: torch.Tensor) -> None:
+    def _entries_gathered(hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+                          idx: torch.Tensor, gates: torch.Tensor | None = None) -> None:
         """The same delta from each token's own K entries, gathered: work per token independent of
         how many slots are in use. Slot 0 and unused entries hold zeros (cut -inf), so add 0.
 
         Semantics: as :meth:`_entries_all_slots`."""
-        x = hidden + residual  # [t, d]
+        x = _stream(hidden, residual)  # [t, d]
         enc = tab.enc.index_select(0, idx)  # [t, K, d]
         pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias.index_select(0, idx))  # [t, K]
         act = pre.masked_fill_(pre <= tab.cut.index_select(0, idx), 0.0)  # [t, K]
         coef = torch.addcmul(tab.beta.index_select(0, idx), tab.alpha.index_select(0, idx), act)  # [t, K]
+        if gates is not None:
+            coef.mul_(gates.gather(1, tab.cond.index_select(0, idx)))  # [t, K]
         hidden.add_(torch.bmm(coef.unsqueeze(1), tab.dec.index_select(0, idx)).squeeze(1))  # [t, d]
 
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
@@ -388,6 +488,12 @@ class SteeringRuntime:
                 self.readouts.file(key, ("resid", layer, pos, streams[i].copy()))
 
 
+def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The residual stream at a site: ``hidden + residual``, or ``hidden`` itself (read before
+    it is written) for a layer that returns one tensor."""
+    return hidden if residual is None else hidden + residual
+
+
 _RUNTIME: SteeringRuntime | None = None
 
 
@@ -400,8 +506,9 @@ def get_runtime() -> SteeringRuntime | None:
     return _RUNTIME
 
 
-def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    """Semantics: hidden[t] += delta(slot[t], hidden[t] + residual[t]) at ``layer``."""
+def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
+    """Semantics: hidden[t] += delta(slot[t], hidden[t] + residual[t]) at ``layer`` (residual
+    None: the stream is hidden)."""
     rt = _RUNTIME
     if rt is not None:
         rt.apply(hidden, residual, layer)
@@ -412,10 +519,10 @@ def _steer_impl(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> Non
 # even when nothing is steered; a direct kernel registration costs ~4 µs. The schema's ``(a!)``
 # tells torch.compile that ``hidden`` is mutated in place.
 _LIB = torch.library.Library("steering", "DEF")
-_LIB.define("steer_(Tensor(a!) hidden, Tensor residual, int layer) -> ()")
+_LIB.define("steer_(Tensor(a!) hidden, Tensor? residual, int layer) -> ()")
 _LIB.impl("steer_", _steer_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("steering::steer_")
-def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+def _steer_fake(hidden: torch.Tensor, residual: torch.Tensor | None, layer: int) -> None:
     return None

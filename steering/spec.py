@@ -5,8 +5,12 @@
       "vectors":  [{"layer": 12, "values": [...d floats], "scale": 2.0, "mode": "add"},
                    {"layer": 12, "base64": "<little-endian float32>", "mode": "clamp", "target": 3.0}],
       "apply_to": "all" | "prompt" | "generated",
-      "return_activations": false
+      "return_activations": false,
+      "monitors": [{"feature": "refusal", "above": 3.0, "action": "flag" | "stop"}]
     }
+
+Any feature or vector may carry a condition, ``"when": {"feature": "code", "above": 2.0}``: it
+then steers only the tokens where the condition holds (:mod:`steering.monitors` has the semantics).
 
 This module checks what the object alone can tell: field names, types, enums, finite numbers.
 What depends on the engine — layers, hidden size, bounds, feature names, which fields a mode
@@ -18,11 +22,12 @@ Both raise :class:`SteeringError` with an OpenAI-style ``param`` path such as
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import (
     BaseModel,
+    StringConstraints,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -82,10 +87,50 @@ FloatVector = Annotated[
 ]
 Number = Annotated[float, Strict()]
 """A JSON number (an integer is accepted; a boolean or a string is not); finite by the config."""
+FeatureName = Annotated[str, Strict(), StringConstraints(min_length=1, max_length=256)]
+"""A named feature in a condition or a monitor (``name`` or ``pack/name``)."""
+MAX_MONITORS = 8
+"""Monitors one request may carry (its own, its preset's, its variant's and its key's together)."""
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
+
+
+class Threshold(_Spec):
+    """A named feature's activation compared with a threshold, per token: exactly one of
+    ``above`` (act > x) and ``below`` (act < x). act is the feature's own readout
+    (:meth:`steering.features.Feature.activation`: the units ``/v1/features/inspect`` reports)."""
+
+    feature: FeatureName
+    above: Number | None = None
+    below: Number | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Threshold:
+        if (self.above is None) == (self.below is None):
+            raise PydanticCustomError("threshold", "give exactly one of above and below")
+        return self
+
+    @property
+    def sign(self) -> float:
+        """+1 for ``above``, -1 for ``below``: the test is sign·(act − threshold) > 0."""
+        return 1.0 if self.above is not None else -1.0
+
+    @property
+    def threshold(self) -> float:
+        return float(self.above if self.above is not None else self.below)
+
+
+class Condition(Threshold):
+    """``when``: the entry steers a token only where this holds for that token."""
+
+
+class MonitorSpec(Threshold):
+    """Watch a feature on the generated tokens; report when it crosses, and with ``stop`` end
+    the generation at that token (``finish_reason: "content_filter"``)."""
+
+    action: Literal["flag", "stop"] = "flag"
 
 
 class FeatureSetting(_Spec):
@@ -95,6 +140,8 @@ class FeatureSetting(_Spec):
     """Dose in calibrated units (1.0 = the feature's calibration scale); ablate needs none."""
     mode: Mode | None = None
     """add, clamp, scale or ablate; default: the feature's own default mode."""
+    when: Condition | None = None
+    """Steer only the tokens where this condition holds (None: every token)."""
     _bare: bool = PrivateAttr(False)
 
     @model_validator(mode="wrap")
@@ -136,6 +183,8 @@ class VectorSpec(_Spec):
     mode: Mode = "add"
     target: Number | None = None
     """clamp: the activation (projection on the unit direction) to pin."""
+    when: Condition | None = None
+    """Steer only the tokens where this condition holds (None: every token)."""
 
 
 class SteeringSpec(_Spec):
@@ -148,8 +197,10 @@ class SteeringSpec(_Spec):
     """Which tokens are steered: all, the prompt's, or the generated ones."""
     return_activations: StrictBool = False
     """Report the steered features' activations per token after the op."""
+    monitors: Annotated[list[MonitorSpec], Field(max_length=MAX_MONITORS)] = Field(default_factory=list)
+    """Features watched on the generated tokens (a monitor needs no steering)."""
 
-    @field_validator("features", "vectors", mode="before")
+    @field_validator("features", "vectors", "monitors", mode="before")
     @classmethod
     def _null_is_empty(cls, value: Any, info: Any) -> Any:
         if value is None:
@@ -158,8 +209,8 @@ class SteeringSpec(_Spec):
 
     @property
     def empty(self) -> bool:
-        """Asks for nothing (no feature and no vector)."""
-        return not self.features and not self.vectors
+        """Asks for nothing (no feature, no vector, no monitor)."""
+        return not self.features and not self.vectors and not self.monitors
 
     @classmethod
     def parse(cls, payload: Any, prefix: str = "steering") -> SteeringSpec:
@@ -173,7 +224,7 @@ class SteeringSpec(_Spec):
 
 
 def merge(*layers: SteeringSpec | None) -> SteeringSpec | None:
-    """Later over earlier: features merged per name, vectors concatenated, ``apply_to`` and
+    """Later over earlier: features merged per name, vectors and monitors concatenated, ``apply_to`` and
     ``return_activations`` replaced where a later layer sets them. None when nothing is left."""
     out: SteeringSpec | None = None
     for layer in layers:
@@ -185,6 +236,7 @@ def merge(*layers: SteeringSpec | None) -> SteeringSpec | None:
         update: dict[str, Any] = {
             "features": {**out.features, **layer.features},
             "vectors": [*out.vectors, *layer.vectors],
+            "monitors": [*out.monitors, *layer.monitors],
         }
         for name in ("apply_to", "return_activations"):
             if name in layer.model_fields_set:

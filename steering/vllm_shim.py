@@ -9,7 +9,8 @@ Public extension points:
 
 Private ones (this is why it is a shim, and why vLLM is pinned):
 * after the model loads (and before vLLM traces and compiles it), each steered decoder layer's
-  ``forward`` is wrapped so it ends in the custom op ``steering::steer_``;
+  ``forward`` is wrapped so it ends in the custom op ``steering::steer_`` (:mod:`steering.sites`
+  finds the layers and the residual stream per family);
 * the model runner instance's ``execute_model`` and ``_prepare_inputs`` are replaced by wrappers
   that release finished requests and fill the per-token slot index (:func:`_hook_runner`); they
   read ``runner.input_batch``, ``runner.requests`` and ``num_computed_tokens_cpu``.
@@ -34,7 +35,8 @@ generation (``steering_take_unseated``) and fails that response (503 ``steering_
 an error event before ``[DONE]`` in a stream). See :mod:`steering.slots`.
 
 Collective RPCs for the API server: ``steering_readout`` (pop a readout), ``steering_drop_readout``
-(free it unread), ``steering_take_unseated`` and ``steering_stats``.
+(free it unread), ``steering_take_unseated``, ``steering_monitor_events`` (monitor results) and
+``steering_stats``.
 Supported: the V1 model runner (vLLM's default on CPU). Model Runner V2 is refused at start-up.
 """
 
@@ -42,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from typing import Any
 
 import numpy as np
@@ -50,22 +51,13 @@ import torch
 
 from steering.config import SteeringConfig
 from steering.runtime import SteeringRuntime, get_runtime, set_runtime
+from steering.sites import UnsupportedModelError, install_on_model  # noqa: F401  (model surgery)
 from steering.spec import SteeringError
 from steering.wire import EXTRA_ARGS_KEY, WireError, WireRecord
 
 logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "steering"
-SUPPORTED_LAYER_CLASSES = {
-    "LlamaDecoderLayer",
-    "MistralDecoderLayer",
-    "Qwen2DecoderLayer",
-    "Qwen3DecoderLayer",
-}
-
-
-class UnsupportedModelError(RuntimeError):
-    """Steering was asked of a model whose decoder layers we cannot steer."""
 
 
 def register() -> None:
@@ -137,6 +129,10 @@ def parse_spec_string(text: str) -> dict[str, Any]:
         raise SteeringError("experiments (and presets) are served by steer serve only, not "
                             "through vLLM's server", "steering.experiment",
                             "unsupported_parameter")
+    if obj.get("monitors"):
+        raise SteeringError("monitors are served by steer serve only: vLLM's server cannot report "
+                            "them (or end a generation with content_filter)", "steering.monitors",
+                            "unsupported_parameter")
     if obj.get("return_activations") is True:
         raise SteeringError("return_activations is served by steer serve only: vLLM's server "
                             "cannot return activations", "steering.return_activations",
@@ -169,52 +165,6 @@ class SpecCompiler:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return wire
-
-
-# -- model surgery ---------------------------------------------------------------------------
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    for path in ("model.layers", "language_model.model.layers", "model.language_model.layers"):
-        obj: Any = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise UnsupportedModelError(
-        f"steering: cannot find decoder layers in {type(model).__name__}; supported layer "
-        f"types: {sorted(SUPPORTED_LAYER_CLASSES)}"
-    )
-
-
-def _wrap_layer(layer: torch.nn.Module, index: int) -> None:
-    inner = layer.forward
-
-    def forward(self, *args, **kwargs):
-        hidden, residual = inner(*args, **kwargs)
-        torch.ops.steering.steer_(hidden, residual, index)
-        return hidden, residual
-
-    layer.forward = types.MethodType(forward, layer)
-
-
-def install_on_model(model: torch.nn.Module, cfg: SteeringConfig) -> list[int]:
-    """Wrap the steered decoder layers of ``model``; returns the layers wrapped on this rank."""
-    layers = _decoder_layers(model)
-    wrapped = []
-    for i in cfg.steered_layers(len(layers)):
-        layer = layers[i]
-        name = type(layer).__name__
-        if name == "PPMissingLayer":
-            continue  # another pipeline stage owns it
-        if name not in SUPPORTED_LAYER_CLASSES:
-            raise UnsupportedModelError(
-                f"steering: decoder layer type {name} is not supported (supported: "
-                f"{sorted(SUPPORTED_LAYER_CLASSES)}); start with --no-steering"
-            )
-        _wrap_layer(layer, i)
-        wrapped.append(i)
-    return wrapped
 
 
 # -- the worker mixin ------------------------------------------------------------------------
@@ -264,7 +214,7 @@ class _SteeringWorkerMixin:
             cfg, int(hf.hidden_size), num_layers,
             model_dir if os.path.isdir(str(model_dir)) else None))
         set_runtime(rt)
-        wrapped = install_on_model(model, cfg)
+        wrapped = install_on_model(model, cfg, num_layers, int(hf.hidden_size))
         _hook_runner(runner, rt, specs)
         logger.info(
             "steering: %d slots × %d features on layers %s (host gating %s; packs %s)",
@@ -287,6 +237,12 @@ class _SteeringWorkerMixin:
         rt = get_runtime()
         return [] if rt is None else rt.take_unseated(keys)
 
+    def steering_monitor_events(self, keys: list[str], final: bool = False):
+        """Monitor results of ``keys`` (API request ids) known to this worker: {key: [per monitor
+        {fired, first_token, peak}]}; ``final`` forgets them (the response is complete)."""
+        rt = get_runtime()
+        return {} if rt is None else rt.monitors.events(list(keys), bool(final))
+
     def steering_stats(self) -> dict[str, int]:
         rt = get_runtime()
         if rt is None:
@@ -301,6 +257,11 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
     """Wrap this runner instance's execute_model and _prepare_inputs (instance attributes)."""
     orig_execute = runner.execute_model
     orig_prepare = runner._prepare_inputs
+    orig_sample = runner._sample
+
+    def _sample(logits, *args, **kwargs):
+        rt.monitor_step.force_stops(logits)  # a stop monitor fired: that request samples EOS
+        return orig_sample(logits, *args, **kwargs)
 
     def execute_model(scheduler_output, *args, **kwargs):
         # Release first: a step that schedules no tokens still reports finished/aborted ids.
@@ -318,6 +279,7 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
         apply_to = np.zeros(num_reqs, dtype=np.int64)
         num_prompt = np.zeros(num_reqs, dtype=np.int64)
         readout: list[tuple[int, str]] = []
+        monitored: list[tuple[int, Any]] = []
         for i, rid in enumerate(batch.req_ids[:num_reqs]):
             rs = rt.requests.get(rid)
             state = runner.requests[rid]
@@ -330,6 +292,8 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
             num_prompt[i] = state.num_prompt_tokens
             if rs.readout_key is not None:
                 readout.append((i, rs))
+            if rs.monitor is not None:
+                monitored.append((i, rs.monitor))
         rt.begin_step(
             req_slots,
             apply_to,
@@ -337,11 +301,13 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
             batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64),
             num_prompt,
             readout,
+            monitored,
         )
         return out
 
     runner.execute_model = execute_model
     runner._prepare_inputs = _prepare_inputs
+    runner._sample = _sample
 
 
 def _seat(rt: SteeringRuntime, rid: str, sp, specs: SpecCompiler | None = None):
@@ -367,7 +333,10 @@ def _seat(rt: SteeringRuntime, rid: str, sp, specs: SpecCompiler | None = None):
     if wire is None:
         return None
     try:
-        return rt.admit(rid, wire)
+        rs = rt.admit(rid, wire)
+        if rs.monitor is not None:
+            rs.monitor.eos = getattr(sp, "eos_token_id", None)
+        return rs
     except Exception as exc:  # noqa: BLE001  (one request's problem must not stop the engine)
         logger.exception("steering: admitting %s failed", rid)
         return rt.refuse(rid, f"{type(exc).__name__}: {exc}", wire)

@@ -53,6 +53,9 @@ class WireRecord(BaseModel):
     """Where the worker files the readout (the API server's request id); None = the request id."""
     capture: tuple[int, ...] = ()
     """Layers whose steered residual stream is filed too (feature inspection)."""
+    monitors: dict[str, Any] | None = None
+    """:func:`steering.monitors.monitors_to_wire`: the request's monitors and the key (the API
+    server's request id) their report is kept under; None = not monitored."""
 
     @property
     def steers(self) -> bool:
@@ -67,6 +70,8 @@ class WireRecord(BaseModel):
             out["readout_key"] = self.readout_key
         if self.capture:
             out["capture"] = list(self.capture)
+        if self.monitors is not None:
+            out["monitors"] = self.monitors
         return {EXTRA_ARGS_KEY: out}
 
     @classmethod

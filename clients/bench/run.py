@@ -9,6 +9,9 @@ Parts (``--only`` picks some):
   server  TTFT / inter-token latency p50/p99 of S1–S3 vs a ``--no-steering`` server at several
           concurrencies, and S5: TTFT of inline base64 vectors vs named features (clients/bench/server.py)
   openmp  the plugin-free engine with vLLM's GNU OpenMP vs Intel's libiomp5 (STEER_CPU_OPENMP=intel)
+  monitor M1: a batch with half its requests monitored vs the same requests unmonitored, same
+          server, alternated rounds, ratio of medians (clients/bench/monitors.py; not in the default
+          set: ``--only monitor``)
 
 Each part runs in a child process (engines are torn down completely before the next part); only
 one engine runs at a time. ``--url``/``--api-key`` point the server part at a running steering
@@ -161,7 +164,23 @@ def _phase_openmp(spec: dict) -> dict:
     return run_openmp_comparison(c, log=_log)
 
 
-PHASES = {"engine": _phase_engine, "hf": _phase_hf, "server": _phase_server, "openmp": _phase_openmp}
+def _phase_monitor(spec: dict) -> dict:
+    s, model, url, api_key = spec["settings"], spec["model"], spec["url"], spec["api_key"]
+    from clients.bench.monitors import run_monitor_scenario
+    from clients.launch import local_server
+
+    kw = dict(batch=s["batch"], tokens=s["server_tokens"], rounds=s["repeats"], log=_log)
+    if url:
+        return run_monitor_scenario(url, {"Authorization": f"Bearer {api_key}"} if api_key else {}, **kw)
+    flags = ["--model", model, "--dtype", s["dtype"], "--max-model-len", "1024"]
+    if s["enforce_eager"]:
+        flags.append("--enforce-eager")
+    with local_server(flags) as srv:
+        return run_monitor_scenario(srv.url, srv.headers, **kw)
+
+
+PHASES = {"engine": _phase_engine, "hf": _phase_hf, "server": _phase_server, "openmp": _phase_openmp,
+          "monitor": _phase_monitor}
 
 
 def _log(msg: str) -> None:
@@ -211,6 +230,15 @@ def summarize(result: dict) -> list[dict]:
                               "separate part",
                      "value": ratio, "target": f">= {TARGETS['hf_ratio']}" if judged else "report",
                      "met": ratio >= TARGETS["hf_ratio"] if judged else None})
+    mon = result.get("monitor")
+    if mon:
+        rows.append({"claim": f"M1 tok/s, half the batch monitored ÷ same requests unmonitored "
+                              f"(batch {mon['batch']})", "value": mon["tok_s_ratio"], "target": "report",
+                     "met": None})
+        rows.append({"claim": "M1 monitored requests' ITL p50 ÷ same requests unmonitored",
+                     "value": mon["itl_p50_ratio"], "target": "report", "met": None})
+        rows.append({"claim": "M1 tok/s, median of per-round paired ratios",
+                     "value": mon["paired_tok_s_ratio"], "target": "report", "met": None})
     srv = result.get("server")
     if srv:
         s5 = srv["s5"]

@@ -210,17 +210,23 @@ def summarize_demo(rows: list[dict[str, Any]], names: list[str]) -> dict[str, di
     return out
 
 
-async def run_demo(client: DemoClient, cfg: DemoConfig) -> dict[str, Any]:
-    """Run the three variants for every prompt; the results as one JSON-ready dict."""
+async def demo_target(client: DemoClient, cfg: Any) -> tuple[str, dict[str, Any]]:
+    """A demo's model (``cfg.model`` or the server's) and its feature's catalog entry
+    (DemoError when there is no prompt or the server does not know the feature)."""
     if not cfg.prompts:
         raise DemoError("no prompts")
-    if cfg.max_tokens < 1:
-        raise DemoError("--max-tokens must be at least 1")
     model = cfg.model or await client.model()
     try:
-        info = await client.feature(cfg.feature)
+        return model, await client.feature(cfg.feature)
     except EvalError as e:
         raise DemoError(f"feature {cfg.feature!r}: {e}") from None
+
+
+async def run_demo(client: DemoClient, cfg: DemoConfig) -> dict[str, Any]:
+    """Run the three variants for every prompt; the results as one JSON-ready dict."""
+    if cfg.max_tokens < 1:
+        raise DemoError("--max-tokens must be at least 1")
+    model, info = await demo_target(client, cfg)
     feature = info["id"]
     scale = float((info.get("calibration") or {}).get("scale") or 1.0)
     scorer = scorer_for(feature)

@@ -7,7 +7,6 @@ parser reads them from ``DemoConfig()`` instead of repeating them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from clients.eval import demo
 from clients.eval.demo import DEFAULT_FEATURE, DEFAULT_PROMPTS, DemoConfig, DemoError, run_against
-from clients.eval.demo_view import print_table, render_html, screenshot
+from clients.eval.demo_view import screenshot, write_report
 from clients.eval.harness import DEFAULT_SERVE_ARGS, EvalError, load_prompts
 
 DEFAULTS = DemoConfig()
@@ -57,6 +56,9 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("--screenshot", default=None, metavar="PNG",
                    help="also render the report to PNG with headless Chromium (must be installed)")
     a.set_defaults(func=ablation_cmd)
+    from clients.eval.demo_monitor import add_monitor_parser
+
+    add_monitor_parser(sub)  # steer demo monitor
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -118,13 +120,7 @@ def ablation_cmd(args: argparse.Namespace) -> int:
         print(f"steer demo: cannot reach {args.url}: {e}", file=sys.stderr)
         return 2
     result["command"] = command
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(result), encoding="utf-8")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
-    print_table(result)
-    print(f"report: {out}", file=sys.stderr)
+    out = write_report(result, args.out, args.json_out)
     if args.screenshot:
         try:
             ok = screenshot(out, Path(args.screenshot))

@@ -8,6 +8,7 @@ and the summary numbers. The screenshot needs a headless Chromium on the PATH.
 from __future__ import annotations
 
 import shutil
+import sys
 import subprocess
 import tempfile
 from pathlib import Path
@@ -76,6 +77,22 @@ def render_html(result: dict[str, Any]) -> str:
 
 
 # --- PNG ----------------------------------------------------------------------------------------
+
+
+def write_report(result: dict[str, Any], out: str | Path, json_out: str | None,
+                 render_page=render_html, table=print_table) -> Path:
+    """A demo's HTML page to ``out`` (and its JSON to ``json_out``), its table to stdout; the
+    page's path. ``render_page``/``table`` default to the ablation demo's."""
+    import json
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_page(result), encoding="utf-8")
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    table(result)
+    print(f"report: {out}", file=sys.stderr)
+    return out
 
 
 def screenshot(html_path: Path, png_path: Path, width: int = 1400, height: int = 1800) -> bool:

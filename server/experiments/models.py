@@ -107,7 +107,7 @@ class NewPreset(_Model):
     def _steers_something(cls, spec: SteeringSpec) -> SteeringSpec:
         if spec.empty:
             raise PydanticCustomError("empty_steering",
-                                      "a preset must steer something (features or vectors)")
+                                      "a preset must steer or monitor something (features, vectors or monitors)")
         return spec
 
 

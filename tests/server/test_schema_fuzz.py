@@ -180,7 +180,7 @@ def test_every_body_is_documented_and_steering_fully_typed(tmp_path) -> None:
         assert steering["additionalProperties"] is False
         assert {"features", "vectors", "apply_to", "return_activations"} <= set(steering["properties"])
         vector = steering["properties"]["vectors"]["items"]
-        assert {"layer", "values", "base64", "scale", "mode", "target"} == set(vector["properties"])
+        assert {"layer", "values", "base64", "scale", "mode", "target", "when"} == set(vector["properties"])
         assert vector["required"] == ["layer"]
         assert "ablate" in str(steering["properties"]["features"]["additionalProperties"])
     seed = next(s for s in bodies["POST /v1/completions"]["properties"]["seed"]["anyOf"] if s.get("type") == "integer")

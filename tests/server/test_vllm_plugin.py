@@ -218,6 +218,8 @@ BAD = [
     (json.dumps({"experiment": "ab-test"}), "vllm_xargs.steering.experiment"),
     (json.dumps({"features": {"pirate": 1}, "return_activations": True}),
      "vllm_xargs.steering.return_activations"),
+    (json.dumps({"monitors": [{"feature": "pirate", "above": 1.0, "action": "stop"}]}),
+     "vllm_xargs.steering.monitors"),
     (json.dumps({"features": {"pirate": 1}, "colour": "red"}), "vllm_xargs.steering.colour"),
 ]
 

@@ -29,13 +29,15 @@ def test_wraps_only_the_steered_layers_and_keeps_outputs():
     assert "forward" in vars(m.model.layers[0]) and "forward" not in vars(m.model.layers[1])
 
 
-def test_unsupported_layer_type_is_refused_at_start():
-    class GPT2Block(torch.nn.Module):
+def test_layer_without_a_residual_stream_is_refused_at_its_first_call():
+    class GPT2Block(torch.nn.Module):  # any class is wrapped; its output decides (steering.sites)
         def forward(self, x):
-            return x
+            return {"hidden": x}
 
+    m = Model(GPT2Block)
+    install_on_model(m, SteeringConfig(), hidden_size=4)
     with pytest.raises(UnsupportedModelError, match="GPT2Block"):
-        install_on_model(Model(GPT2Block), SteeringConfig())
+        m.model.layers[0](torch.ones(2, 4))
 
 
 def test_model_without_decoder_layers_is_refused():
@@ -131,6 +133,7 @@ def test_spec_compiler_caches_and_refuses(bundled):
         (_json.dumps({"experiment": "ab"}), "steering.experiment"),
         (_json.dumps({"features": {"pirate": 1}, "return_activations": True}),
          "steering.return_activations"),
+        (_json.dumps({"monitors": [{"feature": "pirate", "above": 1.0}]}), "steering.monitors"),
     ]:
         with pytest.raises(SteeringError) as err:
             specs.wire(bad)

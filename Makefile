@@ -24,17 +24,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)
 
+# $(call apt_install,PACKAGE,NOTE): apt-get install PACKAGE when we are root and have apt-get,
+# else print NOTE (the targets below call it only when the tool is missing).
+apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(1); \
+	else \
+		echo "note: $(2)"; \
+	fi
+
 # PostgreSQL server binaries for the experiment-store tests (they start a throwaway cluster).
 # Installed with apt-get when missing and we are root; otherwise those tests are skipped.
 PG_CTL := $(firstword $(shell command -v pg_ctl 2>/dev/null) $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 postgres:
 ifeq ($(PG_CTL),)
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
-	else \
-		echo "note: PostgreSQL not found and not root: the PostgreSQL store tests will be skipped"; \
-	fi
+	@$(call apt_install,postgresql,PostgreSQL not found and not root: the PostgreSQL store tests will be skipped)
 endif
 
 model: install
@@ -69,12 +73,7 @@ endif
 CHROMIUM := $(firstword $(shell command -v chromium 2>/dev/null))
 chromium:
 ifeq ($(CHROMIUM),)
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; \
-	else \
-		echo "note: chromium not found and not root: install Debian's chromium (or set STEER_CHROMIUM)"; \
-	fi
+	@$(call apt_install,chromium,chromium not found and not root: install Debian's chromium (or set STEER_CHROMIUM))
 endif
 
 test-ui: install model chromium

@@ -35,12 +35,17 @@ def harmonic(concept: float | None, fluency: float | None) -> float | None:
     return 0.0 if concept + fluency == 0 else 2 * concept * fluency / (concept + fluency)
 
 
-def _condition(rows: list[Sample], scorer: str, base: dict[str, float], base_ppl: float | None,
-               seed: int) -> dict[str, Any]:
+def _prompt_means(rows: list[Sample], scorer: str) -> dict[str, float]:
+    """Prompt id → mean ``scorer`` score of its samples in ``rows``."""
     by_prompt: dict[str, list[float]] = {}
     for s in rows:
         by_prompt.setdefault(s.prompt_id, []).append(s.scores[scorer])
-    pm = per_prompt_means(by_prompt)
+    return per_prompt_means(by_prompt)
+
+
+def _condition(rows: list[Sample], scorer: str, base: dict[str, float], base_ppl: float | None,
+               seed: int) -> dict[str, Any]:
+    pm = _prompt_means(rows, scorer)
     mean, lo, hi = mean_ci(finite_values(pm.values()))
     ppls = finite_values([s.perplexity for s in rows])
     med = percentile(ppls, 50)
@@ -60,10 +65,7 @@ def compare_with_prompting(feature: str, scorer: str, cfg: EvalConfig, samples: 
     """The three conditions of ``feature`` (see the module docstring)."""
     budget = cfg.max_tokens_for(feature)
     unsteered = [s for s in samples if s.feature is None and s.condition == STEER and s.max_tokens == budget]
-    by_prompt: dict[str, list[float]] = {}
-    for s in unsteered:
-        by_prompt.setdefault(s.prompt_id, []).append(s.scores[scorer])
-    base = per_prompt_means(by_prompt)
+    base = _prompt_means(unsteered, scorer)
     base_ppl = percentile(finite_values([s.perplexity for s in unsteered]), 50)
     rows = {
         STEER: [s for s in samples if s.feature == feature and s.condition == STEER

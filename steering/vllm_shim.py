@@ -13,7 +13,10 @@ Private ones (this is why it is a shim, and why vLLM is pinned):
   finds the layers and the residual stream per family);
 * the model runner instance's ``execute_model`` and ``_prepare_inputs`` are replaced by wrappers
   that release finished requests and fill the per-token slot index (:func:`_hook_runner`); they
-  read ``runner.input_batch``, ``runner.requests`` and ``num_computed_tokens_cpu``.
+  read ``runner.input_batch``, ``runner.requests`` and ``num_computed_tokens_cpu``;
+* ``_sample`` (stop monitors) and ``_bookkeeping_sync``: on CPU, a seeded request whose sampled
+  token is discarded (a prefill chunk that is not the last) gets its generator state restored,
+  instead of vLLM's CUDA-only ``set_offset`` rewind, which raises on CPU and kills the engine.
 
 Requests carry their compiled program as a :class:`steering.wire.WireRecord` in
 ``SamplingParams.extra_args["steering"]`` (``steer serve``), or, through stock ``vllm serve`` with
@@ -258,10 +261,28 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
     orig_execute = runner.execute_model
     orig_prepare = runner._prepare_inputs
     orig_sample = runner._sample
+    orig_bookkeeping = runner._bookkeeping_sync
 
     def _sample(logits, *args, **kwargs):
         rt.monitor_step.force_stops(logits)  # a stop monitor fired: that request samples EOS
-        return orig_sample(logits, *args, **kwargs)
+        saved = _discarded_cpu_generators(runner)
+        out = orig_sample(logits, *args, **kwargs)
+        for gen, state in saved:  # the discarded sample never happened (see below)
+            gen.set_state(state)
+        return out
+
+    def _bookkeeping_sync(*args, **kwargs):
+        # vLLM rewinds a discarded sample's seeded generator with ``set_offset(get_offset() - 4)``
+        # (CUDA Philox offsets); a CPU generator has no offset and raises, which kills the engine
+        # whenever a seeded request's prefill is split across steps (concurrent long prompts).
+        # _sample restored those generators' states already: hide them from that loop.
+        batch = runner.input_batch
+        gens = batch.generators
+        batch.generators = {i: g for i, g in gens.items() if g.device.type != "cpu"}
+        try:
+            return orig_bookkeeping(*args, **kwargs)
+        finally:
+            batch.generators = gens
 
     def execute_model(scheduler_output, *args, **kwargs):
         # Release first: a step that schedules no tokens still reports finished/aborted ids.
@@ -308,6 +329,20 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
     runner.execute_model = execute_model
     runner._prepare_inputs = _prepare_inputs
     runner._sample = _sample
+    runner._bookkeeping_sync = _bookkeeping_sync
+
+
+def _discarded_cpu_generators(runner) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """(generator, state) of the CPU-seeded requests whose sample this step is discarded (a
+    prefill chunk that is not the last): restoring the state after sampling makes their next
+    real sample draw what it would have drawn without the chunking, as vLLM's CUDA rewind does."""
+    batch = runner.input_batch
+    out = []
+    for i in np.nonzero(runner.discard_request_mask.np[:batch.num_reqs])[0]:
+        gen = batch.generators.get(int(i))
+        if gen is not None and gen.device.type == "cpu":
+            out.append((gen, gen.get_state()))
+    return out
 
 
 def _seat(rt: SteeringRuntime, rid: str, sp, specs: SpecCompiler | None = None):

@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_parser(sub)
     from steering.packs.cli import add_pack_parser
 
-    add_pack_parser(sub)
+    from clients.eval.calibrate_cli import add_calibrate_parser
+
+    add_calibrate_parser(add_pack_parser(sub))
     from clients.ab.cli import add_ab_parser
 
     add_ab_parser(sub)

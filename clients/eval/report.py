@@ -33,6 +33,11 @@ def _fluent(m: dict[str, Any] | None) -> str:
     return f"{m['strength']:g} ({_f(m.get('diff'))}, p {_f(m.get('p_wilcoxon'), 2)})"
 
 
+def _unit(cal: dict[str, Any] | None) -> str:
+    """Strength 1 of the run in norm units: ``0.75 (effect)``; ``1 (norm)``."""
+    return "–" if not cal else f"{_f(cal['dose'], 2)} ({cal['method']})"
+
+
 def safe_name(feature: str) -> str:
     """A file name for a feature (``pack/L12:5`` → ``pack_L12_5``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", feature)
@@ -44,9 +49,9 @@ def markdown(result: dict[str, Any], png_prefix: str = "") -> str:
     strengths = [float(s) for s in cfg["strengths"]]
     feats = result["features"]
     lines = [
-        "| feature | layer | scorer (unit) | Δ at 1 [95% CI] | p (Wilcoxon) | d_z at 1 [95% CI] | ρ over doses "
+        "| feature | layer | 1 = (norm units) | scorer (unit) | Δ at 1 [95% CI] | p (Wilcoxon) | d_z at 1 [95% CI] | ρ over doses "
         "| ρ over samples | ppl ×, at 1 | rep. at 0 → 1 | bar | fluent up to (Δ, p) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, f in feats.items():
         st = f["strengths"]
@@ -56,7 +61,7 @@ def markdown(result: dict[str, Any], png_prefix: str = "") -> str:
         failed = [k for k, v in bar.items() if k != "pass" and v is False]
         verdict = "**pass**" if bar["pass"] else ("weak: " + ", ".join(failed) if failed else "–")
         lines.append(
-            f"| {name} | {_f(f.get('layer'))} | {f['scorer']} ({f['unit']}) | {_f(vs.get('diff'))}{_ci(vs.get('diff_ci95'))} "
+            f"| {name} | {_f(f.get('layer'))} | {_unit(f.get('calibration'))} | {f['scorer']} ({f['unit']}) | {_f(vs.get('diff'))}{_ci(vs.get('diff_ci95'))} "
             f"| {_f(vs.get('p_wilcoxon'), 2)} | {_f(vs.get('cohen_dz'), 2)}{_ci(vs.get('cohen_dz_ci95'))} "
             f"| {_f(f['spearman']['over_means']['rho'], 2)} | {_f(f['spearman']['over_samples']['rho'], 2)} "
             f"| {_f(one.get('ppl_ratio'), 2)} | {_f(zero.get('repetition_mean'), 2)} → {_f(one.get('repetition_mean'), 2)} "

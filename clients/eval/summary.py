@@ -90,6 +90,14 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
             "examples": examples}
 
 
+def strength_unit(cal: dict[str, Any]) -> dict[str, Any]:
+    """What strength 1 was in this run: the feature's scale, its method (``effect``: set by ``steer
+    pack calibrate``; ``norm``/None: the norm unit) and the dose in norm units (1 for the norm unit)."""
+    scale, norm = cal.get("scale"), cal.get("norm_scale")
+    return {"scale": scale, "method": cal.get("method") or "norm",
+            "dose": (scale / norm) if (scale and norm) else 1.0}
+
+
 def summarize_features(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every feature's summary, keyed by feature name (with its catalog layer/mode/pack)."""
     out = {}
@@ -100,6 +108,7 @@ def summarize_features(cfg: EvalConfig, samples: list[Sample], feature_info: dic
         summ["pack"] = info.get("pack")
         summ["tags"] = list(info.get("tags") or [])
         summ["mode"] = cfg.mode or info.get("default_mode", "add")
+        summ["calibration"] = strength_unit(info.get("calibration") or {})
         if cfg.baseline == PROMPT:
             summ["prompting"] = compare_with_prompting(feature, scorer, cfg, samples, seed=cfg.seed)
         out[feature] = summ

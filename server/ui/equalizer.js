@@ -110,7 +110,10 @@ async function search(event) {
       add.addEventListener("click", () => addFeature(hit));
       list.append(el("li", { dataset: { feature: hit.id } },
         add, el("strong", {}, hit.name), " ", el("span", { class: "pack" }, hit.pack || ""),
-        el("span", { class: "desc" }, hit.description || "")));
+        el("span", { class: "desc" }, hit.description || ""),
+        (hit.tags || []).includes("no-measured-effect")
+          ? el("span", { class: "evidence", title: "steer pack calibrate saw no effect on its concept" },
+               "no measured effect") : ""));
     }
   } catch (err) {
     showError(err, "search");

@@ -23,6 +23,7 @@ def _build_contrastive(a) -> int:
     p = build_contrastive(a.recipe, a.out, a.model, progress=not a.quiet)
     print(summary(p))
     print(p)
+    a.built_pack = p  # for a follow-up step (``steer`` calibrates it)
     return 0
 
 
@@ -39,6 +40,7 @@ def _train_sae(a) -> int:
     p = sae.train_sae(out=a.out, progress=not a.quiet, **opts)
     m = read_manifest(p)
     _print({"pack": str(p), "metrics": m.saes[0].metrics, "named": [f.name for f in m.features]})
+    a.built_pack = p  # for a follow-up step (``steer`` calibrates it)
     return 0
 
 
@@ -102,8 +104,9 @@ def _list(a) -> int:
     return 0 if all(r.get("ok") for r in rows) else 1
 
 
-def add_pack_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``pack`` and its subcommands; each sets ``func`` (call ``args.func(args)`` → exit code)."""
+def add_pack_parser(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add ``pack`` and its subcommands; each sets ``func`` (call ``args.func(args)`` → exit code).
+    Returns the subcommands, so ``steer`` can add the ones that need a server (``calibrate``)."""
     p = subparsers.add_parser("pack", help="build, import, export, validate and list feature packs")
     sub = p.add_subparsers(dest="pack_command", required=True)
 
@@ -172,7 +175,7 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     s.add_argument("paths", nargs="*")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_list)
-    return p
+    return sub
 
 
 def main(argv: Sequence[str] | None = None) -> int:

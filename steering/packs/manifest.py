@@ -47,6 +47,9 @@ SaeActivation = Literal["relu", "jumprelu", "topk"]
 SAE_ACTIVATIONS: tuple[str, ...] = get_args(SaeActivation)
 # The dose unit (see steering.packs.calibration): scale = DOSE_FRACTION × median ‖h‖ at the layer.
 DOSE_FRACTION = 0.25
+NO_EFFECT_TAG = "no-measured-effect"
+"""Tag ``steer pack calibrate`` gives a feature whose steering moved its scorer at no dose
+(search ranks it lower; the UI says so)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -181,7 +184,15 @@ class FeatureCalibration(_Open):
     """A feature's calibration: the strength unit and its measured activation statistics."""
 
     scale: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
-    """c: strength 1.0 means c activation units (the dose: DOSE_FRACTION × median ‖h‖)."""
+    """c: strength 1.0 means c activation units. Builders write the norm unit (DOSE_FRACTION ×
+    median ‖h‖); ``steer pack calibrate`` replaces it with the dose of a measured effect."""
+    method: Literal["norm", "effect"] | None = None
+    """How ``scale`` was set: ``effect`` (a measured dose, see ``effect``) or ``norm`` (the norm
+    unit: no scorer, or no measurable effect). None: as built, the norm unit."""
+    norm_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = None
+    """The norm unit, kept when ``steer pack calibrate`` set ``scale``; doses are multiples of it."""
+    effect: dict[str, Any] | None = None
+    """The measured curve (dose → score, Δ, p, perplexity ratio) and the chosen point."""
     p50: Number | None = None
     """Median act(h) over the calibration tokens (SAE latents: where active)."""
     p99: Number | None = None

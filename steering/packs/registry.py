@@ -23,7 +23,7 @@ import numpy as np
 
 from steering.features import AmbiguousFeature, Feature, UnknownFeature
 from steering.packs.format import SAE, Pack, load_pack
-from steering.packs.manifest import MANIFEST_FILE, PackError, site
+from steering.packs.manifest import MANIFEST_FILE, NO_EFFECT_TAG, PackError, site
 from steering.packs.tensors import model_fingerprint
 
 __all__ = ["PackRegistry", "model_fingerprint", "bundled_packs_dir", "discover_packs"]
@@ -270,6 +270,8 @@ class PackRegistry:
             for local in p.features:
                 e = self._entry(p, local)
                 sc = score_text(local, e["tags"], e["description"])
+                if NO_EFFECT_TAG in e["tags"]:  # its name promises a concept steering did not show
+                    sc *= 0.5
                 if sc > 0:
                     hits.append((sc, e["id"], e))
             if not include_latents:

@@ -262,6 +262,24 @@ def test_an_out_of_range_strength_shows_the_servers_error_at_its_slider(page, se
     assert error.inner_text() == ""
 
 
+def test_search_marks_features_whose_steering_showed_no_effect(page, server):
+    """``steer pack calibrate`` tagged golden_gate_latent ``no-measured-effect``: the results say
+    so next to it (and the server ranks it below the contrastive feature); the others are unmarked."""
+    hits = httpx.get(f"{server.url}/v1/features/search", params={"q": "golden gate", "limit": 12},
+                     headers=server.headers, timeout=30).json()["data"]
+    page.get_by_label("Search features").fill("golden gate")
+    page.get_by_label("Search features").press("Enter")
+    rows = page.locator("#search-results li")
+    rows.first.wait_for()
+    shown = rows.evaluate_all("""els => els.map(e => [e.dataset.feature,
+                                  !!e.querySelector('.evidence') && e.querySelector('.evidence').textContent])""")
+    assert [f for f, _ in shown] == [h["id"] for h in hits]
+    marked = {f for f, text in shown if text}
+    assert marked == {h["id"] for h in hits if "no-measured-effect" in h["tags"]}
+    assert "smollm2-sae-l12/golden_gate_latent" in marked and FEATURE not in marked
+    assert all(text == "no measured effect" for _, text in shown if text)
+
+
 def test_save_the_equalizer_as_a_preset_and_select_it(page, server):
     name = f"ui-{uuid.uuid4().hex[:8]}"
     _add_feature(page)

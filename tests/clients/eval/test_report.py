@@ -10,7 +10,7 @@ import pytest
 from clients.cli import build_parser
 from clients.eval import report
 from clients.eval.cli import parse_features, parse_strengths
-from clients.eval.harness import EvalConfig, EvalError, Prompt, Sample, load_prompts, steering_body
+from clients.eval.harness import DEFAULT_PROMPTS, EvalConfig, EvalError, Prompt, Sample, load_prompts, steering_body
 from clients.eval.scorers import SCORERS
 from clients.eval.summary import summarize_features
 
@@ -32,7 +32,9 @@ def result():
         samples.append(_sample("golden_gate", -1.0, i, "We went to the park.", 5.0))
         samples.append(_sample("golden_gate", 1.0, i, "The Golden Gate Bridge." if i < 10 else "A park.", 8.0))
         samples.append(_sample("golden_gate", 2.0, i, "The Golden Gate Bridge, San Francisco.", 20.0))
-    summ = summarize_features(cfg, samples, {"golden_gate": {"layer": 10, "pack": "smollm2-tone", "default_mode": "add"}})
+    summ = summarize_features(cfg, samples, {"golden_gate": {"layer": 10, "pack": "smollm2-tone", "default_mode": "add",
+                                                              "calibration": {"scale": 25.8, "norm_scale": 34.4,
+                                                                              "method": "effect"}}})
     return {"config": cfg.public(), "features": summ}
 
 
@@ -48,6 +50,7 @@ def test_summary_numbers(result):
     assert f["spearman"]["over_means"]["rho"] == pytest.approx(0.9486832980505138)
     assert f["bar"] == {"direction_p<0.01": True, "spearman>0.8": True, "ppl_ratio<=2": True, "pass": True}
     assert f["layer"] == 10 and f["mode"] == "add" and f["max_tokens"] == 64
+    assert f["calibration"] == {"scale": 25.8, "method": "effect", "dose": pytest.approx(0.75)}
     assert f["examples"]["1"] == "The Golden Gate Bridge."
     assert f["max_fluent"] == {"strength": 1.0, "ppl_ratio": pytest.approx(1.6), "diff": pytest.approx(10 / 12),
                                "p_wilcoxon": pytest.approx(2 / 2 ** 10)}
@@ -57,7 +60,7 @@ def test_report_files(result, tmp_path):
     paths = report.write(result, tmp_path)
     assert json.loads(paths["json"].read_text())["features"]["golden_gate"]["bar"]["pass"] is True
     md = paths["md"].read_text()
-    assert "| golden_gate | 10 | golden_gate (share of outputs) | 0.833" in md
+    assert "| golden_gate | 10 | 0.75 (effect) | golden_gate (share of outputs) | 0.833" in md
     assert "**pass**" in md and "[golden_gate](golden_gate.png)" in md
     assert "| 1 (0.833, p 0.002) |" in md  # fluent up to strength 1 (2 has 4× the perplexity)
 
@@ -91,7 +94,9 @@ def test_steering_body_and_prompt_set():
     assert steering_body("pirate", -0.5, "clamp") == {"features": {"pirate": {"strength": -0.5, "mode": "clamp"}}}
     prompts = load_prompts()
     assert len(prompts) >= 24 and len({p.prompt for p in prompts}) == len(prompts)
-    # Neutral: the shipped prompts trigger none of the topic / refusal scorers.
+    # Neutral: the shipped prompts (eval, calibration, held-out) trigger none of the topic / refusal scorers.
+    for name in ("calibration.jsonl", "heldout.jsonl"):
+        prompts += load_prompts(DEFAULT_PROMPTS.with_name(name))
     for p in prompts:
         for name in ("golden_gate", "pirate", "french", "refusal", "code"):
             assert SCORERS[name](p.prompt) == 0.0, (name, p.prompt)
@@ -116,6 +121,7 @@ def test_prompting_baseline_compares_the_three_conditions():
         samples.append(_cond_sample("prompt", 0.0, i, gg if i < 6 else park, 5.0))
         samples.append(_cond_sample("both", 1.0, i, gg, 15.0 if i % 2 else 9.0))
     summ = summarize_features(cfg, samples, {"golden_gate": {}})["golden_gate"]
+    assert summ["calibration"] == {"scale": None, "method": "norm", "dose": 1.0}  # no catalog record: the norm unit
     # The prompted samples stay out of the dose-response: strength 0 is the unsteered outputs only.
     assert summ["strengths"]["0"]["score_mean"] == 0.0 and summ["strengths"]["1"]["score_mean"] == pytest.approx(10 / 12)
     cmp = summ["prompting"]

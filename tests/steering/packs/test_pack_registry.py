@@ -8,6 +8,7 @@ import pytest
 from steering.config import SteeringConfig
 from steering.features import AmbiguousFeature, UnknownFeature
 from steering.packs import PackError, PackRegistry
+from steering.packs.manifest import NO_EFFECT_TAG
 from steering.request import SteeringCompiler, SteeringError
 
 
@@ -96,3 +97,13 @@ def test_registry_is_a_feature_source(registry):
     np.testing.assert_allclose(add, 0.5 * f.scale * f.unit_direction(), rtol=1e-6)
     with pytest.raises(SteeringError, match="ambiguous"):
         comp.compile({"features": {"formality": 1.0}})
+
+
+def test_search_ranks_a_feature_without_a_measured_effect_lower(pack_factory, fake_model):
+    """``steer pack calibrate`` tags a feature whose steering showed nothing; its name alone must not
+    put it first."""
+    a = pack_factory("zz", features=("pirate",), tags=("style",))
+    pack_factory("aa", features=("pirate",), tags=("style", NO_EFFECT_TAG))
+    hits = PackRegistry.from_paths([a.parent], fake_model).search("pirate")
+    assert [h["id"] for h in hits] == ["zz/pirate", "aa/pirate"]
+    assert hits[1]["score"] == pytest.approx(hits[0]["score"] / 2)

@@ -23,14 +23,30 @@ def test_bundled_packs_present():
     assert "smollm2-tone" in names
 
 
+def assert_calibrated(entry, scale):
+    """``steer pack calibrate`` ran: strength 1 is the chosen dose in norm units (effect), or the
+    norm unit itself (no measurable effect, tagged so)."""
+    cal = entry["calibration"]
+    u = 0.25 * cal["resid_norm_p50"]
+    assert cal["norm_scale"] == pytest.approx(u) and 10 < u < 60
+    chosen = cal["effect"]["chosen"]
+    assert chosen["dose"] in [r["dose"] for r in cal["effect"]["curve"]]
+    if cal["method"] == "effect":
+        assert scale == pytest.approx(chosen["dose"] * u) and chosen["status"] in ("effect", "weak")
+        assert "no-measured-effect" not in entry["tags"]
+    else:
+        assert cal["method"] == "norm" and scale == pytest.approx(u) and chosen["status"] == "none"
+        assert "no-measured-effect" in entry["tags"]
+    assert entry["evidence"]["steering"]["status"] == chosen["status"]
+
+
 def test_tone_pack(registry):
     feats = {f["name"]: f for f in registry.features(pack="smollm2-tone")}
     assert set(TONE) <= set(feats) and len(feats) >= 10
     for name in TONE:
         f = registry.resolve(name)
         assert f.name == f"smollm2-tone/{name}" and f.kind == "direction"
-        cal = feats[name]["calibration"]
-        assert 10 < f.scale < 60 and f.scale == pytest.approx(0.25 * cal["resid_norm_p50"])
+        assert_calibrated(registry.get(f.name), f.scale)
         assert np.isfinite(f.direction).all() and f.direction.shape == (576,)
         assert feats[name]["description"] and feats[name]["tags"]
     assert registry.search("pirate")[0]["id"] == "smollm2-tone/pirate"
@@ -50,6 +66,7 @@ def test_sae_pack(registry):
     assert f.kind == "sae" and f.layer == s["layer"]
     for e in registry.features(pack=s["pack"]):
         assert e["kind"] == "sae" and "evidence" in registry.get(e["id"])
+        assert_calibrated(registry.get(e["id"]), registry.resolve(e["id"]).scale)
 
 
 def test_bundled_constructor_matches_from_paths(registry):

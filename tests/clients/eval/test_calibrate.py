@@ -55,7 +55,16 @@ def test_config_is_checked():
 
 
 def _pack() -> dict:
-    return json.loads((bundled_packs_dir() / "smollm2-tone" / "pack.json").read_text())
+    """The bundled tone manifest as a build writes it (the norm unit, no calibration record)."""
+    pack = json.loads((bundled_packs_dir() / "smollm2-tone" / "pack.json").read_text())
+    for f in pack["features"]:
+        cal = f["calibration"]
+        cal["scale"] = DOSE_FRACTION * cal["resid_norm_p50"]
+        for k in ("method", "norm_scale", "effect"):
+            cal.pop(k, None)
+        f["tags"] = [t for t in f["tags"] if t != NO_EFFECT_TAG]
+        f.pop("evidence", None)
+    return pack
 
 
 def _curve(rows):
@@ -145,12 +154,14 @@ def test_a_real_calibration_writes_a_loadable_pack(server, tmp_path, capsys):
             assert cal == old[f.name].model_dump()["calibration"]
             continue
         eff = cal["effect"]
+        u = DOSE_FRACTION * old[f.name].calibration.resid_norm_p50
         assert [r["dose"] for r in eff["curve"]] == [0.0, 0.5, 1.0]
-        assert [r["strength"] for r in eff["curve"]] == [0.0, 0.5, 1.0]  # uncalibrated: dose = strength
+        # The bundled pack is calibrated already: doses are asked for in norm units again.
+        assert [r["strength"] for r in eff["curve"]] == pytest.approx(
+            [0.0, 0.5 * u / old[f.name].calibration.scale, u / old[f.name].calibration.scale], rel=1e-5)
         for r in eff["curve"][1:]:
             assert r["ppl_ratio"] > 0 and 0 <= r["p"] <= 1 and r["ppl_median"] > 1
         assert eff["chosen"]["dose"] in (0.5, 1.0) and f.name in table
-        u = DOSE_FRACTION * old[f.name].calibration.resid_norm_p50
         want = u if eff["chosen"]["status"] == NONE else eff["chosen"]["dose"] * u
         assert cal["scale"] == pytest.approx(want)
     rec = next(f for f in m.features if f.name == "pirate").calibration.effect["run"]

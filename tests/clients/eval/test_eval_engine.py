@@ -28,7 +28,7 @@ def prompts() -> list[Prompt]:
 
 @pytest.fixture(scope="module")
 def small_eval(server, prompts, tmp_path_factory):
-    cfg = dict(strengths=[0.0, 1.0], prompts=prompts, samples=1, max_tokens=40, seed=0, concurrency=16)
+    cfg = dict(strengths=[0.0, 1.0, 3.0], prompts=prompts, samples=1, max_tokens=40, seed=0, concurrency=16)
     result, samples = asyncio.run(evaluate(server.url, server.api_key,
                                            {"positivity": None, "golden_gate": None}, "smollm2-tone", cfg,
                                            progress=False))
@@ -41,7 +41,7 @@ def test_writes_json_markdown_and_pngs(small_eval):
     result, samples, paths = small_eval
     on_disk = json.loads(paths["json"].read_text())
     assert on_disk["features"].keys() == {"positivity", "golden_gate"}
-    assert on_disk["config"]["strengths"] == [0.0, 1.0] and on_disk["config"]["prompts"] == 6
+    assert on_disk["config"]["strengths"] == [0.0, 1.0, 3.0] and on_disk["config"]["prompts"] == 6
     assert on_disk["server"]["model"] == "SmolLM2-135M-Instruct"
     md = paths["md"].read_text()
     assert md.count("\n| positivity |") == 2 and md.count("\n| golden_gate |") == 2  # both tables
@@ -49,8 +49,8 @@ def test_writes_json_markdown_and_pngs(small_eval):
         png = paths[name].read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     lines = paths["samples"].read_text().splitlines()
-    # 6 unsteered (shared) + 6 per feature at strength 1.
-    assert len(lines) == len(samples) == 18
+    # 6 unsteered (shared) + 6 per feature at strengths 1 and 3.
+    assert len(lines) == len(samples) == 30
     assert {json.loads(x)["feature"] for x in lines} == {None, "positivity", "golden_gate"}
 
 
@@ -77,13 +77,17 @@ def test_same_seed_reproduces_the_baseline(server, prompts, small_eval):
 
 
 def test_positivity_and_golden_gate_move_their_scorers(small_eval):
+    """At their calibrated strengths: positivity (``effect``) moves at 1; golden_gate is ``weak``
+    (clear only beyond the fluency budget), so it is asked for more and must reach the topic at 3."""
     result, _, _ = small_eval
     pos = result["features"]["positivity"]["strengths"]
     gg = result["features"]["golden_gate"]["strengths"]
     assert pos["1"]["score_mean"] > pos["0"]["score_mean"] + 0.1, pos
     assert pos["1"]["vs_baseline"]["diff"] > 0.1
-    assert gg["1"]["score_mean"] > gg["0"]["score_mean"], gg
-    assert result["features"]["golden_gate"]["examples"]["1"] != result["features"]["golden_gate"]["examples"]["0"]
+    assert gg["3"]["score_mean"] > gg["0"]["score_mean"], gg
+    examples = result["features"]["golden_gate"]["examples"]
+    assert examples["1"] != examples["0"] and examples["3"] != examples["1"]
+    assert result["features"]["positivity"]["calibration"]["method"] == "effect"
 
 
 def test_unknown_feature_is_an_error(server, prompts):

@@ -66,7 +66,7 @@ def test_bundled_presets_listed_as_models(api):
     for p in ("formal", "friendly", "no-hedging", "pirate"):
         assert ids[f"{MODEL}:{p}"]["parent"] == MODEL
     presets = {p["name"]: p for p in client.get("/v1/presets", headers=AUTH).json()["data"]}
-    assert presets["pirate"]["steering"] == {"features": {"pirate": 1.0}}
+    assert presets["pirate"]["steering"] == {"features": {"pirate": 1.5}}
     assert presets["pirate"]["source"] == "file"
 
 

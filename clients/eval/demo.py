@@ -5,8 +5,10 @@ For each on-topic prompt three chat completions run through the real engine with
 * **baseline**  — no steering;
 * **ablated**   — ``{"mode": "ablate"}``: the feature's activation pinned to 0 at its layer, on every
   token (prompt and generated, ``apply_to: all``);
-* **amplified** — ``{"mode": "clamp", "strength": S}``: the activation pinned to S × the feature's
-  calibration scale on every token (S = ``--amplify``; 1.0 is a strong typical activation).
+* **amplified** — ``{"mode": "clamp"}``: the activation pinned to S × the feature's norm unit u
+  (0.25 × the median residual norm; S = ``--amplify``) on every token. In norm units, not in the
+  feature's calibrated strength units, so ``steer pack calibrate`` does not change what the demo
+  shows: the request's strength is S·u / scale.
 
 Each output is scored by the shared text scorer of the feature (:func:`clients.eval.scorers.scorer_for`)
 and read back with ``POST /v1/features/inspect``: the prompt and the output as one chat, run through
@@ -55,14 +57,16 @@ class Variant:
     steering: dict[str, Any] | None
 
 
-def variants(feature: str, amplify: float) -> list[Variant]:
-    """baseline / ablated / amplified for ``feature`` (its qualified name)."""
+def variants(feature: str, amplify: float, strength: float | None = None) -> list[Variant]:
+    """baseline / ablated / amplified for ``feature`` (its qualified name); the clamp's request
+    ``strength`` is ``amplify`` unless given (in the feature's units: S·u / scale)."""
+    strength = amplify if strength is None else strength
     return [
         Variant("baseline", "Baseline (no steering)", None),
         Variant("ablated", "Ablated (clamp to 0)",
                 {"features": {feature: {"mode": "ablate"}}, "apply_to": "all"}),
-        Variant("amplified", f"Amplified (clamp, strength {amplify:g})",
-                {"features": {feature: {"mode": "clamp", "strength": amplify}}, "apply_to": "all"}),
+        Variant("amplified", f"Amplified (clamp to {amplify:g} u)",
+                {"features": {feature: {"mode": "clamp", "strength": strength}}, "apply_to": "all"}),
     ]
 
 
@@ -228,9 +232,11 @@ async def run_demo(client: DemoClient, cfg: DemoConfig) -> dict[str, Any]:
         raise DemoError("--max-tokens must be at least 1")
     model, info = await demo_target(client, cfg)
     feature = info["id"]
-    scale = float((info.get("calibration") or {}).get("scale") or 1.0)
+    cal = info.get("calibration") or {}
+    scale = float(cal.get("scale") or 1.0)
+    unit = float(cal.get("norm_scale") or scale)  # u; = scale for a feature never calibrated
     scorer = scorer_for(feature)
-    vs = variants(feature, cfg.amplify)
+    vs = variants(feature, cfg.amplify, cfg.amplify * unit / scale)
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
     jobs = [_one(client, cfg, model, feature, p, cfg.seed + i, v, scorer, sem)
             for i, p in enumerate(cfg.prompts) for v in vs]
@@ -248,7 +254,7 @@ async def run_demo(client: DemoClient, cfg: DemoConfig) -> dict[str, Any]:
                     "description": info.get("description", ""), "scale": scale},
         "scorer": None if scorer is None else {"name": scorer.name, "description": scorer.description,
                                                 "unit": scorer.unit, "binary": scorer.binary},
-        "settings": {"amplify": cfg.amplify, "amplify_target": cfg.amplify * scale,
+        "settings": {"amplify": cfg.amplify, "amplify_target": cfg.amplify * unit,
                      "max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed},
         "variants": [{"name": v.name, "title": v.title, "steering": v.steering} for v in vs],

@@ -36,7 +36,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"(default: the shipped {DEFAULT_PROMPTS.name} for {DEFAULT_FEATURE}; required for other features)")
     a.add_argument("--limit-prompts", type=int, default=None, help="use only the first N prompts")
     a.add_argument("--amplify", type=float, default=d.amplify,
-                   help=f"clamp strength of the amplified variant, in calibration units (default: {d.amplify})")
+                   help=f"clamp target of the amplified variant, in norm units u (default: {d.amplify})")
     a.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"tokens per output (default: {d.max_tokens})")
     a.add_argument("--temperature", type=float, default=d.temperature, help=f"(default: {d.temperature})")
     a.add_argument("--top-p", type=float, default=d.top_p, help=f"(default: {d.top_p})")

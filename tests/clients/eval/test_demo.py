@@ -47,6 +47,9 @@ def test_variants_are_baseline_ablate_and_clamp_on_all_tokens():
     assert base.steering is None
     assert abl.steering == {"features": {"pack/f": {"mode": "ablate"}}, "apply_to": "all"}
     assert amp.steering == {"features": {"pack/f": {"mode": "clamp", "strength": 2.5}}, "apply_to": "all"}
+    # A calibrated feature (scale 0.5 u): amplify 1.5 u is strength 3 in its own units.
+    amp = variants("pack/f", 1.5, 3.0)[2]
+    assert amp.steering["features"]["pack/f"]["strength"] == 3.0 and amp.title == "Amplified (clamp to 1.5 u)"
 
 
 def test_summary_rates_and_means():

@@ -54,7 +54,7 @@ def calibrate_arguments(s: argparse.ArgumentParser) -> None:
                    help=f"tokens for length scorers (default: {d.long_max_tokens})")
     s.add_argument("--seed", type=int, default=d.seed)
     s.add_argument("--concurrency", type=int, default=d.concurrency)
-    s.add_argument("--dry-run", action="store_true", help="print the curves and choices; do not write the pack")
+    s.add_argument("--dry-run", action="store_true", help="print the chosen points; do not write the pack")
     s.add_argument("--url", default=None, help="a running server that serves this pack folder; default: start one")
     s.add_argument("--api-key", default=None)
     s.add_argument("--serve-args", default=DEFAULT_SERVE_ARGS,

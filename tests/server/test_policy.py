@@ -119,7 +119,7 @@ def test_presets_and_variants_are_vetted_protect_still_holds(api):
     client, state = api
     # A policy that denies pirate still lets the user call the admin's pirate preset.
     r = chat(client, USER, model=f"{MODEL}:pirate")
-    assert r.status_code == 200 and applied(r) == {"smollm2-tone/pirate": 1.0}
+    assert r.status_code == 200 and applied(r) == {"smollm2-tone/pirate": 1.5}
     r = chat(client, USER, model=f"{MODEL}:pirate", steering={"features": {"pirate": 0.5}})
     assert (r.status_code, r.json()["error"]["param"]) == (403, "steering.features.pirate")
     # An admin's preset that ablates refusal is vetted: the user may call it.
@@ -136,7 +136,7 @@ def test_presets_and_variants_are_vetted_protect_still_holds(api):
     assert client.post("/v1/experiments", headers=ADMIN, json={
         "name": "tone", "variants": [{"name": "pirate", "preset": "pirate", "control": True}]}).status_code == 200
     r = chat(client, USER, steering={"experiment": "tone"})
-    assert r.status_code == 200 and applied(r) == {"smollm2-tone/pirate": 1.0}
+    assert r.status_code == 200 and applied(r) == {"smollm2-tone/pirate": 1.5}
     # Inside an experiment a user key may add no steering at all (the variant is measured).
     r = chat(client, USER, steering={"experiment": "tone", "features": {"formality": 0.2}})
     assert (r.status_code, r.json()["error"]["code"]) == (403, "permission_denied")

@@ -36,7 +36,7 @@ from typing import Any
 from clients.eval.harness import PROMPTS_DIR, Client, EvalConfig, EvalError, Prompt, run_samples
 from clients.eval.scorers import scorer_for
 from clients.eval.summary import feature_summary, strength_key
-from steering.packs.manifest import DOSE_FRACTION, MANIFEST_FILE, NO_EFFECT_TAG, parse_manifest
+from steering.packs.manifest import MANIFEST_FILE, NO_EFFECT_TAG, norm_unit, parse_manifest
 
 CALIBRATION_PROMPTS = PROMPTS_DIR / "calibration.jsonl"
 EFFECT, WEAK, NONE = "effect", "weak", "none"
@@ -60,15 +60,6 @@ class CalibrationConfig:
         self.doses = sorted(set(self.doses))
         if not self.max_ppl_ratio > 1:
             raise EvalError("the perplexity budget must be above 1")
-
-
-def norm_unit(cal: dict[str, Any]) -> float | None:
-    """u of a feature's calibration record: the norm-based scale (None if it cannot be known)."""
-    if cal.get("norm_scale"):
-        return float(cal["norm_scale"])
-    if cal.get("resid_norm_p50"):
-        return DOSE_FRACTION * float(cal["resid_norm_p50"])
-    return None
 
 
 def choose(curve: Sequence[dict[str, Any]], cfg: CalibrationConfig) -> dict[str, Any]:

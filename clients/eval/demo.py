@@ -34,6 +34,7 @@ from typing import Any
 
 from clients.eval.harness import DEFAULT_SERVE_ARGS, PROMPTS_DIR, Client, EvalError, Prompt
 from clients.eval.scorers import Scorer, scorer_for
+from steering.packs.manifest import norm_unit
 
 DEFAULT_FEATURE = "golden_gate"
 DEFAULT_PROMPTS = PROMPTS_DIR / "demo_golden_gate.jsonl"
@@ -234,7 +235,7 @@ async def run_demo(client: DemoClient, cfg: DemoConfig) -> dict[str, Any]:
     feature = info["id"]
     cal = info.get("calibration") or {}
     scale = float(cal.get("scale") or 1.0)
-    unit = float(cal.get("norm_scale") or scale)  # u; = scale for a feature never calibrated
+    unit = norm_unit(cal) or scale  # u; = scale for a feature never calibrated
     scorer = scorer_for(feature)
     vs = variants(feature, cfg.amplify, cfg.amplify * unit / scale)
     sem = asyncio.Semaphore(max(1, cfg.concurrency))

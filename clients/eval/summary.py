@@ -15,6 +15,7 @@ from clients.eval.harness import PROMPT, STEER, EvalConfig, Sample
 from clients.eval.prompting import compare_with_prompting
 from clients.eval.scorers import SCORERS
 from server.stats import finite_values, mean_ci, paired_wilcoxon, per_prompt_means, percentile
+from steering.packs.manifest import norm_unit
 
 # Perplexities and scores may be None or NaN (a failed perplexity request, an empty output). The
 # eval drops them before a mean, CI or percentile, as its former private twins (_fin, _mean_ci, _q)
@@ -93,9 +94,9 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
 def strength_unit(cal: dict[str, Any]) -> dict[str, Any]:
     """What strength 1 was in this run: the feature's scale, its method (``effect``: set by ``steer
     pack calibrate``; ``norm``/None: the norm unit) and the dose in norm units (1 for the norm unit)."""
-    scale, norm = cal.get("scale"), cal.get("norm_scale")
+    scale, unit = cal.get("scale"), norm_unit(cal)
     return {"scale": scale, "method": cal.get("method") or "norm",
-            "dose": (scale / norm) if (scale and norm) else 1.0}
+            "dose": (scale / unit) if (scale and unit) else 1.0}
 
 
 def summarize_features(cfg: EvalConfig, samples: list[Sample], feature_info: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -72,6 +72,17 @@ def dose_scale(resid_norm_p50: float) -> float:
     return DOSE_FRACTION * float(resid_norm_p50)
 
 
+def norm_unit(cal: Mapping[str, Any]) -> float | None:
+    """u of a feature's calibration record (a manifest or catalog dict): ``norm_scale`` once
+    ``steer pack calibrate`` set the scale, else the dose unit of its ``resid_norm_p50``; None
+    when neither is recorded (imported control vectors, raw latents)."""
+    if cal.get("norm_scale"):
+        return float(cal["norm_scale"])
+    if cal.get("resid_norm_p50"):
+        return dose_scale(cal["resid_norm_p50"])
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # field types
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,11 @@ from argparse import Namespace
 import pytest
 
 from clients.eval.calibrate import (CALIBRATION_PROMPTS, EFFECT, NONE, WEAK, CalibrationConfig, apply, choose,
-                                    norm_unit, pack_features)
+                                    pack_features)
 from clients.eval.calibrate_cli import calibrate_cmd, run
 from clients.eval.harness import DEFAULT_PROMPTS, EvalError, load_prompts
 from steering.packs import bundled_packs_dir, load_pack
-from steering.packs.manifest import DOSE_FRACTION, NO_EFFECT_TAG, PackError, read_manifest
+from steering.packs.manifest import DOSE_FRACTION, NO_EFFECT_TAG, PackError, norm_unit, read_manifest
 
 CFG = CalibrationConfig(doses=[0.25, 0.5, 1.0], max_ppl_ratio=1.5, alpha=0.01)
 

@@ -263,26 +263,33 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
     orig_sample = runner._sample
     orig_bookkeeping = runner._bookkeeping_sync
 
+    restored: dict[int, Any] = {}  # batch index → CPU generator _sample rewound this step
+
     def _sample(logits, *args, **kwargs):
         rt.monitor_step.force_stops(logits)  # a stop monitor fired: that request samples EOS
         saved = _discarded_cpu_generators(runner)
         out = orig_sample(logits, *args, **kwargs)
-        for gen, state in saved:  # the discarded sample never happened (see below)
+        restored.clear()
+        for i, (gen, state) in saved.items():  # the discarded sample never happened (see below)
             gen.set_state(state)
+            restored[i] = gen
         return out
 
     def _bookkeeping_sync(*args, **kwargs):
         # vLLM rewinds a discarded sample's seeded generator with ``set_offset(get_offset() - 4)``
         # (CUDA Philox offsets); a CPU generator has no offset and raises, which kills the engine
         # whenever a seeded request's prefill is split across steps (concurrent long prompts).
-        # _sample restored those generators' states already: hide them from that loop.
+        # _sample restored those generators' states already: hide exactly them from that loop.
+        if not restored:
+            return orig_bookkeeping(*args, **kwargs)
         batch = runner.input_batch
         gens = batch.generators
-        batch.generators = {i: g for i, g in gens.items() if g.device.type != "cpu"}
+        batch.generators = {i: g for i, g in gens.items() if i not in restored}
         try:
             return orig_bookkeeping(*args, **kwargs)
         finally:
             batch.generators = gens
+            restored.clear()
 
     def execute_model(scheduler_output, *args, **kwargs):
         # Release first: a step that schedules no tokens still reports finished/aborted ids.
@@ -332,16 +339,16 @@ def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None)
     runner._bookkeeping_sync = _bookkeeping_sync
 
 
-def _discarded_cpu_generators(runner) -> list[tuple[torch.Generator, torch.Tensor]]:
+def _discarded_cpu_generators(runner) -> dict[int, tuple[torch.Generator, torch.Tensor]]:
     """(generator, state) of the CPU-seeded requests whose sample this step is discarded (a
     prefill chunk that is not the last): restoring the state after sampling makes their next
     real sample draw what it would have drawn without the chunking, as vLLM's CUDA rewind does."""
     batch = runner.input_batch
-    out = []
+    out = {}
     for i in np.nonzero(runner.discard_request_mask.np[:batch.num_reqs])[0]:
         gen = batch.generators.get(int(i))
         if gen is not None and gen.device.type == "cpu":
-            out.append((gen, gen.get_state()))
+            out[int(i)] = (gen, gen.get_state())
     return out
 
 

@@ -2,8 +2,15 @@
 
     my-pack/
       pack.json                  manifest (MANIFEST_FILE), typed in steering.packs.manifest
-      features.safetensors       per-feature tensors (FEATURES_FILE): "{name}.direction" [d],
-                                 and for SAE-kind features "{name}.encoder" [d]
+      features.safetensors       per-feature tensors (FEATURES_FILE), with n = len(layers)
+                                 (1 without ``layers``) and r = rank:
+                                   "{name}.direction"  [d]     readout direction (every feature)
+                                   "{name}.encoder"    [d]     sae features
+                                   "{name}.directions" [n, d]  direction features with layers:
+                                                               row i is written at layers[i]
+                                   "{name}.R" [n, r, d], "{name}.W" [n, r, d], "{name}.b" [n, r]
+                                                               lowrank features (R's rows
+                                                               orthonormal per layer)
       sae_{id}.safetensors       full SAE weights, if the pack has an SAE (SAE_FILE)
       sae_{id}.labels.json       per-latent labels / top contexts (SAE_LABELS_FILE)
 
@@ -23,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from steering.features import Feature
+from steering.features import Feature, LowRank
 from steering.packs.manifest import (
     FEATURES_FILE, FeatureEntry, ModelFingerprint, PackError, PackManifest, SaeEntry, dose_scale,
     read_manifest,
@@ -297,22 +304,52 @@ def _load_sae(files: _TensorFiles, s: SaeEntry, d: int) -> SAE:
                resid_norm_p50=s.calibration.resid_norm_p50 if s.calibration else None)
 
 
+ORTHONORMAL_TOL = 1e-3
+"""Largest |R_i R_iᵀ − I| entry a lowrank feature's R may have (float32 storage of an
+orthonormalised matrix is far inside it; an unnormalised one is far outside)."""
+
+
 def _load_feature(files: _TensorFiles, f: FeatureEntry, d: int) -> Feature:
     pack = files.pack
     t = files.get(FEATURES_FILE)
-    dkey, ekey = f"{f.name}.direction", f"{f.name}.encoder"
-    if dkey not in t:
-        raise PackError(pack, f"tensor {dkey!r} named by feature {f.name!r} is missing from {FEATURES_FILE}")
-    direction = t[dkey]  # [d]
-    if direction.shape != (d,) or not np.linalg.norm(direction) > 0:
-        raise PackError(pack, f"feature {f.name!r}: direction must be a nonzero [{d}] vector")
-    encoder = None
+    what = f"feature {f.name!r}"
+
+    def tensor(suffix: str, shape: tuple[int, ...], shape_text: str) -> np.ndarray:
+        key = f"{f.name}.{suffix}"
+        if key not in t:
+            raise PackError(pack, f"tensor {key!r} named by {what} is missing from {FEATURES_FILE}")
+        if t[key].shape != shape:
+            raise PackError(pack, f"{what}: {suffix} must be {shape_text}, not {list(t[key].shape)}")
+        return t[key]
+
+    direction = tensor("direction", (d,), f"a nonzero [{d}] vector")  # [d]
+    if not np.linalg.norm(direction) > 0:
+        raise PackError(pack, f"{what}: direction must be a nonzero [{d}] vector")
+    layers = tuple(f.layers) if f.layers is not None else ()
+    n = len(layers) or 1
+    encoder = directions = lowrank = None
     if f.kind == "sae":
-        if ekey not in t:
-            raise PackError(pack, f"tensor {ekey!r} named by feature {f.name!r} is missing from {FEATURES_FILE}")
-        encoder = t[ekey]  # [d]
-        if encoder.shape != (d,):
-            raise PackError(pack, f"feature {f.name!r}: encoder must be a [{d}] vector")
+        encoder = tensor("encoder", (d,), f"a [{d}] vector")  # [d]
+    elif f.kind == "direction" and layers:
+        directions = tensor("directions", (n, d), f"[{n}, {d}] (one row per layer of layers)")
+        if not np.all(np.linalg.norm(directions, axis=1) > 0):
+            raise PackError(pack, f"{what}: every row of directions must be nonzero")
+    elif f.kind == "lowrank":
+        r = int(f.rank)
+        R = tensor("R", (n, r, d), f"[{n}, {r}, {d}] (layers × rank × hidden size)")
+        W = tensor("W", (n, r, d), f"[{n}, {r}, {d}] (layers × rank × hidden size)")
+        b = tensor("b", (n, r), f"[{n}, {r}] (layers × rank)")
+        R64 = R.astype(np.float64)
+        off = np.abs(R64 @ R64.transpose(0, 2, 1) - np.eye(r)).max()  # R_i R_iᵀ − I, [n, r, r]
+        if not off <= ORTHONORMAL_TOL:
+            raise PackError(pack, f"{what}: the rows of R must be orthonormal per layer "
+                                  f"(|R Rᵀ − I| reaches {off:.3g} > {ORTHONORMAL_TOL:g})")
+        lowrank = LowRank(R=R, W=W, b=b)
+    if f.kind != "direction" or not layers:
+        key = f"{f.name}.directions"
+        if key in t:
+            raise PackError(pack, f"{what}: tensor {key!r} is only for direction features with layers")
     return Feature(name=f.name, layer=f.layer, kind=f.kind, direction=direction, encoder=encoder,
                    bias=f.bias, threshold=f.threshold, scale=f.calibration.scale,
-                   default_mode=f.default_mode, description=f.description)
+                   default_mode=f.default_mode, description=f.description, layers=layers,
+                   directions=directions, lowrank=lowrank)

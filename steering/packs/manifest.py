@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal, Mapping, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from steering.features import FeatureKind, Mode
+from steering.features import MAX_RANK, FeatureKind, Mode
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "pack.json"
@@ -238,8 +238,10 @@ class LatentSource(_Closed):
 
 
 class FeatureEntry(_Open):
-    """One named feature; its tensors are ``{name}.direction`` (and ``{name}.encoder``) in
-    FEATURES_FILE. Extra keys are kept: builders may add their own records."""
+    """One named feature; its tensors in FEATURES_FILE are ``{name}.direction`` (the readout
+    direction at ``layer``), ``{name}.encoder`` (``sae``), ``{name}.directions`` (a multi-layer
+    ``direction`` feature) and ``{name}.R``, ``{name}.W``, ``{name}.b`` (``lowrank``). Extra keys
+    are kept: builders may add their own records."""
 
     name: Annotated[str, _name("feature name")]
     """Local name, [A-Za-z0-9][A-Za-z0-9_.-]*; addressed as ``pack/name`` (or bare)."""
@@ -248,13 +250,22 @@ class FeatureEntry(_Open):
     tags: list[str] = []
     """Catalog tags (``?tag=`` filter, search)."""
     layer: Count
-    """Decoder layer whose output the feature reads and writes."""
+    """Decoder layer whose output the feature reads (conditions, monitors, inspect) and, unless
+    ``layers`` says more, writes."""
+    layers: list[Count] | None = None
+    """Layers the feature writes, sorted and unique, containing ``layer``; row i of its
+    ``{name}.directions`` (``direction``) or of its R, W, b (``lowrank``) acts at ``layers[i]``.
+    None = ``[layer]``. ``sae`` features write at ``layer`` only."""
     site: str | None = None
     """Hook site; must be ``blocks.{layer}.hook_resid_post`` when given."""
     kind: FeatureKind
-    """``direction`` (act = h·d̂) or ``sae`` (act = JumpReLU_θ(e·h + b))."""
+    """``direction`` (act = h·d̂), ``sae`` (act = JumpReLU_θ(e·h + b)) or ``lowrank`` (a rank-r
+    intervention h ← h + α·Rᵀ(W h + b − R h), read out as h·d̂)."""
+    rank: Positive | None = None
+    """r of a ``lowrank`` feature, 1..MAX_RANK (required for it, absent for other kinds); its
+    R and W are [n, r, d], its b [n, r]."""
     default_mode: Mode = "add"
-    """Mode when a request names only a strength."""
+    """Mode when a request names only a strength (``add`` for ``lowrank`` features)."""
     bias: Number = 0.0
     """b of an ``sae`` feature (0 for directions)."""
     threshold: Number = 0.0
@@ -354,6 +365,7 @@ class PackManifest(_Closed):
                 raise ValueError(f"duplicate feature name {f.name!r}")
             seen.add(f.name)
             _check_site(f"feature {f.name!r}", f.layer, f.site, fp.num_layers)
+            check_feature_shape(f, fp.num_layers)
         if self.features and FEATURES_FILE not in self.files:
             raise ValueError(f"{FEATURES_FILE} holds the features' tensors but is not listed in files")
         ids: set[str] = set()
@@ -390,6 +402,33 @@ def _check_site(what: str, layer: int, where: str | None, num_layers: int) -> No
         raise ValueError(f"{what} layer {layer} outside [0, {num_layers})")
     if where is not None and where != site(layer):
         raise ValueError(f"{what}: site must be {site(layer)!r}")
+
+
+def check_feature_shape(f: FeatureEntry, num_layers: int) -> None:
+    """The fields a feature's kind needs: its ``layers`` (sorted, unique, in [0, num_layers),
+    containing ``layer``; several only for ``direction`` and ``lowrank``) and a ``lowrank``
+    feature's ``rank`` (1..MAX_RANK) and default mode (add). ValueError naming the feature."""
+    what = f"feature {f.name!r}"
+    if f.layers is not None:
+        if f.layers != sorted(set(f.layers)):
+            raise ValueError(f"{what}: layers {f.layers} must be sorted and unique")
+        for layer in f.layers:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"{what}: layer {layer} of layers outside [0, {num_layers})")
+        if f.layer not in f.layers:
+            raise ValueError(f"{what}: layers {f.layers} must contain its readout layer {f.layer}")
+        if len(f.layers) > 1 and f.kind == "sae":
+            raise ValueError(f"{what}: an sae feature writes at its layer only (layers {f.layers})")
+    if f.kind == "lowrank":
+        if f.rank is None:
+            raise ValueError(f"{what}: a lowrank feature needs its rank")
+        if f.rank > MAX_RANK:
+            raise ValueError(f"{what}: rank {f.rank} exceeds the maximum {MAX_RANK}")
+        if f.default_mode != "add":
+            raise ValueError(f"{what}: a lowrank feature's default_mode must be add, not "
+                             f"{f.default_mode!r}")
+    elif f.rank is not None:
+        raise ValueError(f"{what}: rank is for lowrank features only (kind {f.kind!r})")
 
 
 # ---------------------------------------------------------------------------------------------

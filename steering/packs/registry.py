@@ -14,6 +14,7 @@ JSON-able data except :meth:`resolve` (a Feature) and :meth:`encode` (an array).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import re
 from pathlib import Path
@@ -165,10 +166,7 @@ class PackRegistry:
         if key in self._cache:
             return self._cache[key]
         if local in pack.features:
-            f = pack.features[local]
-            feat = Feature(name=key, layer=f.layer, kind=f.kind, direction=f.direction,
-                           encoder=f.encoder, bias=f.bias, threshold=f.threshold, scale=f.scale,
-                           default_mode=f.default_mode, description=f.description)
+            feat = dataclasses.replace(pack.features[local], name=key)
         else:
             sae, i = self._latent(pack, local)  # type: ignore[misc]
             feat = sae.latent_feature(i, key)
@@ -186,6 +184,10 @@ class PackRegistry:
              "layer": meta.layer, "site": meta.site or site(meta.layer),
              "kind": meta.kind, "default_mode": meta.default_mode,
              "calibration": meta.calibration.model_dump(exclude_unset=True)}
+        if meta.layers is not None and len(meta.layers) > 1:
+            e["layers"] = list(meta.layers)
+        if meta.rank is not None:
+            e["rank"] = meta.rank
         if full:
             e.update(meta.model_dump(include={"evidence", "source"} & meta.model_fields_set,
                                      exclude_unset=True))

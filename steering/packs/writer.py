@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from steering.packs.format import SAE
 from steering.packs.manifest import (
     FEATURES_FILE, MANIFEST_FILE, SAE_FILE, SAE_LABELS_FILE, SCHEMA_VERSION, FeatureEntry,
-    PackError, PackManifest, SaeEntry, describe_error, parse_manifest, site,
+    PackError, PackManifest, SaeEntry, check_feature_shape, describe_error, parse_manifest, site,
 )
 from steering.packs.tensors import save_tensors, sha256_file
 
@@ -65,8 +65,16 @@ class PackWriter:
                     tags: Iterable[str] = (), default_mode: str = "add",
                     encoder: np.ndarray | None = None, bias: float = 0.0, threshold: float = 0.0,
                     evidence: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
-        """Add a named feature; ``extra`` holds builder records kept in its manifest entry."""
+                    extra: dict[str, Any] | None = None, layers: Iterable[int] | None = None,
+                    directions: np.ndarray | None = None,
+                    lowrank: dict[str, np.ndarray] | None = None) -> None:
+        """Add a named feature; ``extra`` holds builder records kept in its manifest entry.
+
+        ``direction`` [d] is the readout direction at ``layer``. A feature that writes at several
+        layers gives ``layers`` (sorted, containing ``layer``) and, for kind ``direction``,
+        ``directions`` [n, d] (row i written at ``layers[i]``). Kind ``lowrank`` gives
+        ``lowrank={"R": [n, r, d], "W": [n, r, d], "b": [n, r]}`` (n = len(layers), 1 without;
+        R's rows orthonormal per layer); its rank is taken from R."""
         if any(f.name == name for f in self.manifest.features):
             raise PackError(self.name, f"duplicate feature name {name!r}")
         entry: dict[str, Any] = {
@@ -74,18 +82,37 @@ class PackWriter:
             "site": site(layer), "kind": kind, "default_mode": default_mode,
             "bias": float(bias), "threshold": float(threshold), "calibration": calibration,
         }
+        if layers is not None:
+            entry["layers"] = [int(x) for x in layers]
+        if kind == "lowrank":
+            if lowrank is None or set(lowrank) != {"R", "W", "b"}:
+                raise ValueError('a lowrank feature needs lowrank={"R": ..., "W": ..., "b": ...}')
+            entry["rank"] = int(np.shape(lowrank["R"])[-2])
         if evidence:
             entry["evidence"] = evidence
         if source:
             entry["source"] = source
         if extra:
             entry.update(extra)
-        self.manifest.features.append(self._entry(FeatureEntry, entry, "features"))
-        self._feature_tensors[f"{name}.direction"] = np.asarray(direction, np.float32)
+        fe = self._entry(FeatureEntry, entry, "features")
+        try:
+            check_feature_shape(fe, self.manifest.model.fingerprint.num_layers)
+        except ValueError as e:
+            raise PackError(self.name, str(e)) from None
+        tensors = {"direction": direction}
         if kind == "sae":
             if encoder is None:
                 raise ValueError("an sae feature needs an encoder")
-            self._feature_tensors[f"{name}.encoder"] = np.asarray(encoder, np.float32)
+            tensors["encoder"] = encoder
+        if kind == "direction" and layers is not None:
+            if directions is None:
+                raise ValueError("a direction feature with layers needs directions [n, d]")
+            tensors["directions"] = directions
+        if kind == "lowrank":
+            tensors.update(lowrank)
+        self.manifest.features.append(fe)
+        for k, v in tensors.items():
+            self._feature_tensors[f"{name}.{k}"] = np.asarray(v, np.float32)
 
     def add_sae(self, sae: SAE, info: dict[str, Any] | None = None,
                 labels: dict[str, Any] | None = None) -> None:

@@ -479,7 +479,8 @@ async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]
 
     One entry per (token position, layer): ``features`` maps each steered feature (or
     ``vectors[i]``) at that layer to act(h) after the op. Clamp/scale/ablate entries are read by
-    the op itself; add-mode features from the captured stream."""
+    the op itself; add-mode and lowrank features from the captured stream at their readout
+    layer."""
     compiled = job.compiled
     if compiled is None or not compiled.return_activations:
         return None
@@ -497,7 +498,8 @@ async def steering_activations(state: AppState, job: Job) -> list[dict[str, Any]
     for kind, layer, pos, values in records:
         feats = rows.setdefault((pos, layer), {})
         if kind == "act":
-            feats.update(zip(compiled.entry_labels.get(layer, []), values))
+            feats.update((name, v) for name, v in zip(compiled.entry_labels.get(layer, []), values)
+                         if name is not None)  # None: a lowrank row, read as a probe below
         else:
             for name, feat in compiled.probes:
                 if feat.layer == layer:

@@ -8,6 +8,9 @@ A program is pure data (numpy float32): per steered layer an additive vector and
     x    ← x + (α_k·act_k + β_k)·d_k
 
 which expresses every mode: clamp (α=-1, β=t), scale (α=s-1, β=0), ablate (α=-1, β=0).
+A rank-r (``lowrank``, LoReFT) feature is r linear entries per layer: with e_k = W_k − R_k,
+b_k, d_k = R_k, α = s·c, β = 0 they sum to α·Rᵀ(W x + b − R x); its ablation is e_k = d_k = R_k,
+α = -1 (x − RᵀR x). All entries of a layer read the same x, so the sum is exact.
 The additive vector is applied first, so a clamp holds even when an add shares its layer.
 
 An entry may be *conditioned*: ``cond_k`` = c > 0 names the program's condition c (1-based;

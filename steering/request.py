@@ -7,10 +7,19 @@ act(h) the feature's activation and c its calibration scale (1 for raw vectors):
     clamp:  h ← h + (t − act(h))·d   (t = s·c, or `target` for raw vectors)
     scale:  h ← h + (s − 1)·act(h)·d
     ablate: clamp to 0
-With ``when`` (a condition on a named feature at a layer at or before L) an entry steers only
-the tokens where the condition holds; a conditional add becomes an entry (α = 0, β = 1, d = the
-vector) so it can be gated. Monitors compile to readout tests carried beside the program. See
-:mod:`steering.monitors` for both.
+A multi-layer feature (``Feature.layers``) does this at each of its layers L_i with one strength:
+d̂_i = directions[i]/‖directions[i]‖ and the dose scaled by g_i = ‖directions[i]‖/‖direction‖
+(add: h ← h + s·c·directions[i]/‖direction‖; clamp target t_i = s·c·g_i). A ``lowrank`` feature
+(LoReFT) does at each of its layers
+    add:    h ← h + α·Rᵀ(W h + b − R h),  α = s·c     (r linear entries: enc W_k − R_k, bias b_k,
+                                                        dec R_k, α, β = 0)
+    ablate: h ← h − RᵀR h                              (r entries: enc = dec = R_k, α = −1, β = 0)
+and has no clamp or scale (a 400). Strength 0 adds exactly nothing (α = 0, β = 0).
+With ``when`` (a condition on a named feature at a layer at or before L, or before a multi-layer
+feature's first layer) an entry steers only the tokens where the condition holds; a conditional
+add becomes an entry (α = 0, β = 1, d = the vector) so it can be gated. Monitors compile to
+readout tests carried beside the program. See :mod:`steering.monitors` for both. Conditions,
+monitors and readouts read a feature at its readout layer ``Feature.layer``.
 Only the delta is added: an SAE's reconstruction error never enters the stream.
 The spec's shape is checked by pydantic (:mod:`steering.spec`); here the checks that need the
 engine (layers, hidden size, bounds, feature names, the fields a mode needs). Any invalid field
@@ -87,10 +96,12 @@ class CompiledSteering:
     applied: list[dict[str, Any]] = field(default_factory=list)
     capture: tuple[int, ...] = ()
     """Layers whose steered residual stream is read back too (feature inspection)."""
-    entry_labels: dict[int, list[str]] = field(default_factory=dict)
-    """Per layer, the feature/vector behind each clamp/scale/ablate entry, in table order."""
+    entry_labels: dict[int, list[str | None]] = field(default_factory=dict)
+    """Per layer, the feature/vector behind each entry, in table order; None for an entry whose
+    act is no feature's activation (the rows of a lowrank feature)."""
     probes: list[tuple[str, Feature]] = field(default_factory=list)
-    """Add-mode named features whose act(h) is computed from the captured stream on readout."""
+    """Named features whose act(h) is computed from the captured stream at their readout layer on
+    readout: unconditioned adds (they place no entry) and lowrank features."""
     salt: str | None = None
     """Overrides the prefix-cache salt (inspect requests use a unique one)."""
     monitors: list[MonitorProgram] = field(default_factory=list)
@@ -218,24 +229,25 @@ class SteeringCompiler:
 
         program = SteeringProgram(hidden_size=self.hidden_size)
         applied: list[dict[str, Any]] = []
-        labels: dict[int, list[str]] = {}
+        labels: dict[int, list[str | None]] = {}
         probes: list[tuple[str, Feature]] = []
         for name, setting in spec.features.items():
+            placed = _entry_counts(program)
             item, feat = self._feature(program, name, setting)
             applied.append(item)
-            if item["mode"] == "add" and "when" not in item:
+            # a lowrank feature's rows read no activation of it: its readout is a probe's
+            label = None if feat.kind == "lowrank" else item["feature"]
+            if not _label_entries(program, placed, label, labels) or label is None:
                 probes.append((item["feature"], feat))
-            else:
-                labels.setdefault(item["layer"], []).append(item["feature"])
         for i, vector in enumerate(spec.vectors):
-            item = self._vector(program, i, vector, factor)
-            applied.append(item)
-            if item["mode"] != "add" or "when" in item:
-                labels.setdefault(item["layer"], []).append(f"vectors[{i}]")
+            placed = _entry_counts(program)
+            applied.append(self._vector(program, i, vector, factor))
+            _label_entries(program, placed, f"vectors[{i}]", labels)
         for layer, lp in program.layers.items():
             if lp.num_entries > self.cfg.max_features:
                 raise SteeringError(
-                    f"{lp.num_entries} clamp/scale/ablate entries at layer {layer} exceed the "
+                    f"{lp.num_entries} clamp/scale/ablate entries at layer {layer} (a conditioned "
+                    f"add and each row of a lowrank feature count as one) exceed the "
                     f"server maximum {self.cfg.max_features} (--max-steered-features)",
                     "steering",
                 )
@@ -270,30 +282,63 @@ class SteeringCompiler:
             strength = 0.0
         where = param if setting.bare else f"{param}.strength"
         s = _bounded(strength, self.cfg.max_strength, where, "strength")
-        layer = self._check_layer(feat.layer, param)
-        item: dict[str, Any] = {"feature": feat.name, "layer": layer, "mode": mode, "strength": s}
+        if feat.kind == "lowrank" and mode in ("clamp", "scale"):
+            raise SteeringError(
+                f"feature {feat.name!r} is a rank-{feat.lowrank.rank} lowrank intervention: it has "
+                f"no single activation to {mode}; use add (its trained edit at strength s) or "
+                f"ablate (remove its subspace)", f"{param}.mode")
+        layers = [self._check_layer(L, param) for L in feat.steered_layers()]
+        item: dict[str, Any] = {"feature": feat.name, "layer": feat.layer}
+        if len(layers) > 1:
+            item["layers"] = layers
+        item.update(mode=mode, strength=s)
         cond = 0
-        if setting.when is not None:
-            cond = self._condition(program, setting.when, layer, f"{param}.when")
+        if setting.when is not None:  # read before the feature's first write
+            cond = self._condition(program, setting.when, layers[0], f"{param}.when")
             item["when"] = self._threshold_summary(setting.when)
-        self._place(program.at(layer), feat, mode, s, cond)
+        self._place(program, feat, mode, s, cond)
         return item, feat
 
     @staticmethod
-    def _place(lp, feat: Feature, mode: Mode, s: float, cond: int = 0) -> None:
-        unit = feat.unit_direction()
+    def _place(program: SteeringProgram, feat: Feature, mode: Mode, s: float, cond: int = 0) -> None:
+        """Write ``feat`` at strength ``s`` into ``program``, one :class:`FeaturePart` per layer.
+
+        Semantics (c = feat.scale; per part: d̂_i, gain g_i, or R_i, W_i, b_i [r, d]):
+            add:    x ← x + s·c·g_i·d̂_i                (an entry 0·act + 1 when conditioned)
+            clamp:  x ← x + (s·c·g_i − act_i(x))·d̂_i    scale: x ← x + (s − 1)·act_i(x)·d̂_i
+            ablate: clamp to 0
+            lowrank add:    x ← x + α·R_iᵀ(W_i x + b_i − R_i x), α = s·c: per row k an entry
+                            enc = W_ik − R_ik, bias = b_ik, linear, dec = R_ik, α, β = 0
+            lowrank ablate: x ← x − R_iᵀR_i x: per row k enc = dec = R_ik, α = −1, β = 0
+        act_i is the feature's readout (:meth:`Feature.activation`) with d̂_i in place of d̂.
+        A single-layer feature has g = 1 and d̂_0 = d̂: its entries are those of one direction."""
         c = feat.scale
-        if mode == "add" and not cond:
-            lp.add_vector(s * c * unit)
-            return
-        enc, bias, theta, rectify = _readout(feat)
-        kw = dict(bias=bias, theta=theta, rectify=rectify, cond=cond)
-        if mode == "add":  # gated: an entry whose coefficient is 0·act + 1 (its readout is act)
-            lp.add_entry(enc, s * c * unit, alpha=0.0, beta=1.0, **kw)
-            return
-        dec = feat.direction if feat.kind == "sae" else unit
-        alpha, beta = {"clamp": (-1.0, s * c), "scale": (s - 1.0, 0.0), "ablate": (-1.0, 0.0)}[mode]
-        lp.add_entry(enc, dec, alpha=alpha, beta=beta, **kw)
+        for part in feat.parts():
+            lp = program.at(part.layer)
+            if part.R is not None:
+                R, W, b = (np.asarray(a, dtype=np.float64) for a in (part.R, part.W, part.b))  # [r, d], [r, d], [r]
+                for k in range(R.shape[0]):
+                    if mode == "add":
+                        lp.add_entry(W[k] - R[k], R[k], alpha=s * c, beta=0.0, bias=b[k], cond=cond)
+                    else:  # ablate (clamp and scale are refused by _feature)
+                        lp.add_entry(R[k], R[k], alpha=-1.0, beta=0.0, cond=cond)
+                continue
+            unit, g = part.unit, part.gain  # [d], dose of this layer per unit of strength
+            if mode == "add" and not cond:
+                lp.add_vector(s * c * g * unit)
+                continue
+            if feat.kind == "sae":
+                enc, bias, theta, rectify = _readout(feat)
+            else:
+                enc, bias, theta, rectify = unit, 0.0, 0.0, False
+            kw = dict(bias=bias, theta=theta, rectify=rectify, cond=cond)
+            if mode == "add":  # gated: an entry whose coefficient is 0·act + 1 (its readout is act)
+                lp.add_entry(enc, s * c * g * unit, alpha=0.0, beta=1.0, **kw)
+                continue
+            dec = feat.direction if feat.kind == "sae" else unit
+            alpha, beta = {"clamp": (-1.0, s * c * g), "scale": (s - 1.0, 0.0),
+                           "ablate": (-1.0, 0.0)}[mode]
+            lp.add_entry(enc, dec, alpha=alpha, beta=beta, **kw)
 
     def _resolve(self, name: str, param: str) -> Feature:
         if self.features is None:
@@ -323,12 +368,13 @@ class SteeringCompiler:
                                       threshold=f32(threshold), sign=spec.sign)
 
     def _condition(self, program: SteeringProgram, when: Condition, layer: int, param: str) -> int:
+        """The condition's index in ``program``; ``layer`` is the first layer it gates."""
         feat, test = self._test(when, param)
         if feat.layer > layer:
             raise SteeringError(
                 f"the condition's feature {feat.name!r} is read at layer {feat.layer}, after the "
-                f"steered layer {layer}: a condition must be read at or before the layer it steers",
-                f"{param}.feature")
+                f"steered layer {layer}: a condition must be read at or before the (first) layer "
+                f"it steers", f"{param}.feature")
         return program.condition(test)
 
     @staticmethod
@@ -429,6 +475,23 @@ class SteeringCompiler:
         else:  # ablate
             lp.add_entry(unit, unit, alpha=-1.0, beta=0.0, cond=cond)
         return out
+
+
+def _entry_counts(program: SteeringProgram) -> dict[int, int]:
+    """Entries per layer so far (before a feature or vector is placed)."""
+    return {layer: lp.num_entries for layer, lp in program.layers.items()}
+
+
+def _label_entries(program: SteeringProgram, before: dict[int, int], label: str | None,
+                   labels: dict[int, list[str | None]]) -> int:
+    """Label the entries placed since ``before`` (table order per layer); how many there were."""
+    n = 0
+    for layer, lp in program.layers.items():
+        new = lp.num_entries - before.get(layer, 0)
+        if new:
+            labels.setdefault(layer, []).extend([label] * new)
+            n += new
+    return n
 
 
 def _readout(feat: Feature) -> tuple[np.ndarray, float, float, bool]:

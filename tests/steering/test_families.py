@@ -8,8 +8,9 @@ tokenizer) one ``steer serve --enforce-eager`` engine serves:
   (:func:`steering.hf.hf_steering`), and logprobs within ``LOGPROB_TOL``;
 * steered and unsteered requests in one batch give what each gives alone.
 Gemma 2 also serves a Gemma Scope–format SAE (SAELens layout, JumpReLU) imported with
-``steer pack import-saelens``, whose latent clamp equals the reference; Qwen3-MoE runs with
-tensor parallel 2 too.
+``steer pack import-saelens``, whose latent clamp equals the reference, and a pack with a lowrank
+(LoReFT) and a multi-layer feature, which equal the reference too; Qwen3-MoE runs with tensor
+parallel 2 too.
 
 Which families run: ``CI_FAMILIES`` by default, ``STEER_TEST_FAMILIES`` (``all`` or a comma
 list) otherwise.
@@ -198,6 +199,27 @@ def import_pack(sae_dir: Path, model_dir: Path, out: Path) -> Path:
     return out
 
 
+def kinds_pack(fam: Family, out: Path) -> Path:
+    """A pack ``tiny-kinds`` for ``fam`` with a lowrank feature ``lora`` (rank 2 at layers 0 and
+    2, read out at 0) and a multi-layer direction ``multi`` (every layer, read out at 1), sized
+    to the model's stream so that strength 1 changes the output."""
+    from steering.packs import PackWriter, model_fingerprint
+
+    rng = np.random.default_rng(28)
+    w = PackWriter("tiny-kinds", "0.1.0", model_fingerprint(fam.folder))
+    layers = [0, N_LAYERS - 1]
+    R = np.stack([np.linalg.qr(rng.standard_normal((D, 2)))[0].T for _ in layers])  # [2, 2, d]
+    b = np.stack([rng.standard_normal(2) * fam.norms[L] for L in layers])  # [2, 2]
+    w.add_feature("lora", layer=0, kind="lowrank", direction=R[0, 0], layers=layers,
+                  lowrank={"R": R, "W": rng.standard_normal((2, 2, D)) * 0.05, "b": b},
+                  calibration={"scale": 1.0})
+    units = np.stack([fam.unit(30 + L) for L in range(N_LAYERS)])  # [n, d]
+    w.add_feature("multi", layer=1, kind="direction", direction=units[1], layers=range(N_LAYERS),
+                  directions=units * np.array([[1.0], [0.5], [2.0]]),
+                  calibration={"scale": 1.5 * fam.norms[1]})
+    return w.write(out)
+
+
 @pytest.fixture(scope="module", params=TESTED)
 def fam(request, tiny_root):
     folder = build(request.param, tiny_root / request.param, _tokenizer_dir())
@@ -206,7 +228,8 @@ def fam(request, tiny_root):
     if request.param == "gemma2":
         sae = saelens_sae(family, tiny_root / "gemma-scope-sae")
         family.pack = import_pack(sae, folder, tiny_root / "tiny-scope")
-        extra = ("--feature-pack", str(family.pack))
+        family.kinds_pack = kinds_pack(family, tiny_root / "tiny-kinds")
+        extra = ("--feature-pack", str(family.pack), "--feature-pack", str(family.kinds_pack))
     with start_server(serve_args(folder, *extra)) as srv:
         family.server = srv
         yield family
@@ -260,6 +283,32 @@ def test_gemma_scope_sae_latent_clamp_end_to_end(fam):
     assert np.max(np.abs(lp - ref_lp)) < LOGPROB_TOL
     _, plain_lp = fam.reference(resp["prompt_token_ids"], None)
     assert np.max(np.abs(plain_lp - ref_lp)) > 20 * LOGPROB_TOL
+
+
+def test_lowrank_and_multilayer_features_equal_transformers(fam):
+    """Issue #28 in the engine: a lowrank feature at strength 0 is the unsteered output; at
+    strength 1 (and ablated), and a multi-layer direction feature, give transformers' greedy ids
+    under the same program hooked at each of their layers."""
+    if fam.name != "gemma2":
+        pytest.skip("the lowrank and multi-layer pack is built for the tiny Gemma 2")
+    from steering.packs.registry import PackRegistry
+
+    packs = PackRegistry.from_paths([str(fam.kinds_pack)], str(fam.folder))
+    plain = ids_lp(complete(fam, PROMPTS[1]))[0]
+    assert ids_lp(complete(fam, PROMPTS[1], {"features": {"tiny-kinds/lora": 0.0}}))[0] == plain
+    for steer in ({"features": {"tiny-kinds/lora": 1.0}},
+                  {"features": {"tiny-kinds/lora": {"mode": "ablate"}}},
+                  {"features": {"tiny-kinds/multi": 1.0}}):
+        resp = complete(fam, PROMPTS[1], steer)
+        got, lp = ids_lp(resp)
+        want, ref_lp = fam.reference(resp["prompt_token_ids"], steer, feature_source=packs)
+        assert got == want, steer
+        assert np.max(np.abs(lp - ref_lp)) < LOGPROB_TOL, steer
+        _, plain_lp = fam.reference(resp["prompt_token_ids"], None)
+        assert np.max(np.abs(plain_lp - ref_lp)) > 20 * LOGPROB_TOL, steer  # the steering is real
+    applied = complete(fam, PROMPTS[1], {"features": {"tiny-kinds/lora": 1.0}})["steering"]["applied"]
+    assert applied == [{"feature": "tiny-kinds/lora", "layer": 0, "layers": [0, N_LAYERS - 1],
+                        "mode": "add", "strength": 1.0}]
 
 
 def test_tensor_parallel_new_family_steers_identically(fam):

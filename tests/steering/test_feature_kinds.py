@@ -235,6 +235,23 @@ def test_entry_labels_follow_table_order_and_lowrank_reads_as_probe():
     assert out.capture == (1,)  # both lowrank features are read out at their readout layer
 
 
+def test_single_layer_labels_and_probes_as_before():
+    """For single-layer features and vectors the per-entry labels are the old rule's: one label
+    per clamp/scale/ablate or conditioned entry, unconditioned adds read as probes."""
+    v = np.random.default_rng(4).standard_normal(D)
+    out = compiler().compile({
+        "features": {"dir": {"mode": "clamp", "strength": 1.0}, "early": 0.5,
+                     "k/lora1": {"mode": "ablate"}},
+        "vectors": [{"layer": 1, "values": v.tolist()},
+                    {"layer": 1, "values": v.tolist(), "mode": "scale", "scale": 2.0},
+                    {"layer": 1, "values": v.tolist(),
+                     "when": {"feature": "early", "above": 0.0}}],
+        "return_activations": True})
+    assert out.entry_labels == {1: ["k/dir", None, None, "vectors[1]", "vectors[2]"]}
+    assert [n for n, _ in out.probes] == ["k/early", "k/lora1"]
+    assert out.capture == (0, 1)
+
+
 def test_lowrank_weights_are_in_the_hash():
     base = kinds_features()
     lr = feat("k/lora").lowrank

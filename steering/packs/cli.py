@@ -44,6 +44,20 @@ def _train_sae(a) -> int:
     return 0
 
 
+def _train(a) -> int:
+    from steering.packs.trained import build_trained, summary
+
+    overrides = {"method": a.method, "rank": a.rank, "steps": a.steps, "lr": a.lr,
+                 "kl_weight": a.kl_weight, "time_budget_s": a.time_budget, "data": a.data_source,
+                 "layers": [int(x) for x in a.layers.split(",")] if a.layers else None}
+    features = [f for f in a.features.split(",") if f] if a.features else None
+    p = build_trained(a.recipe, a.out, a.model, a.data, features, overrides, progress=not a.quiet)
+    print(summary(p))
+    print(p)
+    a.built_pack = p  # for a follow-up step (``steer`` calibrates it)
+    return 0
+
+
 def _import_saelens(a) -> int:
     from steering.packs.importers import import_saelens
 
@@ -139,6 +153,28 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     s.add_argument("--out", default=None)
     common(s)
     s.set_defaults(func=_train_sae)
+
+    s = sub.add_parser("train", help="train features (vectors, lowrank, multi-layer) from a recipe and its data",
+                       description="Train each concept of a contrastive recipe by its train: options (a "
+                       "preference-trained vector on one or several layers, a rank-r lowrank edit, or the "
+                       "mean_diff direction) on the recipe's pairs and gen-data's; see steering/packs/trained.py.")
+    s.add_argument("recipe")
+    s.add_argument("--data", default=None, help="folder of steer pack gen-data output (<concept>.jsonl)")
+    s.add_argument("--data-source", dest="data_source", choices=("both", "generated", "recipe"), default=None,
+                   help="which pairs to train on (default: the recipe's train.data, else both)")
+    s.add_argument("--features", default=None, help="comma list of concepts (default: all)")
+    s.add_argument("--method", choices=("vector", "lowrank", "mean_diff"), default=None,
+                   help="override every concept's train.method")
+    s.add_argument("--layers", default=None, help="comma list of layers, e.g. 6,8,10 (override)")
+    s.add_argument("--rank", type=int, default=None, help="r of lowrank features (1..8)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--kl-weight", dest="kl_weight", type=float, default=None)
+    s.add_argument("--time-budget", dest="time_budget", type=float, default=None,
+                   help="seconds per feature before training stops early")
+    s.add_argument("--out", default=None, help="pack folder (default: feature_packs/<name> beside recipes/)")
+    common(s)
+    s.set_defaults(func=_train)
 
     s = sub.add_parser("import-saelens", help="import a SAELens SAE folder (cfg.json + sae_weights.safetensors)")
     s.add_argument("dir")

@@ -197,9 +197,10 @@ class FeatureCalibration(_Open):
     scale: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
     """c: strength 1.0 means c activation units. Builders write the norm unit (DOSE_FRACTION ×
     median ‖h‖); ``steer pack calibrate`` replaces it with the dose of a measured effect."""
-    method: Literal["norm", "effect"] | None = None
-    """How ``scale`` was set: ``effect`` (a measured dose, see ``effect``) or ``norm`` (the norm
-    unit: no scorer, or no measurable effect). None: as built, the norm unit."""
+    method: Literal["norm", "effect", "trained"] | None = None
+    """How ``scale`` was set: ``effect`` (a measured dose, see ``effect``), ``norm`` (the norm
+    unit: no scorer, or no measurable effect) or ``trained`` (a trained feature as trained: the
+    vector's own norm, or 1 for ``lowrank``). None: as built, the norm unit."""
     norm_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = None
     """The norm unit, kept when ``steer pack calibrate`` set ``scale``; doses are multiples of it."""
     effect: dict[str, Any] | None = None
@@ -278,6 +279,9 @@ class FeatureEntry(_Open):
     """The SAE latent it was taken from, if any."""
     contrastive: dict[str, Any] | None = None
     """Contrastive fit: method, pair count, held-out separation, per-layer scan (contrastive builds)."""
+    trained: dict[str, Any] | None = None
+    """Training record (``steer pack train``): method, layers, config, losses, held-out preference
+    accuracy and the training data's provenance (file sha256, generator settings)."""
 
 
 class SaeCalibration(_Open):

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Make a Docker daemon answer (used by `make test-images`, never by `make test`): install
-# Debian's docker.io when no docker CLI is found (root with apt-get only), and start dockerd in the
+# Debian's docker.io when no docker CLI or no dockerd is found (root with apt-get only), and start dockerd in the
 # background when none answers (root only; its log: /tmp/steer-dockerd.log). It keeps running.
 set -euo pipefail
 
-if ! command -v docker >/dev/null 2>&1; then
+# Some machines carry only the docker CLI (no dockerd): then the daemon is installed too.
+if ! command -v docker >/dev/null 2>&1 || { ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; }; then
     if [[ "$(id -u)" = 0 ]] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends docker.io
     else
-        echo "ensure-docker.sh: docker is not installed (and we are not root with apt-get)" >&2
+        echo "ensure-docker.sh: docker (CLI and daemon) is not installed (and we are not root with apt-get)" >&2
         exit 1
     fi
 fi

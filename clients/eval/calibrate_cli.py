@@ -34,6 +34,9 @@ def add_calibrate_parser(pack_sub: argparse._SubParsersAction) -> None:
     s = pack_sub.add_parser("calibrate", help="set each feature's strength 1.0 from its measured effect",
                             description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     calibrate_arguments(s)
+    from clients.eval.gendata_cli import add_gendata_parser
+
+    add_gendata_parser(pack_sub)
     for name in ("build-contrastive", "train-sae", "train"):
         _calibrate_after(pack_sub.choices[name])
 

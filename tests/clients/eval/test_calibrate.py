@@ -13,6 +13,7 @@ import pytest
 from clients.eval.calibrate import (CALIBRATION_PROMPTS, EFFECT, NONE, WEAK, CalibrationConfig, apply, choose,
                                     pack_features)
 from clients.eval.calibrate_cli import calibrate_cmd, run
+from clients.eval.gendata import TRAIN_PROMPTS
 from clients.eval.harness import DEFAULT_PROMPTS, EvalError, load_prompts
 from steering.packs import bundled_packs_dir, load_pack
 from steering.packs.manifest import DOSE_FRACTION, NO_EFFECT_TAG, PackError, norm_unit, read_manifest
@@ -121,11 +122,15 @@ def test_features_with_a_scorer_are_chosen_and_names_are_checked():
 
 
 def test_the_shipped_prompt_sets_are_disjoint():
-    """Calibration, the eval's neutral set and the held-out set of the calibrated report share no prompt."""
+    """Calibration, the eval's neutral set, the held-out set of the calibrated report and the
+    training prompts of steer pack gen-data share no prompt."""
     sets = [{p.prompt.lower() for p in load_prompts(path)}
-            for path in (CALIBRATION_PROMPTS, DEFAULT_PROMPTS, DEFAULT_PROMPTS.with_name("heldout.jsonl"))]
-    assert [len(s) for s in sets] == [32, 32, 32]
-    assert not sets[0] & sets[1] and not sets[0] & sets[2] and not sets[1] & sets[2]
+            for path in (CALIBRATION_PROMPTS, DEFAULT_PROMPTS, DEFAULT_PROMPTS.with_name("heldout.jsonl"),
+                         TRAIN_PROMPTS)]
+    assert [len(s) for s in sets] == [32, 32, 32, 96]
+    for i in range(len(sets)):
+        for j in range(i + 1, len(sets)):
+            assert not sets[i] & sets[j], (i, j, sets[i] & sets[j])
 
 
 def _args(pack_dir, **kw):

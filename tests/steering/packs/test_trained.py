@@ -7,6 +7,7 @@ at strength 0 changes nothing, and the data's provenance is checked."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,53 @@ def test_generated_data_is_checked_against_its_recorded_sha256(tmp_path):
     path.write_text(path.read_text().replace("yes 0", "yes 0!"))
     with pytest.raises(RecipeError, match="sha256"):
         read_data(tmp_path, "weather")
+
+
+def test_trainer_recovers_a_planted_direction_on_a_tiny_random_model(tmp_path, bundled_model):
+    """Completions sampled with +v* (positives) and −v* (negatives) added at the last layer of a
+    tiny random Llama, over 4096 round-tripping word tokens: the trained vector points along v*."""
+    import importlib.util
+
+    from steering.packs import collect
+
+    spec = importlib.util.spec_from_file_location("tiny_models", Path(__file__).parents[1] / "tiny_models.py")
+    tiny_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_models)
+    from steering.packs.train import cosine
+
+    model, tok = collect.load_model(tiny_models.build("llama", tmp_path / "tiny", bundled_model, seed=0))
+    words = [i for i in range(300, tok.vocab_size)
+             if (s := tok.decode([i])).startswith(" ") and s[1:].isalpha() and len(s) > 3
+             and tok.encode(s, add_special_tokens=False) == [i]][:4096]
+    allowed = torch.tensor(words)
+    L, g = 2, torch.Generator().manual_seed(1)
+    acts = collect.token_activations(model, [collect.encode_chat(tok, [{"role": "assistant", "content": "hello there"}])], [L])[L]
+    vstar = torch.randn(model.config.hidden_size, generator=g)
+    vstar *= float(np.median(np.linalg.norm(acts, axis=1))) / vstar.norm()  # one median residual norm
+    sign = {"s": 0.0}
+
+    def hook(_m, _i, out):
+        return (out[0] + sign["s"] * vstar, *out[1:]) if isinstance(out, tuple) else out + sign["s"] * vstar
+    handle = hf_decoder_layers(model)[L].register_forward_hook(hook)
+
+    @torch.no_grad()
+    def sample(prompt: str, s: float) -> str:
+        sign["s"] = s
+        ids, out = torch.tensor([_encode_pair(tok, prompt, "", 0).ids]), []
+        for _ in range(12):
+            j = allowed[torch.multinomial(torch.softmax(model(input_ids=ids).logits[0, -1, allowed], -1), 1, generator=g)]
+            out.append(int(j))
+            ids = torch.cat([ids, j[None]], 1)
+        return tok.decode(out)
+
+    try:
+        prompts = [f"Tell me about {w}." for w in ("cats", "rain", "music", "trains", "bread", "stars", "chess", "rivers")]
+        pairs = [Pair(p, sample(p, 1.0), sample(p, -1.0)) for p in prompts for _ in range(24)]
+    finally:
+        handle.remove()
+    cfg = TrainConfig(layers=[L], steps=200, batch_size=8, lr=0.05, beta=0.02, sft_weight=0.0, kl_weight=0.0,
+                      max_norm=10.0, max_completion_tokens=16, time_budget_s=None)
+    tf = train_feature(model, tok, pairs, [], cfg, progress=False)
+    assert cosine(tf.directions[0], vstar.numpy()) > 0.9
+    assert tf.log["loss_last"]["pref"] < tf.log["loss_first"]["pref"]
+    assert tf.log["heldout_preference_accuracy"]["plus"] >= 0.9

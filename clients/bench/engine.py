@@ -1,4 +1,4 @@
-"""Engine-level scenarios S1–S4: generated tok/s with steering ÷ the same model on a vLLM engine
+"""Engine-level scenarios S1–S4 and S3R: generated tok/s with steering ÷ the same model on a vLLM engine
 without the plugin, measured in one run, alternating baseline / scenario, median of repeats.
 
     S1  plugin installed, no request steered
@@ -6,6 +6,9 @@ without the plugin, measured in one run, alternating baseline / scenario, median
     S3  a sweep of C distinct configs in one batch (C = 1, 4, 16, … up to the slot limit);
         half the batch unsteered, the steered half spread over the C configs
     S4  clamp of K features per request (K = 8, 32) at one middle layer, distinct per request
+    S3R S3 at its largest C with a rank-4 ``lowrank`` feature (LoReFT edit) at every layer instead
+        of the added vector, each config its own strength: the cost of the rank-r mode next to
+        S3's ``add`` (the summary prints S3R ÷ S3)
 
 Each repeat of S2–S4 times three adjacent runs: the engine without the plugin, the steering
 engine with the same requests unsteered, and the steering engine with the scenario's steering,
@@ -96,6 +99,7 @@ def timed_generate(llm, prompts: list[str], extra_args: list[dict | None], token
 def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[str, list[dict | None]]]:
     """(steering config, {scenario name: per-request extra_args}) for the scenarios above."""
     from steering.config import SteeringConfig
+    from steering.features import StaticFeatureSource
     from steering.request import SteeringCompiler
 
     cfg = SteeringConfig(max_slots=c.max_slots, max_features=max(c.clamp_k, default=0))
@@ -112,6 +116,12 @@ def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[st
         configs = [all_layers(rng.standard_normal(d)) for _ in range(n_cfg)]
         steered = [configs[i % n_cfg] for i in range(s3_batch(c) // 2)]
         out[f"S3_C{n_cfg}"] = [x for pair in zip(steered, [None] * len(steered)) for x in pair]
+    lowrank = _lowrank_feature(rng, d, n_layers)
+    comp_lr = SteeringCompiler(cfg, d, n_layers, StaticFeatureSource([lowrank]))
+    n_cfg = min(max(c.sweep, default=1), c.max_slots)
+    configs = [comp_lr.compile({"features": {lowrank.name: 0.5 + 0.01 * i}}).extra_args() for i in range(n_cfg)]
+    steered = [configs[i % n_cfg] for i in range(s3_batch(c) // 2)]
+    out[f"S3R_C{n_cfg}"] = [x for pair in zip(steered, [None] * len(steered)) for x in pair]
     mid = n_layers // 2
     for k in c.clamp_k:
         out[f"S4_K{k}"] = [comp.compile({"vectors": [
@@ -120,6 +130,18 @@ def scenarios(c: EngineBenchConfig, d: int, n_layers: int) -> tuple[Any, dict[st
     if c.only is not None:  # filtered after building, so a scenario's vectors do not depend on which run
         out = {name: ea for name, ea in out.items() if name.split("_")[0] in c.only}
     return cfg, out
+
+
+def _lowrank_feature(rng: np.random.Generator, d: int, n_layers: int, rank: int = 4):
+    """A rank-``rank`` LoReFT feature at every layer: R orthonormal rows, W = R + small noise
+    (an edit of the size a trained one makes), b small."""
+    from steering.features import Feature, LowRank
+
+    R = np.stack([np.linalg.qr(rng.standard_normal((d, rank)))[0].T for _ in range(n_layers)])  # [n, r, d]
+    W = R + 0.05 * rng.standard_normal(R.shape)
+    b = 0.1 * rng.standard_normal((n_layers, rank))
+    return Feature("bench/lowrank", 0, "lowrank", R[0, 0], scale=1.0, layers=tuple(range(n_layers)),
+                   lowrank=LowRank(R=R, W=W, b=b))
 
 
 def _hash(extra_args: dict) -> str:

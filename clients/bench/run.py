@@ -34,7 +34,7 @@ from typing import Any
 
 from server import vllm_env  # noqa: F401,E402  (the CPU defaults steer serve runs with)
 
-TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
+TARGETS = {"S1": 0.99, "S2": 0.97, "S3": 0.97, "S3R": 0.97, "S4": 0.97, "S5_ms": 5.0, "hf_ratio": 2.5}
 # The folder holding the packages (a checkout's root, or site-packages when installed): the
 # working directory of each part's ``python -m clients.bench.run`` child, never a data location.
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +46,9 @@ def _ints(s: str) -> list[int]:
 
 def _scenario_list(s: str) -> list[str]:
     names = [x.strip().upper() for x in s.split(",") if x.strip()]
-    bad = sorted(set(names) - {"S1", "S2", "S3", "S4"})
+    bad = sorted(set(names) - {"S1", "S2", "S3", "S3R", "S4"})
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown scenarios {bad or s!r}; choose from S1,S2,S3,S4")
+        raise argparse.ArgumentTypeError(f"unknown scenarios {bad or s!r}; choose from S1,S2,S3,S3R,S4")
     return names
 
 
@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the steering engine's slot limit (default 16, as steer serve); S3 sweeps "
                         "up to it, e.g. --max-slots 256 --sweep 16,64,256")
     p.add_argument("--scenarios", default=None, type=_scenario_list,
-                   help="engine scenarios to run, comma list of S1,S2,S3,S4 (default: all)")
+                   help="engine scenarios to run, comma list of S1,S2,S3,S3R,S4 (default: all)")
     p.add_argument("--concurrency", default=None, help="server part concurrencies (default 1,8,16)")
     p.add_argument("--hf-dtype", default=None,
                    help="dtypes of the transformers baseline, comma list (default float32,bfloat16; "
@@ -215,6 +215,13 @@ def summarize(result: dict) -> list[dict]:
             if r.get("same_engine_ratio") is not None:
                 rows.append({"claim": f"{r['scenario']} tok/s ÷ same requests unsteered, same engine",
                              "value": r["same_engine_ratio"], "target": "report", "met": None})
+        by_name = {r["scenario"]: r for r in eng["scenarios"]}
+        for name, r in by_name.items():
+            add = by_name.get(name.replace("S3R_", "S3_")) if name.startswith("S3R_") else None
+            if add is not None:
+                rows.append({"claim": f"{name} (lowrank) tok/s ÷ {add['scenario']} (add), each ÷ its paired "
+                                      "no-plugin run", "value": r["paired_ratio"] / add["paired_ratio"],
+                             "target": "within noise of 1", "met": None})
     hf = result.get("hf")
     s2 = next((r for r in eng["scenarios"] if r["scenario"] == "S2"), None) if eng else None
     if s2 and s2.get("hf"):

@@ -8,6 +8,8 @@ import { clearErrors, showError } from "./errors.js";
 export const STRENGTH_MIN = -2;
 export const STRENGTH_MAX = 2;
 const MODES = ["add", "clamp", "ablate"];
+/** A lowrank feature (a rank-r edit) has no scalar activation to pin: clamp is a 400 there. */
+const modesOf = (hit) => (hit.kind === "lowrank" ? ["add", "ablate"] : MODES);
 
 /** id ("pack/name") → {id, name, pack, strength, mode, row}; in the order they were added. */
 const features = new Map();
@@ -47,12 +49,12 @@ export function addFeature(hit) {
   }
   const n = ++serial;
   const f = { id: hit.id, name: hit.name, pack: hit.pack || "", strength: 0,
-              mode: MODES.includes(hit.default_mode) ? hit.default_mode : "add" };
+              mode: modesOf(hit).includes(hit.default_mode) ? hit.default_mode : "add" };
   const range = el("input", { type: "range", id: `strength-${n}`, min: String(STRENGTH_MIN),
                               max: String(STRENGTH_MAX), step: "0.05", value: "0" });
   const number = el("input", { type: "number", id: `strength-value-${n}`, step: "0.05", value: "0",
                                class: "strength" });
-  const mode = el("select", { id: `mode-${n}` }, ...MODES.map((m) => el("option", { value: m }, m)));
+  const mode = el("select", { id: `mode-${n}` }, ...modesOf(hit).map((m) => el("option", { value: m }, m)));
   mode.value = f.mode;
   const remove = el("button", { type: "button", "aria-label": `Remove ${hit.id}` }, "×");
   const error = el("p", { class: "error", role: "alert",

@@ -32,7 +32,19 @@ def test_s3_sweeps_up_to_the_slot_limit_with_half_the_batch_unsteered() -> None:
 def test_all_scenarios_by_default() -> None:
     c = EngineBenchConfig(model="unused", batch=2, sweep=[1], clamp_k=[8])
     _, scen = scenarios(c, D, LAYERS)
-    assert list(scen) == ["S1", "S2", "S3_C1", "S4_K8"]
+    assert list(scen) == ["S1", "S2", "S3_C1", "S3R_C1", "S4_K8"]
+
+
+def test_s3r_sends_distinct_lowrank_configs_at_every_layer() -> None:
+    c = EngineBenchConfig(model="unused", sweep=[4, 16], max_slots=64, clamp_k=[8], only=["S3R"])
+    _, scen = scenarios(c, D, LAYERS)
+    assert list(scen) == ["S3R_C16"]
+    ea = scen["S3R_C16"]
+    assert len(ea) == s3_batch(c) == 32 and ea[1::2] == [None] * 16
+    assert len({_hash(x) for x in ea[0::2]}) == 16
+    wire = next(iter(ea[0].values()))
+    layers = wire["program"]["layers"]
+    assert [x["layer"] for x in layers] == list(range(LAYERS)) and {x["k"] for x in layers} == {4}  # r = 4 rows
 
 
 def test_bench_flags_for_slots_and_scenarios() -> None:
@@ -40,5 +52,6 @@ def test_bench_flags_for_slots_and_scenarios() -> None:
     s = settings(p.parse_args(["bench", "--max-slots", "256", "--sweep", "16,256", "--scenarios", "s3,S2"]))
     assert (s["max_slots"], s["sweep"], s["scenarios"]) == (256, [16, 256], ["S3", "S2"])
     assert settings(p.parse_args(["bench"]))["scenarios"] is None
+    assert settings(p.parse_args(["bench", "--scenarios", "s3r"]))["scenarios"] == ["S3R"]
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "--scenarios", "S9"])

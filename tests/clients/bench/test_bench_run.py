@@ -25,7 +25,7 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
     eng = res["engine"]["scenarios"]
-    assert [r["scenario"] for r in eng] == ["S1", "S2", "S3_C1", "S4_K8"]
+    assert [r["scenario"] for r in eng] == ["S1", "S2", "S3_C1", "S3R_C1", "S4_K8"]
     for r in eng:
         assert r["tok_s"] > 0 and r["baseline_tok_s"] > 0
         assert math.isclose(r["ratio"], r["tok_s"] / r["baseline_tok_s"])
@@ -38,7 +38,8 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     s3 = eng[2]
     assert (s3["batch"], s3["steered_requests"], s3["distinct_configs"]) == (2, 1, 1)
     assert eng[0]["steered_requests"] == 0 and eng[1]["distinct_configs"] == 1
-    assert eng[3]["distinct_configs"] == 2  # distinct clamp per request
+    assert (eng[3]["batch"], eng[3]["steered_requests"], eng[3]["distinct_configs"]) == (2, 1, 1)  # lowrank
+    assert eng[4]["distinct_configs"] == 2  # distinct clamp per request
 
     hf = res["hf"]
     assert hf["batch"] == 2 and hf["tokens"] == 8 and hf["tok_s"] > 0

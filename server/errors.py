@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import vllm_env  # noqa: F401  (before vllm)
 from steering.spec import SteeringError, steering_error
+from steering.validation import STEERING_FIELD, first_error, param_path
 from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -90,7 +91,7 @@ class CapacityExceeded(APIError):
 
 class SteeringUnavailable(APIError):
     """A worker could not apply this request's steering (it ran unsteered): the response is
-    failed rather than returned as if steered (see steering/slots.py)."""
+    failed rather than returned as if steered (see steering/worker/slots.py)."""
 
 
 @dataclass(frozen=True)
@@ -135,34 +136,21 @@ def kind_of(exc: BaseException) -> ErrorKind:
     return ErrorKind(500, "internal_error")
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "None"}
-STEERING_FIELD = "steering"
-"""Request bodies' steering object: below it, param paths follow :func:`steering.spec.param_path`."""
-
-
 def loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """Pydantic location → OpenAI param path: ('body', 'messages', 0, 'role') → messages.[0].role."""
-    # Drop FastAPI's 'body' and pydantic's union-branch tags such as 'str' or 'list[TextPart]'.
-    parts = [p for p in loc if isinstance(p, int) or (p != "body" and p not in _TYPE_TAGS
-                                                      and str(p).isidentifier())]
-    if not parts:
-        return None
-    return ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in parts)
+    """Pydantic location → OpenAI param path: ('body', 'messages', 0, 'role') → messages.[0].role,
+    below a ``steering`` object the spec's (``steering.vectors[0].values``); None for the body
+    itself (:func:`steering.validation.param_path` with ``openai=True``)."""
+    return param_path(loc, openai=True) or None
 
 
 def validation_error(exc: RequestValidationError | ValidationError) -> APIError | SteeringError:
     """The first pydantic error as our own error naming the field; an error inside a
     ``steering`` object is a SteeringError with the steering spec's param path."""
-    errors = exc.errors()
-    # In a union (``str | list[str]``) every branch reports; the branch whose shape matched but
-    # whose bound failed ("at most 4 items") says what is wrong, not "should be a valid string".
-    bounds = [e for e in errors if not str(e.get("type", "")).endswith(("_type", "_parsing"))]
-    first = (bounds or errors or [{}])[0]
-    loc = tuple(p for p in first.get("loc", ()) if p != "body")
+    first = first_error(exc, prefer_bounds=True)
+    loc = tuple(first.get("loc", ()))
     if STEERING_FIELD in loc:
-        at = loc.index(STEERING_FIELD)
-        prefix = loc_to_param(loc[: at + 1]) or STEERING_FIELD
-        return steering_error({**first, "loc": loc[at + 1:]}, prefix)
+        at = loc.index(STEERING_FIELD) + 1
+        return steering_error({**first, "loc": loc[at:]}, loc_to_param(loc[:at]) or STEERING_FIELD)
     param = loc_to_param(loc)
     kind = first.get("type")
     if kind == "extra_forbidden":

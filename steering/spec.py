@@ -44,6 +44,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from steering import validation
 from steering.features import Mode
 from steering.wire import ApplyToName
 
@@ -220,7 +221,7 @@ class SteeringSpec(_Spec):
         try:
             return cls.model_validate(payload)
         except ValidationError as exc:
-            raise steering_error(exc.errors()[0], prefix) from None
+            raise steering_error(validation.first_error(exc), prefix) from None
 
 
 def merge(*layers: SteeringSpec | None) -> SteeringSpec | None:
@@ -249,15 +250,13 @@ def merge(*layers: SteeringSpec | None) -> SteeringSpec | None:
 
 def param_path(loc: tuple[Any, ...], prefix: str = "steering") -> str:
     """A pydantic location inside a steering object → its param path:
-    ``('vectors', 0, 'values')`` → ``steering.vectors[0].values``."""
-    out = prefix
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    ``('vectors', 0, 'values')`` → ``steering.vectors[0].values``
+    (:func:`steering.validation.param_path` under ``prefix``)."""
+    return validation.param_path(loc, prefix)
 
 
 def steering_error(error: Any, prefix: str = "steering") -> SteeringError:
-    """One pydantic error dict (``ValidationError.errors()`` item) as a SteeringError."""
+    """One pydantic error dict (:func:`steering.validation.first_error`) as a SteeringError."""
     loc = tuple(error.get("loc", ()))
     param = param_path(loc, prefix)
     kind = error.get("type")

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from steering.validation import first_error
+
 WIRE_VERSION = 1
 EXTRA_ARGS_KEY = "steering"
 
@@ -85,4 +87,4 @@ class WireRecord(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise WireError(f"malformed steering record: {exc.errors()[0]['msg']}") from None
+            raise WireError(f"malformed steering record: {first_error(exc)['msg']}") from None

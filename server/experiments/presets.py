@@ -24,6 +24,7 @@ from server.errors import InvalidRequest, NotFound
 from server.experiments.models import Preset, PresetsFile
 from steering.packs import bundled_packs_dir
 from steering.spec import SteeringError, SteeringSpec
+from steering.validation import first_error, param_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ def read_presets_file(path: Path) -> list[Preset]:
     try:
         return PresetsFile.model_validate(data).entries()
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
+        error = first_error(exc)
+        where = param_path(error["loc"])
         raise ValueError(f"{path}: {where}: {error['msg']}" if where else f"{path}: {error['msg']}") \
             from None
 

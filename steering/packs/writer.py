@@ -23,6 +23,7 @@ from steering.packs.manifest import (
     PackError, PackManifest, SaeEntry, check_feature_shape, describe_error, parse_manifest, site,
 )
 from steering.packs.tensors import save_tensors, sha256_file
+from steering.validation import first_error
 
 # SAE tensors kept float32 whatever the SAE dtype (small vectors; the matrices take sae_dtype)
 _SAE_FLOAT32 = ("b_enc", "b_dec", "threshold", "latent_p50", "latent_p99", "latent_max", "latent_freq")
@@ -142,7 +143,7 @@ class PackWriter:
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
+            err = first_error(e)
             err = {**err, "loc": (where, 0, *err["loc"])}  # as the manifest's first entry
             raise PackError(self.name, describe_error(err, {where: [data]})) from None
 

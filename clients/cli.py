@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from server.auth import add_keys_parser
 
     add_keys_parser(sub)
-    from steering.packs.cli import add_pack_parser
+    from steering.builders.cli import add_pack_parser
 
     from clients.eval.calibrate_cli import add_calibrate_parser
 

@@ -15,9 +15,10 @@ all every caller is an anonymous admin, but a POST, PATCH or DELETE must then be
 change state (a JSON one needs a CORS preflight this server never grants).
 
 Each request's :class:`Principal` is resolved once by a FastAPI dependency (:attr:`Auth.user`,
-:attr:`Auth.admin`): 401 without a valid key, 403 ``permission_denied`` for the wrong role. A
-generation is admitted by :func:`admit_generation`: the key's policy (:mod:`server.policy`) on the
-request's own steering, its ``max_slots`` and its tokens per minute (:mod:`server.ratelimit`).
+:attr:`Auth.admin`): 401 without a valid key, 403 ``permission_denied`` for the wrong role. The
+request pipeline (:mod:`server.pipeline`) checks the key's policy (:mod:`server.policy`) on the
+request's own steering; admission (:mod:`server.admission`) takes its ``max_slots`` and tokens
+per minute (:mod:`server.ratelimit`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from fastapi import Depends, Request
@@ -40,13 +41,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import AuthError, PermissionDenied, UnsupportedMediaType
 from server.metrics import Metrics
-from server.policy import Policy, PolicyViolation, check, check_inspect, check_vector_norm, impose
+from server.policy import Policy, PolicyViolation
 from server.ratelimit import KeySlots, RateLimiter
+from steering.validation import first_error, param_path
 
 if TYPE_CHECKING:
     from server.config import ServeConfig
-    from server.experiments.routing import Routing
-    from server.state import AppState
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ def load_auth(path: str | Path) -> AuthFile:
     except yaml.YAMLError as exc:
         raise ValueError(f"auth file {path}: not YAML: {exc}") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        err = first_error(exc)
+        loc = param_path(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         raise ValueError(f"auth file {path}: {loc + ': ' if loc else ''}{msg}") from None
     for name, policy in auth.policies.items():
@@ -198,7 +198,7 @@ class Auth:
         request.state.principal = who
         rate = who.policy.rate if who.policy is not None else None
         if rate is not None and rate.requests_per_minute is not None:
-            self._take(who, "requests", rate.requests_per_minute, 1)
+            self.take(who, "requests", rate.requests_per_minute, 1)
         return who
 
     def _lookup(self, header: str) -> Principal:
@@ -218,7 +218,7 @@ class Auth:
             raise AuthError("Incorrect API key provided", None, "invalid_api_key")
         return found
 
-    def _take(self, who: Principal, kind: str, per_minute: int, amount: int) -> None:
+    def take(self, who: Principal, kind: str, per_minute: int, amount: int) -> None:
         try:
             self.limiter.take(who.name, kind, per_minute, amount)
         except Exception:
@@ -235,54 +235,8 @@ def principal_of(request: Request) -> Principal:
     return getattr(request.state, "principal", ANONYMOUS)
 
 
-def _auth_of(request: Request) -> Auth | None:
+def auth_of(request: Request) -> Auth | None:
     return getattr(request.app.state, "auth", None)
-
-
-def admit_generation(request: Request, state: AppState, req: Any, routing: Routing,
-                     prompt_tokens: int) -> None:
-    """Before anything is compiled: the key's policy on the request's own steering, then its
-    ``max_slots`` (the slot is held until the response has ended), then its tokens per minute.
-    Raises 403 / 429; a refused request takes nothing."""
-    who, auth = principal_of(request), _auth_of(request)
-    policy = who.policy
-    if policy is None or auth is None:
-        return
-    try:
-        check(policy, routing.own, state.packs)
-        check_vector_norm(policy, routing.own, state.compiler)
-    except PolicyViolation as exc:
-        raise auth.deny(exc) from None
-    req.steering = impose(policy, req.steering)  # the key's monitors ride on every generation
-    steering = req.steering
-    if policy.max_slots is not None and steering is not None and not steering.empty:
-        config = json.dumps(steering.model_dump(mode="json", exclude={"experiment"}),
-                            sort_keys=True)
-        try:
-            release = auth.slots.acquire(who.name, config, policy.max_slots)
-        except Exception:
-            auth.metrics.policy_denials.labels("max_slots").inc()
-            raise
-        at_end(request, release)
-    rate = policy.rate
-    if rate is not None and rate.tokens_per_minute is not None:
-        max_out, _ = req.max_output()
-        if max_out is None:
-            max_out = max((state.max_model_len or 0) - prompt_tokens, 0)
-        auth._take(who, "tokens", rate.tokens_per_minute, prompt_tokens + req.n * max_out)
-
-
-def admit_inspect(request: Request, state: AppState, req: Any) -> None:
-    """Inspect is a readout: a user key needs ``return_activations: true`` in its policy (or no
-    policy); its features and steering follow the policy too. Admin keys without a policy pass."""
-    who, auth = principal_of(request), _auth_of(request)
-    if who.policy is None or auth is None:
-        return
-    try:
-        check_inspect(who.policy, req.features, req.steering, state.packs)
-        check_vector_norm(who.policy, req.steering, state.compiler)
-    except PolicyViolation as exc:
-        raise auth.deny(exc) from None
 
 
 class AtResponseEnd:
@@ -336,7 +290,7 @@ def _keys_new(args: argparse.Namespace) -> int:
         key = new_key()
         entry = key_entry(args.name, key, args.role, args.policy)
     except ValidationError as exc:
-        print(f"steer keys new: error: {exc.errors()[0]['msg']}", file=sys.stderr)
+        print(f"steer keys new: error: {first_error(exc)['msg']}", file=sys.stderr)
         return 2
     print(f"key (shown once; give it to {args.name}, it is not stored anywhere):\n  {key}\n")
     print("auth file entry (under 'keys:'):")

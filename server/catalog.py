@@ -21,15 +21,15 @@ from fastapi import APIRouter, Query, Request
 from pydantic import Field
 from vllm import SamplingParams
 
-from server import generation as gen
-from server.auth import admit_inspect
+from server import pipeline
 from server.errors import InvalidRequest, NotFound
 from server.http import json_body
 from server.openapi import request_body
 from server.protocol import ChatMessage, _Strict
+from server.runner import Job
 from steering.features import AmbiguousFeature, UnknownFeature
 from steering.program import SteeringProgram
-from steering.request import CompiledSteering
+from steering.request import CompiledSteering, KeyBound
 from steering.spec import SteeringSpec
 
 if TYPE_CHECKING:
@@ -93,8 +93,9 @@ def catalog_router(state: AppState, dependencies: list) -> APIRouter:
     @r.post("/v1/features/inspect", openapi_extra=request_body(InspectRequest))
     async def inspect(request: Request) -> dict[str, Any]:
         req = InspectRequest.model_validate(await json_body(request))
-        admit_inspect(request, state, req)  # a readout: the key's policy must allow activations
-        return await _inspect(state, req)
+        # a readout: the key's policy must allow activations (and the features and steering)
+        _, bound = pipeline.policy(request, state, req.steering, req.steering, inspect=req.features)
+        return await _inspect(request, state, req, bound)
 
     return r
 
@@ -109,8 +110,9 @@ def _prompt_ids(state: AppState, req: InspectRequest) -> list[int]:
     return list(state.tokenizer.encode(text, add_special_tokens=False))
 
 
-async def _inspect(state: AppState, req: InspectRequest) -> dict[str, Any]:
-    engine = state.require_engine()
+async def _inspect(request: Request, state: AppState, req: InspectRequest,
+                   bound: KeyBound | None) -> dict[str, Any]:
+    state.require_engine()
     if state.compiler is None:
         raise InvalidRequest("steering is disabled on this server (started with --no-steering)",
                              "steering", "steering_disabled")
@@ -140,7 +142,7 @@ async def _inspect(state: AppState, req: InspectRequest) -> dict[str, Any]:
         raise InvalidRequest(f"layers {not_steerable} are not readable on this server (--steer-layers)",
                              "layers")
 
-    steer = state.compiler.compile(req.steering) if req.steering is not None else None
+    steer = pipeline.compile_steering(request, state, req.steering, bound)
     request_id = f"inspect-{uuid.uuid4().hex}"
     compiled = CompiledSteering(
         program=steer.program if steer else SteeringProgram(hidden_size=state.compiler.hidden_size),
@@ -150,17 +152,8 @@ async def _inspect(state: AppState, req: InspectRequest) -> dict[str, Any]:
         salt=request_id)  # a unique salt: every prompt position is computed, none cached
     params = SamplingParams(max_tokens=1, temperature=0.0,
                             extra_args=compiled.extra_args(readout_key=request_id))
-    job = gen.Job(request_id=request_id, prompt_ids=prompt_ids, params=params, compiled=compiled)
-    if state.limits is not None:  # slot and readout bytes, or 400/429 before anything runs
-        job.held = await state.limits.admit(compiled, request_id, len(prompt_ids),
-                                            "text" if req.text is not None else "messages")
-    try:
-        async for _ in gen.run(state, job):
-            pass
-        await gen.steering_activations(state, job)
-    finally:
-        if job.held is not None:
-            job.held.close()
+    job = Job(request_id=request_id, prompt_ids=prompt_ids, params=params, compiled=compiled)
+    await pipeline.read_back(state, job, "text" if req.text is not None else "messages")
     streams: dict[int, dict[int, list[float]]] = {}
     for _, layer, pos, values in job.captured:
         streams.setdefault(layer, {})[pos] = values

@@ -1,7 +1,9 @@
 """What ``steer serve`` was asked for: one dataclass, the single home of every serve default.
 
 The command line (:mod:`server.cli`) takes its defaults from here, and the steering defaults come
-from :class:`steering.config.SteeringConfig`. Importing this module does not import vLLM.
+from :class:`steering.config.SteeringConfig` (the tables) and :class:`server.steering_setup.SteeringSetup`
+(the limits on steered requests, shared with the stock-vLLM plugin). Importing this module does
+not import vLLM.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.steering_setup import SteeringSetup
 from steering.config import SteeringConfig
-from steering.request import DEFAULT_MAX_VECTOR_NORM
 
 
 @dataclass
@@ -35,18 +37,12 @@ class ServeConfig:
     max_steered_features: int = SteeringConfig.max_features
     steer_layers: list[int] | None = SteeringConfig.layers
     max_steering_strength: float = SteeringConfig.max_strength
-    # Raw vectors: largest ‖scale·v‖ (and |clamp target|) in units of the layer's median residual
-    # norm, measured at start (steering/request.py: DEFAULT_MAX_VECTOR_NORM explains the value).
-    max_steering_vector_norm: float = DEFAULT_MAX_VECTOR_NORM
-    # Slot queue (steering/slots.py): a request waits at most this long for a slot, and at most
-    # max_steering_waiters wait at once (None: 4 × slots); beyond either, 429 with Retry-After.
-    steering_queue_timeout: float = 30.0
-    max_steering_waiters: int | None = None
-    # Activation readouts (return_activations, inspect), in worker bytes: per request (beyond: 400)
-    # and in flight in all (beyond: 429; also the workers' hard cap). 64 MiB is ~28k positions
-    # of one captured 576-wide layer, or ~4k of a 4096-wide one.
-    max_readout_bytes: int = 64 * 2**20
-    max_readout_bytes_total: int = 512 * 2**20
+    # The limits on steered requests: documented (and their defaults defined) in SteeringSetup.
+    max_steering_vector_norm: float = SteeringSetup.max_vector_norm
+    steering_queue_timeout: float = SteeringSetup.queue_timeout
+    max_steering_waiters: int | None = SteeringSetup.max_waiters
+    max_readout_bytes: int = SteeringSetup.max_readout_bytes
+    max_readout_bytes_total: int = SteeringSetup.max_readout_bytes_total
     feature_packs: list[str] = field(default_factory=list)
     bundled_packs: bool = True
     presets: str | None = None  # presets YAML (default: feature_packs/presets.yaml with the bundled packs)
@@ -57,7 +53,7 @@ class ServeConfig:
     (one tiny query) and re-read them if so: servers sharing one database serve each other's
     admin changes within about this long. 0: never (only what was stored at start and this
     server's own changes)."""
-    max_request_bytes: int = 8 * 2**20  # request bodies above this are refused with 413
+    max_request_bytes: int = SteeringSetup.max_request_bytes  # larger request bodies: 413
     # Largest n × max_tokens × (1 + top_logprobs) (+ prompt tokens × (1 + prompt_logprobs)) one
     # request may ask for, in response entries (a token or one logprob alternative, ~100-200 bytes
     # each in the API server): 2**20 bounds one response near 100-200 MB, and still admits n = 8
@@ -91,6 +87,20 @@ class ServeConfig:
             max_strength=self.max_steering_strength,
             max_readout_bytes=self.max_readout_bytes_total,
         )
+
+    def steering_setup(self) -> SteeringSetup | None:
+        """The steering of this server (tables, packs, limits), None with ``--no-steering``."""
+        steering_cfg = self.steering_config()
+        if steering_cfg is None:
+            return None
+        return SteeringSetup(
+            config=steering_cfg, bundled_packs=self.bundled_packs,
+            feature_packs=list(self.feature_packs),
+            max_vector_norm=self.max_steering_vector_norm,
+            queue_timeout=self.steering_queue_timeout, max_waiters=self.max_steering_waiters,
+            max_readout_bytes=self.max_readout_bytes,
+            max_readout_bytes_total=self.max_readout_bytes_total,
+            max_request_bytes=self.max_request_bytes)
 
     def served_names(self) -> list[str]:
         """Names clients may put in ``model``: the flag, else the default name or the --model value."""

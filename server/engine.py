@@ -16,13 +16,13 @@ logger = logging.getLogger(__name__)
 
 def load_packs(cfg: ServeConfig, model_path: Path):
     """The feature packs to serve: those of feature_packs/ that fit the model (unless
-    --no-bundled-packs) plus every --feature-pack, which must fit. Raises PackError naming the
-    pack and the problem (sha mismatch, another model, NaN tensors, missing tensors)."""
-    from steering.packs.registry import PackRegistry
+    --no-bundled-packs) plus every --feature-pack, which must fit (the one loader,
+    :func:`steering.packs.registry.load_packs`, as :meth:`SteeringSetup.load_packs
+    <server.steering_setup.SteeringSetup.load_packs>` calls it). Raises PackError naming the pack
+    and the problem (sha mismatch, another model, NaN tensors, missing tensors)."""
+    from steering.packs.registry import load_packs as load
 
-    if cfg.bundled_packs:
-        return PackRegistry.bundled(model_path, extra_paths=cfg.feature_packs)
-    return PackRegistry.from_paths(cfg.feature_packs, model_path)
+    return load(cfg.feature_packs, model_path, bundled=cfg.bundled_packs)
 
 
 def build_engine_args(cfg: ServeConfig, model_path: Path, served: list[str]) -> AsyncEngineArgs:
@@ -48,7 +48,7 @@ def build_engine_args(cfg: ServeConfig, model_path: Path, served: list[str]) -> 
         kwargs["tensor_parallel_size"] = cfg.tensor_parallel_size
     steering_cfg = cfg.steering_config()
     if steering_cfg is not None:
-        from steering.vllm_shim import engine_kwargs
+        from steering.worker.vllm_shim import engine_kwargs
 
         for key, value in engine_kwargs(steering_cfg).items():
             if isinstance(value, dict) and isinstance(kwargs.get(key), dict):

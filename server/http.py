@@ -61,7 +61,7 @@ async def json_body(request: Request) -> Any:
 class DisconnectAwareStream(StreamingResponse):
     """SSE response that stops its body generator as soon as the client disconnects.
 
-    Stopping the generator runs :func:`server.generation.run`'s ``finally``, which aborts the
+    Stopping the generator runs :func:`server.runner.run`'s ``finally``, which aborts the
     engine request: no orphan generation, even while the request waits for a steering slot.
     """
 

@@ -24,7 +24,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from server.errors import PermissionDenied
-from steering.spec import MAX_MONITORS, FeatureSetting, MonitorSpec, SteeringError, SteeringSpec, merge
+from steering.request import KeyBound, KeyBoundExceeded
+from steering.spec import MAX_MONITORS, FeatureSetting, MonitorSpec, SteeringSpec, merge
 
 DENIAL_REASONS = ("role", "feature", "strength", "protected", "raw_vectors", "return_activations",
                   "inspect", "max_slots", "vector_norm")
@@ -187,23 +188,22 @@ def _check_feature(policy: Policy, name: str, setting: FeatureSetting, packs: An
                                   strength_param)
 
 
-def check_vector_norm(policy: Policy, own: SteeringSpec | None, compiler: Any) -> None:
-    """The policy's ``max_vector_norm`` on the request's own raw vectors, by the compiler's one
-    rule (``compile(..., max_vector_norm=)``) so that preset and variant vectors stay exempt: a
-    vector the server accepts but this policy's factor refuses is a 403 naming it; a vector the
-    server refuses anyway is left to the real compile (its 400)."""
-    if policy.max_vector_norm is None or own is None or not own.vectors or compiler is None:
-        return
-    vectors_only = SteeringSpec(vectors=own.vectors)
-    try:
-        compiler.compile(vectors_only, max_vector_norm=policy.max_vector_norm)
-    except SteeringError as exc:
-        try:
-            compiler.compile(vectors_only)
-        except SteeringError:
-            return
-        raise PolicyViolation("vector_norm", f"{exc.message} (this key's max_vector_norm: "
-                              f"{policy.max_vector_norm:g})", exc.param) from None
+def key_bound(policy: Policy | None, own: SteeringSpec | None,
+              steering: SteeringSpec | None) -> KeyBound | None:
+    """The policy's ``max_vector_norm`` as the compiler's :class:`KeyBound` over the request's own
+    raw vectors — the last ones of the merged ``steering`` (preset and variant vectors come first
+    and stay exempt). The compile that runs the request checks it: a vector the server accepts but
+    this policy refuses is a 403 naming it (:func:`vector_norm_denied`); a vector the server
+    refuses anyway keeps its 400."""
+    if policy is None or policy.max_vector_norm is None or own is None or not own.vectors \
+            or steering is None:
+        return None
+    return KeyBound(policy.max_vector_norm, first=len(steering.vectors) - len(own.vectors))
+
+
+def vector_norm_denied(exc: KeyBoundExceeded) -> PolicyViolation:
+    return PolicyViolation("vector_norm", f"{exc.message} (this key's max_vector_norm: "
+                           f"{exc.factor:g})", exc.param)
 
 
 def check_inspect(policy: Policy, features: list[str], steering: SteeringSpec | None,

@@ -8,17 +8,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server.config import ServeConfig
-from server.engine import build_engine_args, create_engine, load_packs
+from server.engine import build_engine_args, create_engine
 from server.errors import EngineUnavailable
 from server.metrics import Metrics
-from server.steering_limits import SteeringLimits, measure_layer_norms
+from server.steering_limits import SteeringLimits
 from server.tools import ToolSetup
 from steering.request import SteeringCompiler
-from steering.slots import SlotGate
+from steering.worker.slots import SlotGate
 from vllm.v1.engine.async_llm import AsyncLLM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from steering.packs.registry import PackRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +35,14 @@ class AppState:
     config: ServeConfig
     metrics: Metrics = field(default_factory=Metrics)
     engine: AsyncLLM | None = None
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     model_path: Path | None = None
     max_model_len: int | None = None
     compiler: SteeringCompiler | None = None
-    packs: Any = None  # steering.packs.registry.PackRegistry when steering is on
-    experiments: Any = None  # server.experiments.manager.ExperimentManager (presets, A/B tests)
+    packs: PackRegistry | None = None  # the loaded feature packs when steering is on
+    # server.experiments.manager.ExperimentManager (presets, A/B tests), set by server/app.py;
+    # typed loosely because the manager reads this state (a TYPE_CHECKING import would be a circle)
+    experiments: Any = None
     gate: SlotGate | None = None
     limits: SteeringLimits | None = None  # slot leases, readout budget, unseated audit
     tools: ToolSetup | None = None  # chat templates and the tool parser (server/tools.py)
@@ -66,9 +73,9 @@ class AppState:
 
         cfg = self.config
         path = await asyncio.to_thread(resolve_model, cfg.model)
-        steering_cfg = cfg.steering_config()
-        if steering_cfg is not None:  # before the engine: a bad pack fails in seconds
-            self.packs = await asyncio.to_thread(load_packs, cfg, path)
+        setup = cfg.steering_setup()
+        if setup is not None:  # before the engine: a bad pack fails in seconds
+            self.packs = await asyncio.to_thread(setup.load_packs, path)
             logger.info("feature packs: %s", [p["name"] for p in self.packs.packs()])
         args = build_engine_args(cfg, path, self.served_names)
         engine = await asyncio.to_thread(create_engine, args)
@@ -77,20 +84,18 @@ class AppState:
             self.tools = ToolSetup(self.tokenizer, cfg.chat_template, cfg.tool_call_parser)
             self.model_path = path
             self.max_model_len = engine.model_config.max_model_len
-            if steering_cfg is not None:
+            if setup is not None:
                 hf = engine.model_config.hf_text_config
-                self.compiler = SteeringCompiler(
-                    steering_cfg, hidden_size=hf.hidden_size, num_layers=hf.num_hidden_layers,
-                    feature_source=self.packs)
-                self.compiler.max_vector_norm = cfg.max_steering_vector_norm
-                self.gate = SlotGate(capacity=steering_cfg.max_slots,
-                                     queue_timeout=cfg.steering_queue_timeout,
-                                     max_waiters=cfg.max_steering_waiters)
+                self.compiler = setup.build_compiler(hf.hidden_size, hf.num_hidden_layers,
+                                                     self.packs)
+                self.gate = setup.slot_gate()
                 self.limits = SteeringLimits(
                     self.gate, self.metrics, lambda: engine.collective_rpc,
-                    max_readout_bytes=cfg.max_readout_bytes,
-                    max_readout_bytes_total=cfg.max_readout_bytes_total)
-                await self._measure_layer_norms(engine)
+                    max_readout_bytes=setup.max_readout_bytes,
+                    max_readout_bytes_total=setup.max_readout_bytes_total)
+                # the residual norms raw vectors are bounded by (steering/request.py); without
+                # them only the float32 bounds apply, which is logged
+                await setup.apply_layer_norms(self.compiler, engine, self.tokenizer)
             gate = self.gate
             self.metrics.bind(
                 waiting=lambda: gate.waiting if gate is not None else 0,
@@ -103,21 +108,6 @@ class AppState:
         self.engine = engine
         logger.info("engine ready: serving %s from %s (max_model_len=%d)",
                     self.served_names, path, self.max_model_len)
-
-    async def _measure_layer_norms(self, engine: AsyncLLM) -> None:
-        """The residual norms raw vectors are bounded by (steering/request.py); without them
-        only the float32 bounds apply, which is logged."""
-        compiler = self.compiler
-        assert compiler is not None
-        try:
-            compiler.layer_norms = await asyncio.wait_for(measure_layer_norms(
-                engine, self.tokenizer, compiler.layers_list, compiler.hidden_size), 300)
-        except Exception:  # noqa: BLE001  (serve anyway; raw vectors keep the float32 bounds)
-            logger.exception("steering: measuring the layers' residual norms failed; raw vectors "
-                             "are not bounded relative to the stream")
-            return
-        logger.info("steering: median residual norm per layer %s",
-                    {k: round(v, 1) for k, v in compiler.layer_norms.items()})
 
     def shutdown(self) -> None:
         if self.engine is not None:

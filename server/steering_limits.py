@@ -1,6 +1,6 @@
 """The API server's bounds on steered requests, decided before anything is sent to the engine.
 
-* Slots: a request whose steering changes the model holds a :class:`steering.slots.SlotGate`
+* Slots: a request whose steering changes the model holds a :class:`steering.worker.slots.SlotGate`
   lease from admission (before any response or stream starts) until its generation ends; no slot
   in time (``--max-steering-waiters`` already waiting, or ``--steering-queue-timeout`` passed) is
   a 429 ``steering_capacity_exceeded`` with ``Retry-After``.
@@ -11,10 +11,10 @@
   (``steering_drop_readout``) when the request ends without popping it (error, abort, client gone).
 * Seating: after each steered generation the workers are asked, once for every request that
   ended meanwhile, which of them they could not seat (``steering_take_unseated``; see
-  :mod:`steering.slots`); such a request fails with 503 ``steering_unavailable``.
-* Raw-vector norms: :func:`measure_layer_norms` reads each steerable layer's median residual norm
-  once at start (one prefill with a capture readout); the compiler bounds raw vectors by it
-  (``SteeringCompiler.layer_norms``, see steering/request.py).
+  :mod:`steering.worker.slots`); such a request fails with 503 ``steering_unavailable``.
+* Raw-vector norms: :func:`server.steering_setup.measure_layer_norms` reads each steerable layer's
+  median residual norm once at start (one prefill with a capture readout); the compiler bounds
+  raw vectors by it (``SteeringCompiler.layer_norms``, see steering/request.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 from server.errors import CapacityExceeded, InvalidRequest
 from server.metrics import Metrics
 from steering.request import CompiledSteering
-from steering.slots import SlotGate, SlotLease, SlotsBusy
+from steering.worker.slots import SlotGate, SlotLease, SlotsBusy
 
 logger = logging.getLogger(__name__)
 
@@ -172,40 +172,3 @@ class SteeringLimits:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-
-# -- the norms raw vectors are bounded by -----------------------------------------------------
-CALIBRATION_TEXT = (
-    "The library opens at nine in the morning. Visitors borrow books, read the newspapers and use "
-    "the computers; children come after school to do their homework, and on Saturdays there is a "
-    "story hour for the youngest readers, followed by a small market in the square outside.")
-"""A plain, neutral text whose residual norms stand for "a typical stream" (position 0, the
-attention sink, is excluded, as in the packs' calibration)."""
-
-
-async def measure_layer_norms(engine: Any, tokenizer: Any, layers: list[int],
-                              hidden_size: int) -> dict[int, float]:
-    """Median residual-stream norm at each of ``layers``: one prefill of
-    :data:`CALIBRATION_TEXT` through the real engine with a capture readout (as inspect does)."""
-    import uuid
-
-    import numpy as np
-
-    from steering.program import SteeringProgram
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    rid = f"steer-calibration-{uuid.uuid4().hex}"
-    compiled = CompiledSteering(program=SteeringProgram(hidden_size=hidden_size), apply_to="all",
-                                return_activations=True, capture=tuple(layers), salt=rid)
-    params = SamplingParams(max_tokens=1, temperature=0.0,
-                            extra_args=compiled.extra_args(readout_key=rid))
-    prompt = TokensPrompt(prompt_token_ids=list(tokenizer.encode(CALIBRATION_TEXT)))
-    prompt["cache_salt"] = compiled.cache_salt
-    async for _ in engine.generate(prompt, params, rid):
-        pass
-    per_rank = await engine.collective_rpc("steering_readout", args=(rid,))
-    norms: dict[int, list[float]] = {}
-    for kind, layer, pos, values in per_rank[0] or []:
-        if kind == "resid" and pos > 0:
-            norms.setdefault(layer, []).append(float(np.linalg.norm(np.asarray(values, np.float64))))
-    return {layer: float(np.median(v)) for layer, v in sorted(norms.items()) if v}

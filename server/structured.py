@@ -7,7 +7,7 @@ time); their meaning is vLLM's: :func:`structured_outputs` builds vLLM's
 ``response_format`` on top, exactly as ``vllm serve`` does. The grammar itself (JSON schema,
 regex, choice, EBNF/Lark grammar) is compiled by vLLM's structured-output backend in the engine;
 a schema or grammar the backend rejects is a 400 naming the field (see
-:func:`server.generation.run`).
+:func:`server.runner.run`).
 """
 
 from __future__ import annotations

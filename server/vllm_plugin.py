@@ -11,7 +11,7 @@ and clients send ``extra_body={"vllm_xargs": {"steering": json.dumps(steering_ob
 same object as ``steer serve``'s ``steering`` field, as a JSON string (vLLM's ``vllm_xargs`` only
 carries strings and numbers). vLLM passes ``vllm_xargs`` to the workers as
 ``SamplingParams.extra_args``; the worker shim compiles the string with the configured packs
-(:class:`steering.vllm_shim.SpecCompiler`) into the same program ``steer serve`` would send.
+(:class:`steering.worker.vllm_shim.SpecCompiler`) into the same program ``steer serve`` would send.
 
 What this middleware adds on ``POST /v1/chat/completions``, ``/v1/completions`` and
 ``/v1/responses`` when ``vllm_xargs.steering`` is present (everything else passes untouched):
@@ -26,7 +26,7 @@ What this middleware adds on ``POST /v1/chat/completions``, ``/v1/completions`` 
 * **Prefix-cache isolation**: the body's ``cache_salt`` becomes the configuration's salt
   (``steer-<hash>``; with a client salt, a hash of both), so KV blocks are never shared between
   different steering, or between steered and unsteered requests.
-* **Slots**: a steered request holds a :class:`steering.slots.SlotGate` lease for its
+* **Slots**: a steered request holds a :class:`steering.worker.slots.SlotGate` lease for its
   configuration from before it is forwarded until its response has been sent (or its client
   left). With ``max_slots`` distinct configurations in flight, a request for another one waits,
   first come first served, at most ``queue_timeout`` seconds and with at most ``max_waiters``
@@ -40,6 +40,13 @@ What this middleware adds on ``POST /v1/chat/completions``, ``/v1/completions`` 
 Options: ``--additional-config '{"steering": {...}, "steering_api": {...}}'`` with the keys of
 :class:`PluginOptions`. The worker side (``steering`` section) is :class:`SteeringConfig` plus its
 ``packs``. Requests the vLLM API key guard would refuse pass through untouched (vLLM answers 401).
+The plugin is an adapter of ``steer serve``'s steering setup
+(:class:`server.steering_setup.SteeringSetup`: limits and their defaults, compiler, slot gate,
+norm measurement), built from those two sections.
+
+Over 400 lines because it is one ASGI adapter: reading and replaying bodies, vLLM's API-key
+guard, the steered and other routes, the slot lease and the seating audit all act on the same
+request flow; the steering itself (compiling, packs, norms, limits) is the shared setup's.
 """
 
 from __future__ import annotations
@@ -48,15 +55,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from http import HTTPStatus
 from typing import Any
 
+from server.steering_setup import SteeringSetup
 from steering.config import SteeringConfig
-from steering.request import DEFAULT_MAX_VECTOR_NORM, CompiledSteering
-from steering.slots import SlotGate, SlotsBusy
+from steering.request import CompiledSteering
+from steering.worker.slots import SlotsBusy
 from steering.spec import SteeringError
 from steering.wire import EXTRA_ARGS_KEY
 
@@ -80,20 +89,20 @@ STEERED_ROUTES = {"/v1/chat/completions": "chatcmpl", "/v1/completions": "cmpl",
 
 @dataclass
 class PluginOptions:
-    """API-server options of the plugin (``additional_config["steering_api"]``)."""
+    """API-server options of the plugin (``additional_config["steering_api"]``; null is None).
+    Each is a :class:`SteeringSetup` field, with its default and meaning."""
 
-    queue_timeout: float | None = 30.0
-    """Seconds a steered request waits for a slot (null: forever; 0: never waits), then 429."""
-    max_waiters: int | None = None
-    """Steered requests that may wait for a slot at once (null: 4 × max_slots); one more: 429."""
-    max_vector_norm: float = DEFAULT_MAX_VECTOR_NORM
-    """F: largest ‖scale·v‖ (and |clamp target|) of a raw vector in units of its layer's median
-    residual norm (as ``--max-steering-vector-norm``)."""
-    measure_norms: bool = True
-    """Measure the layers' residual norms (one prefill, on the first steered request); off: raw
-    vectors are bounded by max_strength and the float32 limits only."""
-    max_body_bytes: int = 8 * 2**20
-    """Largest JSON body on a POST route (steering is looked for in each): beyond it, 413."""
+    queue_timeout: float | None = SteeringSetup.queue_timeout
+    """:attr:`SteeringSetup.queue_timeout` (``steer serve --steering-queue-timeout``)."""
+    max_waiters: int | None = SteeringSetup.max_waiters
+    """:attr:`SteeringSetup.max_waiters` (``steer serve --max-steering-waiters``)."""
+    max_vector_norm: float = SteeringSetup.max_vector_norm
+    """:attr:`SteeringSetup.max_vector_norm` (``steer serve --max-steering-vector-norm``)."""
+    measure_norms: bool = SteeringSetup.measure_norms
+    """:attr:`SteeringSetup.measure_norms`, here on the first steered request with vectors."""
+    max_body_bytes: int = SteeringSetup.max_request_bytes
+    """:attr:`SteeringSetup.max_request_bytes`: the largest body on any POST route (each is
+    searched for steering)."""
     audit: bool = True
     """Ask the workers after each steered chat/completion whether they seated it."""
 
@@ -109,6 +118,13 @@ class PluginOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def setup(self, cfg: SteeringConfig) -> SteeringSetup:
+        """The steering setup of a server whose workers run ``cfg`` (their packs included)."""
+        return SteeringSetup(config=cfg, max_vector_norm=self.max_vector_norm,
+                             queue_timeout=self.queue_timeout, max_waiters=self.max_waiters,
+                             max_request_bytes=self.max_body_bytes,
+                             measure_norms=self.measure_norms)
 
 
 class PluginError(Exception):
@@ -173,29 +189,26 @@ def find_steering(obj: Any, depth: int = 0) -> bool:
 
 # -- per-server state ------------------------------------------------------------------------
 class SteeringPlugin:
-    """The compiler, gate and options of one vLLM server (built on first use)."""
+    """The steering setup, compiler, gate and options of one vLLM server (built on first use)."""
 
     def __init__(self, cfg: SteeringConfig, compiler: Any, options: PluginOptions | None = None,
                  engine_client: Any = None, model_config: Any = None) -> None:
         self.cfg = cfg
-        self.compiler = compiler
         self.options = options or PluginOptions()
-        self.compiler.max_vector_norm = self.options.max_vector_norm
+        self.setup = self.options.setup(cfg)
+        self.compiler = compiler
+        self.compiler.max_vector_norm = self.setup.max_vector_norm
         self.engine_client = engine_client
         self.model_config = model_config
-        self.gate = SlotGate(cfg.max_slots, queue_timeout=self.options.queue_timeout,
-                             max_waiters=self.options.max_waiters)
-        self._norms_tried = not self.options.measure_norms
+        self.gate = self.setup.slot_gate()
+        self._norms_tried = not self.setup.measure_norms
         self._norms_lock = asyncio.Lock()
 
     @classmethod
     def from_vllm_config(cls, vllm_config: Any, engine_client: Any = None) -> SteeringPlugin:
         """From the server's VllmConfig; RuntimeError when the server was started without our
-        worker's ``additional_config`` steering section."""
-        import os
-
-        from steering.vllm_shim import build_compiler
-
+        worker's ``additional_config`` steering section. The compiler loads the workers' packs
+        exactly as the workers do (:meth:`SteeringSetup.build_compiler`)."""
         extra = getattr(vllm_config, "additional_config", None) or {}
         if STEERING_SECTION not in extra:
             raise RuntimeError(
@@ -206,13 +219,14 @@ class SteeringPlugin:
         mc = vllm_config.model_config
         hf = mc.hf_text_config
         model_dir = str(mc.model)
-        compiler = build_compiler(cfg, int(hf.hidden_size), int(hf.num_hidden_layers),
-                                  model_dir if os.path.isdir(model_dir) else None)
+        compiler = options.setup(cfg).build_compiler(
+            hf.hidden_size, hf.num_hidden_layers,
+            model_dir=model_dir if os.path.isdir(model_dir) else None)
         return cls(cfg, compiler, options, engine_client, mc)
 
     async def compile(self, text: Any) -> CompiledSteering | None:
         """Parse and compile ``vllm_xargs.steering``; SteeringError when it is invalid."""
-        from steering.vllm_shim import parse_spec_string
+        from steering.worker.vllm_shim import parse_spec_string
 
         spec = parse_spec_string(text)
         if spec.get("vectors"):
@@ -220,35 +234,18 @@ class SteeringPlugin:
         return self.compiler.compile(spec)
 
     async def _measure_norms(self) -> None:
-        """The raw-vector bound of ``steer serve``: the median residual norm per steerable
-        layer, measured once through the engine (see server/steering_limits.py)."""
+        """The raw-vector bound of ``steer serve`` (:meth:`SteeringSetup.apply_layer_norms`),
+        measured once through the engine client, with the served tokenizer."""
         if self._norms_tried:
             return
         async with self._norms_lock:
             if self._norms_tried:
                 return
             self._norms_tried = True
-            if self.engine_client is None or self.model_config is None:
-                logger.warning("steering: no engine to measure residual norms with; raw vectors "
-                               "are bounded by the float32 limits only")
-                return
-            try:
-                from transformers import AutoTokenizer
-
-                from server.steering_limits import measure_layer_norms
-
-                tok = await asyncio.to_thread(AutoTokenizer.from_pretrained,
-                                              str(self.model_config.tokenizer))
-                norms = await asyncio.wait_for(measure_layer_norms(
-                    self.engine_client, tok, self.compiler.layers_list,
-                    self.compiler.hidden_size), 300)
-            except Exception:  # noqa: BLE001  (serve anyway, with the float32 bounds)
-                logger.exception("steering: measuring the layers' residual norms failed; raw "
-                                 "vectors are bounded by the float32 limits only")
-                return
-            self.compiler.layer_norms = norms
-            logger.info("steering: median residual norm per layer %s",
-                        {k: round(v, 1) for k, v in norms.items()})
+            mc = self.model_config
+            await self.setup.apply_layer_norms(
+                self.compiler, self.engine_client if mc is not None else None,
+                str(mc.tokenizer) if mc is not None else None)
 
     async def unseated(self, key: str) -> bool:
         """Whether a worker ran the request whose engine id contains ``key`` unsteered."""

@@ -35,8 +35,14 @@ a raw vector's dose exactly as it bounds a named feature's (strength s adds s/4 
 norm). ``DEFAULT_MAX_VECTOR_NORM`` = 4: the bundled features degrade at ≈ 0.5 × ‖h‖ and collapse
 into gibberish by ≈ 2 × ‖h‖, so 4 × admits every useful dose (and experiments well past the
 collapse) while refusing pushes that only blow up the stream; a key's policy may pass a smaller
-F (``compile(..., max_vector_norm=)``). Without measured norms (unit tests) only the float32
+F for the request's own vectors (``compile(..., key_bound=KeyBound(F_key, first))``: a vector the
+server accepts but the key's F refuses raises :class:`KeyBoundExceeded` once the rest compiled,
+so a request the server refuses anyway gets that 400). Without measured norms (unit tests) only the float32
 checks and an absolute bound (‖scale·v‖² finite in float32, what RMSNorm squares) apply.
+
+Over 400 lines because the compiler is one class whose methods share the semantics above:
+features, raw vectors, conditions and monitors all place entries in the same program under the
+same bounds; the program's tables are :mod:`steering.program`, the wire record :mod:`steering.wire`.
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ from steering.spec import (
 )
 from steering.wire import ApplyTo, WireRecord
 
-__all__ = ["CompiledSteering", "SteeringCompiler", "SteeringError"]
+__all__ = ["CompiledSteering", "KeyBound", "KeyBoundExceeded", "SteeringCompiler", "SteeringError"]
 
 DEFAULT_MAX_VECTOR_NORM = 8.0
 """F: the largest ‖scale·v‖ (and |clamp target|) of a raw vector, in units of its layer's median
@@ -169,6 +175,25 @@ class CompiledSteering:
         return int(positions) * per_position
 
 
+@dataclass(frozen=True)
+class KeyBound:
+    """A stricter F for the request's own raw vectors (a key's policy ``max_vector_norm``)."""
+
+    factor: float
+    """The key's F, in units of the layer's median residual norm."""
+    first: int = 0
+    """The request's own vectors are ``spec.vectors[first:]`` (a preset's and a variant's come
+    first and are exempt); the error's param counts from here, as the request wrote them."""
+
+
+class KeyBoundExceeded(SteeringError):
+    """A request's own raw vector that the server's bound admits and the key's refuses."""
+
+    def __init__(self, message: str, param: str, factor: float) -> None:
+        super().__init__(message, param)
+        self.factor = factor
+
+
 def _bounded(x: float, bound: float, param: str, what: str) -> float:
     if abs(x) > bound:
         raise SteeringError(f"|{what}| = {abs(x):g} exceeds the server maximum {bound:g}", param)
@@ -199,11 +224,14 @@ class SteeringCompiler:
 
     # -- entry point --------------------------------------------------------------------
     def compile(self, payload: SteeringSpec | dict[str, Any] | None, *,
-                max_vector_norm: float | None = None) -> CompiledSteering | None:
+                max_vector_norm: float | None = None,
+                key_bound: KeyBound | None = None) -> CompiledSteering | None:
         """None when the payload asks for nothing; SteeringError on any invalid field.
 
-        ``max_vector_norm``: a stricter F for this request (a key's policy); the server's
-        ``self.max_vector_norm`` still applies when it is smaller."""
+        ``max_vector_norm``: a stricter F for every vector of this request; the server's
+        ``self.max_vector_norm`` still applies when it is smaller. ``key_bound``: a stricter F
+        for the request's own vectors only, checked after everything else compiled
+        (:class:`KeyBoundExceeded`)."""
         if payload is None:
             return None
         factor = min(self.max_vector_norm, self.cfg.max_strength * DOSE_FRACTION)
@@ -239,9 +267,13 @@ class SteeringCompiler:
             label = None if feat.kind == "lowrank" else item["feature"]
             if not _label_entries(program, placed, label, labels) or label is None:
                 probes.append((item["feature"], feat))
+        key_errors: list[KeyBoundExceeded] = []
         for i, vector in enumerate(spec.vectors):
             placed = _entry_counts(program)
-            applied.append(self._vector(program, i, vector, factor))
+            key = None
+            if key_bound is not None and i >= key_bound.first:
+                key = (min(factor, float(key_bound.factor)), f"steering.vectors[{i - key_bound.first}]")
+            applied.append(self._vector(program, i, vector, factor, key, key_errors))
             _label_entries(program, placed, f"vectors[{i}]", labels)
         for layer, lp in program.layers.items():
             if lp.num_entries > self.cfg.max_features:
@@ -255,6 +287,8 @@ class SteeringCompiler:
             raise SteeringError(f"{len(program.conditions)} distinct conditions exceed the server "
                                 f"maximum {MAX_CONDITIONS}", "steering")
         monitors = [self._monitor(i, m) for i, m in enumerate(spec.monitors)]
+        if key_errors:  # the server admits it all: the key's bound is what refuses it
+            raise KeyBoundExceeded(key_errors[0].message, key_errors[0].param, float(key_bound.factor))
         readout = spec.return_activations
         capture = tuple(sorted({f.layer for _, f in probes})) if readout else ()
         return CompiledSteering(program, spec.apply_to, readout, applied, capture=capture,
@@ -426,9 +460,28 @@ class SteeringCompiler:
         return factor * norm, (f"{factor:g} × the median residual norm at layer {layer} "
                                f"({norm:.4g})")
 
+    def _within_key(self, key: tuple[float, str] | None, errors: list[KeyBoundExceeded],
+                    layer: int, value: float, v_norm: float, what: str) -> None:
+        """Record (in ``errors``) where ``value`` (‖scale·v‖ or |target|) exceeds the key's
+        stricter bound ``key = (F, own param)``, worded as the bound's own 400 would be."""
+        if key is None:
+            return
+        bound, why = self._norm_bound(layer, key[0])
+        if value <= bound:
+            return
+        own = key[1]
+        if what == "target":
+            message, param = f"|target| = {value:.4g} exceeds {bound:.4g} ({why})", f"{own}.target"
+        else:
+            message = f"‖scale·v‖ = {value:.4g} exceeds {bound:.4g} ({why})"
+            param = f"{own}.{what}" if v_norm > bound else f"{own}.scale"
+        errors.append(KeyBoundExceeded(message, param, key[0]))
+
     def _vector(self, program: SteeringProgram, i: int, vector: VectorSpec,
-                factor: float = DEFAULT_MAX_VECTOR_NORM) -> dict[str, Any]:
+                factor: float = DEFAULT_MAX_VECTOR_NORM, key: tuple[float, str] | None = None,
+                key_errors: list[KeyBoundExceeded] | None = None) -> dict[str, Any]:
         param = f"steering.vectors[{i}]"
+        key_errors = key_errors if key_errors is not None else []
         layer = self._check_layer(vector.layer, f"{param}.layer")
         mode = vector.mode
         v = self._decode_values(vector, param)
@@ -448,6 +501,7 @@ class SteeringCompiler:
                 raise SteeringError(
                     f"‖scale·v‖ = {norm:.4g} exceeds {bound:.4g} ({why})",
                     values_param if v_norm > bound else f"{param}.scale")
+            self._within_key(key, key_errors, layer, norm, v_norm, values_param.rsplit(".", 1)[1])
             if cond:  # gated: an entry 0·act + 1 (its readout: the projection on v̂)
                 unit = v / v_norm if v_norm > 0 else np.zeros_like(v)
                 lp.add_entry(unit, scale * v, alpha=0.0, beta=1.0, cond=cond)
@@ -467,6 +521,7 @@ class SteeringCompiler:
             if abs(t) > bound:
                 raise SteeringError(f"|target| = {abs(t):.4g} exceeds {bound:.4g} ({why})",
                                     f"{param}.target")
+            self._within_key(key, key_errors, layer, abs(t), norm, "target")
             lp.add_entry(unit, unit, alpha=-1.0, beta=t, cond=cond)
             out["target"] = t
         elif mode == "scale":
@@ -499,3 +554,22 @@ def _readout(feat: Feature) -> tuple[np.ndarray, float, float, bool]:
     if feat.kind == "sae":
         return np.asarray(feat.encoder, dtype=np.float64), float(feat.bias), float(feat.threshold), True
     return feat.unit_direction(), 0.0, 0.0, False
+
+
+def build_compiler(cfg: SteeringConfig, hidden_size: int, num_layers: int,
+                   model_dir: str | None = None, *, packs: FeatureSource | None = None,
+                   max_vector_norm: float = DEFAULT_MAX_VECTOR_NORM) -> SteeringCompiler:
+    """The compiler of ``steer serve``, of the stock-vLLM plugin and of its workers, built one
+    way so the same spec compiles to the same program everywhere: over ``packs`` when given
+    (``steer serve`` loads its packs before the engine starts), else over ``cfg.packs`` loaded for
+    the model in ``model_dir`` (:func:`steering.packs.registry.load_config_packs`; none: no
+    packs). ``max_vector_norm`` is the server's F (the workers measure no norms: it bounds
+    nothing there)."""
+    if packs is None:
+        from steering.packs.registry import load_config_packs
+
+        packs = load_config_packs(cfg.packs, model_dir)
+    compiler = SteeringCompiler(cfg, hidden_size=hidden_size, num_layers=num_layers,
+                                feature_source=packs)
+    compiler.max_vector_norm = max_vector_norm
+    return compiler

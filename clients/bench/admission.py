@@ -113,7 +113,7 @@ def micro(repeats: int = 7, n: int = 50, d: int = 576, layers: int = 30) -> dict
 
     from steering.config import SteeringConfig
     from steering.request import SteeringCompiler
-    from steering.runtime import SteeringRuntime
+    from steering.worker.runtime import SteeringRuntime
 
     cfg = SteeringConfig()
     comp = SteeringCompiler(cfg, d, layers)

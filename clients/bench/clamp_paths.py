@@ -1,5 +1,5 @@
 """The two ways the worker computes clamp entries with host gating, timed against each other, to
-place ``steering.runtime.GATHER_ABOVE_SLOTS`` (where gathering each token's rows starts to win).
+place ``steering.worker.runtime.GATHER_ABOVE_SLOTS`` (where gathering each token's rows starts to win).
 
     python -m clients.bench.clamp_paths                     # the grid below, ~2 min on the 2-core CPU
     python -m clients.bench.clamp_paths --tokens 16 --slots 2,17 --k 8 --json out.json
@@ -21,7 +21,7 @@ import time
 import torch
 
 from clients.bench.gpu_op import make_runtime
-from steering import runtime as rt_mod
+from steering.worker import runtime as rt_mod
 
 
 def _time(fn, calls: int, repeats: int) -> float:

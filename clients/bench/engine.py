@@ -70,7 +70,7 @@ def build_engine(c: EngineBenchConfig, steering_cfg=None):
     """A vLLM ``LLM``; with the steering plugin when ``steering_cfg`` is given."""
     from vllm import LLM
 
-    from steering.vllm_shim import engine_kwargs
+    from steering.worker.vllm_shim import engine_kwargs
 
     kw = engine_kwargs(steering_cfg) if steering_cfg is not None else {}
     return LLM(model=c.model, dtype=c.dtype, enforce_eager=c.enforce_eager, seed=0, max_model_len=1024,

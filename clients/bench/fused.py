@@ -1,6 +1,6 @@
 """A fused Triton kernel for the steering op (CUDA only; a candidate measured by clients/bench/gpu_op.py).
 
-Semantics (the same as :mod:`steering.runtime`; token t, slot s = slots[t], x = hidden + residual):
+Semantics (the same as :mod:`steering.worker.runtime`; token t, slot s = slots[t], x = hidden + residual):
     x ← x + add[s]
     pre_k = enc[s,k]·x + bias[s,k];  act_k = 0 if rect[s,k] and pre_k <= theta[s,k] else pre_k
     hidden[t] ← hidden[t] + add[s] + Σ_k (alpha[s,k]·act_k + beta[s,k])·dec[s,k]
@@ -67,7 +67,7 @@ def available(device: torch.device) -> bool:
 
 def steer_fused(hidden: torch.Tensor, residual: torch.Tensor, token_slots: torch.Tensor, tab,
                 k: int) -> None:
-    """Apply one site's tables (:class:`steering.runtime.SiteTables`) to ``hidden`` [T, d] in place."""
+    """Apply one site's tables (:class:`steering.worker.runtime.SiteTables`) to ``hidden`` [T, d] in place."""
     T, d = hidden.shape
     k_pad = max(triton.next_power_of_2(max(k, 1)), 2)
     # d-chunk: ~8K elements per [K_PAD, BD] tile, at most d; fewer, longer steps than BD = 64.

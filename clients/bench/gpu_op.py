@@ -1,7 +1,7 @@
 """Op-level check: the steering op's time against one Llama-3-8B-sized decoder layer.
 
 vLLM itself cannot run on the lent GPU machines, but torch can, so this times the very op the
-engine calls (``torch.ops.steering.steer_`` over a :class:`steering.runtime.SteeringRuntime`) next
+engine calls (``torch.ops.steering.steer_`` over a :class:`steering.worker.runtime.SteeringRuntime`) next
 to a decoder layer of Llama-3-8B's shape (d = 4096, 32 query / 8 KV heads, MLP 14336, random
 weights, bf16) doing one decode step for T sequences with ``--context`` cached positions each.
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from steering import runtime as rt_mod  # noqa: E402
+from steering.worker import runtime as rt_mod  # noqa: E402
 from clients.bench import fused  # noqa: E402
 from steering.config import SteeringConfig  # noqa: E402
 

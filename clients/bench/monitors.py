@@ -10,7 +10,7 @@ A flag monitor never ends a generation (``ignore_eos`` keeps every request at ``
 arms generate the same number of tokens; its threshold is unreachable (1e4) so only the cost of
 reading it is measured, not the cost of reporting triggers. Monitored steps pay one host copy per
 monitored layer, and a streamed monitored request reads its results from the workers at most
-every ``server.generation.MONITOR_POLL_S`` (a collective RPC).
+every ``server.runner.MONITOR_POLL_S`` (a collective RPC).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """``steer pack calibrate PACK``, and rebuilds (``build-contrastive``, ``train-sae``) that run it.
 
-The pack subcommands live in :mod:`steering.packs.cli`, which cannot reach the eval (it needs a
+The pack subcommands live in :mod:`steering.builders.cli`, which cannot reach the eval (it needs a
 server and the scorers); ``steer`` adds ``calibrate`` to them here and wraps the two builders so a
 rebuilt pack is calibrated unless ``--no-calibrate``. See :mod:`clients.eval.calibrate`.
 """

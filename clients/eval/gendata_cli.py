@@ -14,7 +14,7 @@ import httpx
 from clients.eval import gendata
 from clients.eval.gendata import TRAIN_PROMPTS, GenConfig
 from clients.eval.harness import DEFAULT_SERVE_ARGS, EvalError
-from steering.packs.contrastive import RecipeError, load_recipe
+from steering.builders.contrastive import RecipeError, load_recipe
 
 
 def add_gendata_parser(pack_sub: argparse._SubParsersAction) -> None:

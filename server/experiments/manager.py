@@ -18,6 +18,10 @@ the store, and the calls the app and routes make.
   changes and deletions made through any server). A refreshed definition that does not compile
   on this server is handled as at start-up: logged, kept. A failing store keeps the last good
   definitions (logged once per outage, counted as ``op="refresh"``).
+
+Over 400 lines because it is the one facade the routes and the request pipeline call: the
+in-memory definitions, their checks against this engine, and the store calls all guard the
+same state under one lock; the parts with no state of their own live in the modules named above.
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ from server.experiments.writer import QueueFull, StoreWriter, WriteLimits, Write
 from steering.spec import SteeringError, SteeringSpec
 
 if TYPE_CHECKING:
-    from server.generation import Job
+    from server.runner import Job
     from server.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -455,7 +459,7 @@ class ExperimentManager:
                 for base in self.state.served_names for name in sorted(self.presets)]
 
     def route(self, req: Any, headers: Any, *, admin: bool = False) -> Routing:
-        """Resolve presets / experiments of ``req`` in place (:func:`.routing.route`); ``admin``:
+        """Resolve presets / experiments of ``req`` (:func:`.routing.route`); ``admin``:
         the caller's key is an admin's (it may override an experiment variant's steering)."""
         return routing.route(req, headers, served_names=self.state.served_names,
                              presets=self.presets, experiments=self.experiments,

@@ -20,7 +20,7 @@ from server.experiments.routing import Routing
 from server.experiments.store import OUTCOMES, Exposure
 
 if TYPE_CHECKING:
-    from server.generation import Job
+    from server.runner import Job
 
 MAX_LABELLED_EXPERIMENTS = 32
 OTHER = "_other"

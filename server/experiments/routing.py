@@ -62,6 +62,9 @@ class Routing:
     own: SteeringSpec | None = None
     """The request's own steering layer, before presets and variants were merged under it (what a
     key's policy checks in full: :func:`server.policy.check`)."""
+    steering: SteeringSpec | None = None
+    """The steering to run: the preset's and the variant's layers under the request's own (a new
+    spec; the request itself is never changed). None: no steering."""
 
     def headers(self) -> dict[str, str]:
         if self.experiment is None:
@@ -83,8 +86,9 @@ class Routing:
 def route(req: Any, headers: Mapping[str, str] | None, *, served_names: Sequence[str],
           presets: Mapping[str, Preset], experiments: Mapping[str, Experiment],
           packs: Any = None, admin: bool = False) -> Routing:
-    """Resolve presets / experiments of ``req`` in place: ``req.model`` becomes the base model
-    and ``req.steering`` the merged steering (without its ``experiment``). ``admin``: the caller's
+    """Resolve presets / experiments of ``req`` without changing it: ``routing.steering`` is the
+    merged steering (without its ``experiment``), ``routing.model`` the ``<base>:<suffix>`` name a
+    preset or experiment model was asked by. ``admin``: the caller's
     key is an admin's, who may override a variant's steering (see the module docstring)."""
     routing = Routing()
     preset, exp_name = _model_suffix(req, routing, served_names, presets, experiments)
@@ -116,9 +120,9 @@ def route(req: Any, headers: Mapping[str, str] | None, *, served_names: Sequence
     routing.own = steering
     preset_layer = preset.steering if preset is not None else None
     if preset_layer is not None or variant_layer is not None:
-        req.steering = merge(*(canonical(x, packs) for x in (preset_layer, variant_layer, steering)))
-    elif steering is not req.steering:
-        req.steering = steering
+        routing.steering = merge(*(canonical(x, packs) for x in (preset_layer, variant_layer, steering)))
+    else:
+        routing.steering = steering
     return routing
 
 
@@ -135,7 +139,7 @@ def _override(own: SteeringSpec | None, preset: Preset | None) -> str | None:
 def _model_suffix(req: Any, routing: Routing, served_names: Sequence[str],
                   presets: Mapping[str, Preset], experiments: Mapping[str, Experiment],
                   ) -> tuple[Preset | None, str | None]:
-    """The preset or experiment that ``<base>:<suffix>`` names (``req.model`` becomes ``base``)."""
+    """The preset or experiment that ``<base>:<suffix>`` names (``routing.model`` records it)."""
     model = req.model
     if not isinstance(model, str) or ":" not in model:
         return None, None
@@ -155,7 +159,6 @@ def _model_suffix(req: Any, routing: Routing, served_names: Sequence[str],
                 raise ModelNotFound(f"The model '{model}' does not exist: no preset "
                                     f"named {suffix!r}", "model")
         routing.model = model
-        req.model = base
         return preset, exp_name
     return None, None
 

@@ -20,6 +20,9 @@ only when it differs from the one the caller last saw, which is how servers shar
 pick up each other's changes cheaply (see :meth:`server.experiments.manager.ExperimentManager.refresh`).
 
 Units are stored only as sha256 hashes, never raw user ids.
+
+Over 400 lines because both backends share every query and migration here, so each SQL
+statement is written once; only connecting and locking differ per backend (:mod:`.postgres`).
 """
 
 from __future__ import annotations

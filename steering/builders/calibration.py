@@ -17,7 +17,7 @@ inspect: ``p99 / scale`` is "the strongest natural activation in strength units"
 
 The recommended ``strength_range`` is where generations stayed coherent in our checks
 (see feature_packs/README.md). The calibration corpus is the ``calibration`` split of the
-offline corpora (:mod:`steering.packs.corpora`), or, in tests/tiny recipes, a list of texts.
+offline corpora (:mod:`steering.builders.corpora`), or, in tests/tiny recipes, a list of texts.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from steering.packs import collect, corpora
+from steering.builders import collect, corpora
 from steering.packs.manifest import dose_scale
 
 CAL_MAX_TOKENS = 192

@@ -1,7 +1,7 @@
 """``steer pack ...``: build, import, export, validate and list feature packs.
 
 The server CLI adds these with :func:`add_pack_parser` (``steer pack build-contrastive ...``);
-``python -m steering.packs.cli ...`` runs them standalone.
+``python -m steering.builders.cli ...`` runs them standalone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def _print(obj) -> None:
 
 
 def _build_contrastive(a) -> int:
-    from steering.packs.contrastive import build_contrastive, summary
+    from steering.builders.contrastive import build_contrastive, summary
 
     p = build_contrastive(a.recipe, a.out, a.model, progress=not a.quiet)
     print(summary(p))
@@ -28,7 +28,7 @@ def _build_contrastive(a) -> int:
 
 
 def _train_sae(a) -> int:
-    from steering.packs import sae
+    from steering.builders import sae
     from steering.packs.manifest import read_manifest
 
     opts = sae.load_sae_recipe(a.config) if a.config else {}
@@ -45,7 +45,7 @@ def _train_sae(a) -> int:
 
 
 def _train(a) -> int:
-    from steering.packs.trained import build_trained, summary
+    from steering.builders.trained import build_trained, summary
 
     overrides = {"method": a.method, "rank": a.rank, "steps": a.steps, "lr": a.lr,
                  "kl_weight": a.kl_weight, "time_budget_s": a.time_budget, "data": a.data_source,
@@ -59,21 +59,21 @@ def _train(a) -> int:
 
 
 def _import_saelens(a) -> int:
-    from steering.packs.importers import import_saelens
+    from steering.builders.importers import import_saelens
 
     print(import_saelens(a.dir, a.out, a.model, a.name, a.explanations, calibrate=not a.no_calibrate))
     return 0
 
 
 def _import_gguf(a) -> int:
-    from steering.packs.importers import import_gguf
+    from steering.builders.importers import import_gguf
 
     print(import_gguf(a.file, a.out, a.model, a.name))
     return 0
 
 
 def _export_gguf(a) -> int:
-    from steering.packs.importers import export_gguf
+    from steering.builders.importers import export_gguf
 
     feats = None
     if a.feature:
@@ -87,7 +87,7 @@ def _export_gguf(a) -> int:
 
 def _validate(a) -> int:
     from steering.packs.manifest import PackError
-    from steering.packs.importers import validate
+    from steering.builders.importers import validate
 
     model = a.model
     if model is None and not a.no_model:
@@ -103,7 +103,7 @@ def _validate(a) -> int:
 
 
 def _list(a) -> int:
-    from steering.packs.importers import list_packs
+    from steering.builders.importers import list_packs
 
     rows = list_packs(a.paths or None)
     if a.json:
@@ -157,7 +157,7 @@ def add_pack_parser(subparsers: argparse._SubParsersAction) -> argparse._SubPars
     s = sub.add_parser("train", help="train features (vectors, lowrank, multi-layer) from a recipe and its data",
                        description="Train each concept of a contrastive recipe by its train: options (a "
                        "preference-trained vector on one or several layers, a rank-r lowrank edit, or the "
-                       "mean_diff direction) on the recipe's pairs and gen-data's; see steering/packs/trained.py.")
+                       "mean_diff direction) on the recipe's pairs and gen-data's; see steering/builders/trained.py.")
     s.add_argument("recipe")
     s.add_argument("--data", default=None, help="folder of steer pack gen-data output (<concept>.jsonl)")
     s.add_argument("--data-source", dest="data_source", choices=("both", "generated", "recipe"), default=None,

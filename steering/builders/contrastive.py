@@ -25,7 +25,7 @@ pairs; the held-out pairs are projected on it and scored by paired accuracy and 
 of projected means over the pooled standard deviation). Unless ``layer`` is fixed, the earliest
 layer with the best held-out paired accuracy and a d′ within ``layer_tolerance`` (0.85) of the
 best d′ wins (earlier edits leave more computation to express the concept); the final direction is then recomputed on
-all pairs at that layer and calibrated (:mod:`steering.packs.calibration`).
+all pairs at that layer and calibrated (:mod:`steering.builders.calibration`).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from steering.packs import calibration as cal
-from steering.packs import collect
+from steering.builders import calibration as cal
+from steering.builders import collect
 from steering.packs.manifest import read_manifest
 from steering.packs.tensors import model_fingerprint
 from steering.packs.writer import PackWriter

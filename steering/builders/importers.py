@@ -135,15 +135,15 @@ def import_saelens(sae_dir: str | Path, out: str | Path | None = None,
         info["calibration"] = {"resid_norm_p50": _resid_norm(model_dir, layer)}
     w = PackWriter(label, version, fp, model_id=str(cfg.get("model_name") or ""),
                    description=f"SAELens SAE at {cfg.get('hook_name')} ({activation}, d_sae={d_sae})",
-                   license=license, provenance={"builder": "steering.packs.importers.import_saelens",
+                   license=license, provenance={"builder": "steering.builders.importers.import_saelens",
                                                 "source": str(sae_dir.name)})
     w.add_sae(sae, info=info, labels=labels if expl else None)
     return w.write(out or Path.cwd() / label, sae_dtype="float32")
 
 
 def _resid_norm(model_dir: Path, layer: int, samples: int = 24) -> float:
-    from steering.packs import calibration as cal
-    from steering.packs import collect
+    from steering.builders import calibration as cal
+    from steering.builders import collect
 
     model, tok = collect.load_model(model_dir)
     enc, _ = cal.calibration_samples(tok, {"corpus": ["chitchat", "wiki"], "samples": samples // 2})
@@ -189,7 +189,7 @@ def import_gguf(file: str | Path, out: str | Path | None = None, model_dir: str 
     fp = model_fingerprint(model_dir)
     w = PackWriter(label, "1.0.0", fp, model_id=str(hint), license=license,
                    description=f"control vector imported from {file.name}",
-                   provenance={"builder": "steering.packs.importers.import_gguf", "source": file.name})
+                   provenance={"builder": "steering.builders.importers.import_gguf", "source": file.name})
     for layer in sorted(dirs):
         v = dirs[layer]
         if v.shape != (fp["hidden_size"],):

@@ -3,14 +3,14 @@
 Pipeline (:func:`train_sae`, options :data:`DEFAULTS`): (1) :func:`collect_activations` streams
 chat-formatted samples from the offline corpora through the model and stores content-token
 activations at ``blocks.{L}.hook_resid_post`` in float16 shards (resumable: rerunning continues
-where it stopped); (2) :func:`~steering.packs.sae_train.train_topk_sae` fits a TopK SAE (Gao et
+where it stopped); (2) :func:`~steering.builders.sae_train.train_topk_sae` fits a TopK SAE (Gao et
 al. 2024) with unit-norm decoder rows and an AuxK loss against dead latents; (3)
-:func:`~steering.packs.sae_train.reconstruction_metrics` and
-:func:`~steering.packs.sae_train.downstream_loss` report normalized MSE, fraction of variance
+:func:`~steering.builders.sae_train.reconstruction_metrics` and
+:func:`~steering.builders.sae_train.downstream_loss` report normalized MSE, fraction of variance
 explained, L0, dead-latent % and the downstream CE-loss increase when the reconstruction
-replaces the stream; (4) :func:`~steering.packs.sae_label.label_latents` keeps each latent's
+replaces the stream; (4) :func:`~steering.builders.sae_label.label_latents` keeps each latent's
 top-activating contexts (top tokens + snippets) in a JSON sidecar; (5)
-:func:`~steering.packs.sae_label.match_concepts` matches named features to contrastive concept
+:func:`~steering.builders.sae_label.match_concepts` matches named features to contrastive concept
 directions by cosine and activation correlation; (6) everything is written as a pack.
 
 Activation of latent i in the pack (a "topk" SAE is stored as a ReLU SAE with threshold 0 plus
@@ -28,13 +28,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from steering.packs import calibration as cal
-from steering.packs import collect, corpora
-from steering.packs.contrastive import _git_rev
+from steering.builders import calibration as cal
+from steering.builders import collect, corpora
+from steering.builders.contrastive import _git_rev
 from steering.packs.manifest import dose_scale
 from steering.packs.registry import bundled_packs_dir
-from steering.packs.sae_label import label_latents, match_concepts, sparse_codes
-from steering.packs.sae_train import TopKSAE, downstream_loss, reconstruction_metrics, train_topk_sae
+from steering.builders.sae_label import label_latents, match_concepts, sparse_codes
+from steering.builders.sae_train import TopKSAE, downstream_loss, reconstruction_metrics, train_topk_sae
 from steering.packs.tensors import model_fingerprint
 from steering.packs.writer import PackWriter
 
@@ -260,7 +260,7 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
                    model_id="HuggingFaceTB/SmolLM2-135M-Instruct"
                    if "SmolLM2-135M-Instruct" in str(model_dir) else Path(str(model_dir)).name,
                    description=f"TopK SAE (k={o['k']}, d_sae={o['d_sae']}) on blocks.{layer}.hook_resid_post, "
-                               "trained by steering.packs.sae, latents labelled by top-activating contexts",
+                               "trained by steering.builders.sae, latents labelled by top-activating contexts",
                    license=str(o["license"]),
                    provenance={"builder": "steering.packs.sae/1", "git": _git_rev(),
                                "corpus": {"corpora": index["corpora"], "split": "train",

@@ -1,4 +1,4 @@
-"""Latent labels and concept matching (steps 4 and 5 of the SAE builder, :mod:`steering.packs.sae`).
+"""Latent labels and concept matching (steps 4 and 5 of the SAE builder, :mod:`steering.builders.sae`).
 
 :func:`label_latents` keeps each latent's top-activating contexts (top tokens, snippets with the
 activating token in «») for the labels sidecar, with per-latent p50/p99/max/frequency;
@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from steering.packs import collect, contrastive
-from steering.packs.sae_train import TopKSAE
+from steering.builders import collect, contrastive
+from steering.builders.sae_train import TopKSAE
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""TopK SAE training and evaluation (steps 2 and 3 of the SAE builder, :mod:`steering.packs.sae`).
+"""TopK SAE training and evaluation (steps 2 and 3 of the SAE builder, :mod:`steering.builders.sae`).
 
 :class:`TopKSAE` (Gao et al. 2024) is fitted by :func:`train_topk_sae` with unit-norm decoder rows
 and an AuxK loss against dead latents; :func:`reconstruction_metrics` reports normalized MSE,
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from steering.packs import collect
+from steering.builders import collect
 from steering.packs.format import SAE
 
 

@@ -24,6 +24,9 @@ reference distribution is computed per step (no gradient).
 Cost: a step runs B pairs (2B sequences) and ``kl_batch`` neutral texts forward and backward
 (only the layers from the first steered one on carry gradients); the LM head is applied only to
 completion positions. ``time_budget_s`` stops training early (the log says so).
+
+Over 400 lines because the two trained kinds share one loop: batching, the three loss terms,
+the norm projection and the held-out check are the same code for a vector and a rank-r edit.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from steering.hf import hf_decoder_layers
-from steering.packs import collect
+from steering.builders import collect
 
 Method = Literal["vector", "lowrank"]
 METHODS: tuple[str, ...] = ("vector", "lowrank")

@@ -1,6 +1,6 @@
-"""``steer pack train RECIPE``: a pack of trained features (see :mod:`steering.packs.train`).
+"""``steer pack train RECIPE``: a pack of trained features (see :mod:`steering.builders.train`).
 
-The recipe is a contrastive recipe (:mod:`steering.packs.contrastive`) with a ``train:`` mapping,
+The recipe is a contrastive recipe (:mod:`steering.builders.contrastive`) with a ``train:`` mapping,
 pack-wide and per concept (the concept's keys win, then the command line's)::
 
     train: {method: vector, layers: [6], steps: 120, data: generated}
@@ -10,7 +10,7 @@ pack-wide and per concept (the concept's keys win, then the command line's)::
       - name: humor
         train: {method: mean_diff}          # keep the contrastive direction for this one
 
-Keys: every :class:`~steering.packs.train.TrainConfig` field, plus ``method: mean_diff`` (the
+Keys: every :class:`~steering.builders.train.TrainConfig` field, plus ``method: mean_diff`` (the
 contrastive fit, layer scan and all) and ``data`` — ``generated`` (only the pairs of
 ``steer pack gen-data``: ``--data DIR/<concept>.jsonl``), ``recipe`` (only the recipe's pairs) or
 ``both`` (default: the generated pairs when the file exists, plus the recipe's).
@@ -39,16 +39,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from steering.packs import calibration as cal
-from steering.packs import collect, corpora
-from steering.packs.contrastive import (RecipeError, _git_rev, concept_activations, concept_pairs,
+from steering.builders import calibration as cal
+from steering.builders import collect, corpora
+from steering.builders.contrastive import (RecipeError, _git_rev, concept_activations, concept_pairs,
                                         fit_concept, load_recipe)
 from steering.packs.tensors import model_fingerprint
-from steering.packs.train import (METHODS, Pair, TrainConfig, TrainedFeature, layer_norms,
+from steering.builders.train import (METHODS, Pair, TrainConfig, TrainedFeature, layer_norms,
                                   mean_diff_init, train_feature)
 from steering.packs.writer import PackWriter
 
-BUILDER = "steering.packs.trained/1"
+BUILDER = "steering.builders.trained/1"
 DATA_CHOICES = ("both", "generated", "recipe")
 NEUTRAL_CORPORA = ("chitchat", "wiki")
 NEUTRAL_TEXTS = 256

@@ -1,4 +1,5 @@
-"""Feature packs: the on-disk format, the registry (a FeatureSource), builders and importers.
+"""Feature packs: the on-disk format and the registry (a FeatureSource) — the request-side core's
+view of packs. Builders and importers that write packs are :mod:`steering.builders`.
 
     from steering.packs import PackRegistry, model_fingerprint
     reg = PackRegistry.from_paths(["feature_packs"], model_dir)   # verified against the model
@@ -6,10 +7,8 @@
     reg.features(tag="tone"); reg.search("bridge"); reg.encode(12, h)
 
 Modules: ``manifest`` (the typed pack.json), ``tensors`` (sha256, safetensors, model
-fingerprint), ``format`` (load_pack, Pack, SAE), ``writer`` (PackWriter), ``registry``; builders
-``contrastive``, ``sae`` (+ ``sae_train``, ``sae_label``), ``calibration``, ``collect``,
-``corpora``; ``importers``; ``cli``. See steering/packs/README.md for the format, calibration
-units and the CLI.
+fingerprint), ``format`` (load_pack, Pack, SAE), ``writer`` (PackWriter), ``registry``. See
+steering/packs/README.md for the format, calibration units and the ``steer pack`` CLI.
 """
 
 from steering.packs.format import SAE, Pack, load_pack, validate_pack

@@ -131,7 +131,7 @@ class SAE:
         b = n·(b_enc[i] − W_enc[:, i]·b_dec), θ = n·threshold[i], d = W_dec[i]/n, so
         act'(h)·d = act(h)·W_dec[i] exactly and the feature's activation is measured in
         residual-stream units along d̂. ``scale`` c is the pack's dose unit
-        (``steering.packs.calibration``): DOSE_FRACTION × the layer's median residual norm when
+        (``steering.builders.calibration``): DOSE_FRACTION × the layer's median residual norm when
         the SAE records it (``resid_norm_p50``), else n·p99 of the latent, else 1.
         """
         if not 0 <= i < self.d_sae:

@@ -23,6 +23,9 @@ as is. Numbers are JSON numbers (``true`` is not 1, ``"3"`` is not 3) and must b
 (Over 400 lines on purpose: half are the per-field docstrings of the schema, and the schema,
 its cross-field checks and the wording of its errors stay in one module so that validation has
 one home.)
+
+Over 400 lines because it is the whole pack.json schema, one typed model per section, with
+the cross-field checks next to the fields they check.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Annotated, Any, Literal, Mapping, get_args
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from steering.features import MAX_RANK, FeatureKind, Mode
+from steering.validation import first_error, param_path
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "pack.json"
@@ -45,7 +49,7 @@ SITE = "blocks.{layer}.hook_resid_post"
 SaeActivation = Literal["relu", "jumprelu", "topk"]
 """SAELens activations: see :class:`steering.packs.format.SAE` for the formulas."""
 SAE_ACTIVATIONS: tuple[str, ...] = get_args(SaeActivation)
-# The dose unit (see steering.packs.calibration): scale = DOSE_FRACTION × median ‖h‖ at the layer.
+# The dose unit (see steering.builders.calibration): scale = DOSE_FRACTION × median ‖h‖ at the layer.
 DOSE_FRACTION = 0.25
 NO_EFFECT_TAG = "no-measured-effect"
 """Tag ``steer pack calibrate`` gives a feature whose steering moved its scorer at no dose
@@ -175,7 +179,7 @@ class Provenance(_Open):
 
 
 class PackCalibration(_Open):
-    """The pack-wide calibration: unit and corpus (see ``steering.packs.calibration``)."""
+    """The pack-wide calibration: unit and corpus (see ``steering.builders.calibration``)."""
 
     unit: str | None = None
     """What strength 1.0 means, in words."""
@@ -447,7 +451,7 @@ def parse_manifest(data: Any, label: str) -> PackManifest:
     try:
         return PackManifest.model_validate(data)
     except ValidationError as e:
-        raise PackError(pack, describe_error(e.errors()[0], data)) from None
+        raise PackError(pack, describe_error(first_error(e), data)) from None
 
 
 def read_manifest(path: str | Path) -> PackManifest:
@@ -474,11 +478,11 @@ def describe_error(err: Mapping[str, Any], data: Mapping[str, Any]) -> str:
         item = (data.get(loc[0]) or [None] * (loc[1] + 1))[loc[1]]
         key, noun = ("name", "feature") if loc[0] == "features" else ("id", "SAE")
         label = item.get(key) if isinstance(item, dict) else None
-        where = f"{noun} {label!r}" if isinstance(label, str) else f"{loc[0]}[{loc[1]}]"
+        where = f"{noun} {label!r}" if isinstance(label, str) else param_path(loc[:2])
         loc = loc[2:]
     elif len(loc) >= 2 and loc[0] == "files":
-        where, loc = f"files[{loc[1]!r}]", [x for x in loc[2:] if x != "[key]"]
-    field = ".".join(str(x) for x in loc)
+        where, loc = f"files[{loc[1]!r}]", loc[2:]
+    field = param_path(loc)
     if err["type"] == "missing":
         return f"{where} lacks the required field {field!r}"
     if err["type"] == "extra_forbidden":

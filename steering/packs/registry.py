@@ -27,7 +27,11 @@ from steering.packs.format import SAE, Pack, load_pack
 from steering.packs.manifest import MANIFEST_FILE, NO_EFFECT_TAG, PackError, site
 from steering.packs.tensors import model_fingerprint
 
-__all__ = ["PackRegistry", "model_fingerprint", "bundled_packs_dir", "discover_packs"]
+__all__ = ["BUNDLED_PACKS", "PackRegistry", "bundled_packs_dir", "discover_packs", "load_config_packs",
+           "load_packs", "model_fingerprint"]
+
+BUNDLED_PACKS = "bundled"
+"""In a list of pack sources (``SteeringConfig.packs``): the bundled packs that fit the model."""
 
 _LATENT_RE = re.compile(r"^(?P<sae>[A-Za-z0-9_.\-]+):(?P<i>\d+)$")
 _WORD_RE = re.compile(r"[a-z0-9]+")
@@ -65,6 +69,33 @@ def discover_packs(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise FileNotFoundError(f"{p} is neither a pack folder nor a folder of packs")
     return out
+
+
+def load_packs(paths: Iterable[str | Path], model_dir: str | Path | None, *,
+               bundled: bool = False) -> PackRegistry:
+    """The one pack loader of ``steer serve``, the stock-vLLM plugin and the workers: with
+    ``bundled`` the bundled packs that fit the model in ``model_dir`` (packs built for other
+    models are skipped) plus every pack under ``paths``; without, the packs under ``paths``. A
+    pack under ``paths`` must fit the model. Raises PackError / FileNotFoundError naming the pack,
+    ValueError for ``bundled`` without a local model folder."""
+    paths = list(paths)
+    if bundled:
+        if model_dir is None:
+            raise ValueError(f'steering: packs "{BUNDLED_PACKS}" needs a local model folder')
+        return PackRegistry.bundled(model_dir, extra_paths=paths)
+    return PackRegistry.from_paths(paths, model_dir)
+
+
+def load_config_packs(sources: Iterable[str], model_dir: str | Path | None) -> PackRegistry | None:
+    """The packs of a list of pack sources (``SteeringConfig.packs``): ``"bundled"``
+    (:data:`BUNDLED_PACKS`) is the bundled packs that fit the model in ``model_dir``, anything
+    else a pack folder (or a folder of packs) that must fit; None when the list is empty (no
+    registry, so no model fingerprint either). See :func:`load_packs`."""
+    sources = list(sources)
+    if not sources:
+        return None
+    return load_packs([p for p in sources if p != BUNDLED_PACKS], model_dir,
+                      bundled=BUNDLED_PACKS in sources)
 
 
 def _words(text: str) -> list[str]:

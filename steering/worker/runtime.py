@@ -11,7 +11,7 @@ and one gate buffer [Tmax, 1 + C] (column 0 ≡ 1.0) that conditions fill and en
 Per step only ``token_slots[:T]`` changes (plus the rows of newly admitted slots).
 
 Semantics (token t, slot s = token_slots[t], stream x = hidden + residual, or hidden alone when
-the layer returns one tensor and residual is None; see :mod:`steering.sites`):
+the layer returns one tensor and residual is None; see :mod:`steering.worker.sites`):
     x ← x + add[s]
     pre = enc[s]·x + bias[s];  act = where(rect[s] & (pre <= theta[s]), 0, pre)     # [K]
     x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·gate[t, cond[s,k]]·dec[s,k]
@@ -22,11 +22,15 @@ The op adds the delta to ``hidden`` in place; vLLM's next layer (or final norm) 
 
 Requests the worker cannot seat (no free slot although the API server's gate admitted them, or a
 program that cannot be written) run on slot 0 and are recorded in :attr:`SteeringRuntime.unseated`
-for the API server to fail (see :mod:`steering.slots`); nothing a request carries can stop the
+for the API server to fail (see :mod:`steering.worker.slots`); nothing a request carries can stop the
 engine.
 
-Readouts (``return_activations``, inspect) are filed in a :class:`steering.readouts.ReadoutStore`,
+Readouts (``return_activations``, inspect) are filed in a :class:`steering.worker.readouts.ReadoutStore`,
 bounded in bytes by ``SteeringConfig.max_readout_bytes``.
+
+Over 400 lines because the op, its slot-stacked tables and the per-step bookkeeping that
+fills them are one unit: ``apply`` reads exactly what ``write_slot`` and ``begin_step`` wrote,
+and the two entry paths must stay in step with each other.
 """
 
 from __future__ import annotations
@@ -42,8 +46,8 @@ import torch
 from steering.config import SteeringConfig
 from steering.monitors import MAX_CONDITIONS, MonitorBook, MonitorState, MonitorStep
 from steering.program import SteeringProgram
-from steering.readouts import READOUT_DROPPED, Readout, ReadoutStore
-from steering.slots import SlotAllocator, SlotsExhausted
+from steering.worker.readouts import READOUT_DROPPED, Readout, ReadoutStore
+from steering.worker.slots import SlotAllocator, SlotsExhausted
 from steering.wire import ApplyTo, WireRecord
 
 logger = logging.getLogger(__name__)
@@ -313,7 +317,7 @@ class SteeringRuntime:
         return self.readouts.nbytes
 
     def pop_readout(self, key: str) -> list[Readout] | str | None:
-        """See :meth:`steering.readouts.ReadoutStore.pop`."""
+        """See :meth:`steering.worker.readouts.ReadoutStore.pop`."""
         return self.readouts.pop(key)
 
     def drop_readout(self, key: str) -> int:

@@ -9,7 +9,7 @@ Public extension points:
 
 Private ones (this is why it is a shim, and why vLLM is pinned):
 * after the model loads (and before vLLM traces and compiles it), each steered decoder layer's
-  ``forward`` is wrapped so it ends in the custom op ``steering::steer_`` (:mod:`steering.sites`
+  ``forward`` is wrapped so it ends in the custom op ``steering::steer_`` (:mod:`steering.worker.sites`
   finds the layers and the residual stream per family);
 * the model runner instance's ``execute_model`` and ``_prepare_inputs`` are replaced by wrappers
   that release finished requests and fill the per-token slot index (:func:`_hook_runner`); they
@@ -32,10 +32,10 @@ core, and vLLM's V1 model runner cannot finish or fail one request from inside a
 end only by the scheduler's stop checks or an abort; ``FINISHED_ERROR`` is reserved to the
 scheduler's own grammar and KV-transfer failures). So a request the worker cannot seat — no free
 slot although the gate admitted it, a malformed record, a program that cannot be written — runs
-on slot 0 and is recorded as unseated (:meth:`steering.runtime.SteeringRuntime.refuse`); the API
+on slot 0 and is recorded as unseated (:meth:`steering.worker.runtime.SteeringRuntime.refuse`); the API
 server, which knows which of its requests are steered, collects those ids once after each steered
 generation (``steering_take_unseated``) and fails that response (503 ``steering_unavailable``, or
-an error event before ``[DONE]`` in a stream). See :mod:`steering.slots`.
+an error event before ``[DONE]`` in a stream). See :mod:`steering.worker.slots`.
 
 Collective RPCs for the API server: ``steering_readout`` (pop a readout), ``steering_drop_readout``
 (free it unread), ``steering_take_unseated``, ``steering_monitor_events`` (monitor results) and
@@ -53,8 +53,9 @@ import numpy as np
 import torch
 
 from steering.config import SteeringConfig
-from steering.runtime import SteeringRuntime, get_runtime, set_runtime
-from steering.sites import UnsupportedModelError, install_on_model  # noqa: F401  (model surgery)
+from steering.request import build_compiler  # the compiler of steer serve and the plugin too
+from steering.worker.runtime import SteeringRuntime, get_runtime, set_runtime
+from steering.worker.sites import UnsupportedModelError, install_on_model  # noqa: F401  (model surgery)
 from steering.spec import SteeringError
 from steering.wire import EXTRA_ARGS_KEY, WireError, WireRecord
 
@@ -65,7 +66,7 @@ ADDITIONAL_CONFIG_KEY = "steering"
 
 def register() -> None:
     """vLLM general-plugin entry point: make sure the op is registered in this process."""
-    import steering.runtime  # noqa: F401
+    import steering.worker.runtime  # noqa: F401
 
 
 def engine_kwargs(cfg: SteeringConfig) -> dict[str, Any]:
@@ -82,37 +83,8 @@ def engine_kwargs(cfg: SteeringConfig) -> dict[str, Any]:
 
 
 # -- compiling JSON steering in the worker (stock vLLM server) ------------------------------
-BUNDLED_PACKS = "bundled"
-"""In ``SteeringConfig.packs``: the bundled packs that fit the served model."""
 SPEC_CACHE_SIZE = 64
 """Compiled steering strings a worker keeps (a repeated configuration is compiled once)."""
-
-
-def load_config_packs(paths: list[str], model_dir: str | None):
-    """The PackRegistry of ``SteeringConfig.packs`` (None when empty): ``"bundled"`` is the
-    bundled packs that fit the model in ``model_dir``, anything else a pack folder (or a folder of
-    packs) that must fit. Raises PackError / FileNotFoundError naming the pack."""
-    if not paths:
-        return None
-    from steering.packs.registry import PackRegistry
-
-    extra = [p for p in paths if p != BUNDLED_PACKS]
-    if BUNDLED_PACKS in paths:
-        if model_dir is None:
-            raise ValueError('steering: packs "bundled" needs a local model folder')
-        return PackRegistry.bundled(model_dir, extra_paths=extra)
-    return PackRegistry.from_paths(extra, model_dir)
-
-
-def build_compiler(cfg: SteeringConfig, hidden_size: int, num_layers: int,
-                   model_dir: str | None):
-    """A :class:`steering.request.SteeringCompiler` over ``cfg`` and its packs, as ``steer
-    serve`` builds it (so the same spec compiles to the same program)."""
-    from steering.request import SteeringCompiler
-
-    packs = load_config_packs(cfg.packs, model_dir)
-    return SteeringCompiler(cfg, hidden_size=hidden_size, num_layers=num_layers,
-                            feature_source=packs)
 
 
 def parse_spec_string(text: str) -> dict[str, Any]:

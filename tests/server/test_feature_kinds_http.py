@@ -15,7 +15,7 @@ import pytest
 from fakes import AUTH, chat, load_parts, make_state
 from fastapi.testclient import TestClient
 
-from server import generation as gen
+from server import runner as gen
 from server.app import create_app
 from steering.packs import PackWriter, model_fingerprint
 from steering.program import SteeringProgram

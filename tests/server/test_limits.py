@@ -17,7 +17,7 @@ from server import limits
 from server.app import create_app
 from server.config import ServeConfig
 from server.errors import INTERNAL_ERROR_MESSAGE, InvalidRequest
-from server.generation import sampling_params
+from server.sampling import sampling_params
 from server.protocol import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEXT_CHARS, ChatCompletionRequest
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine.exceptions import EngineGenerateError

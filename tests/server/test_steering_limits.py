@@ -17,8 +17,8 @@ from fakes import AUTH, MODEL, load_parts, make_state
 from server.app import create_app
 from server.config import ServeConfig
 from server.steering_limits import SteeringLimits
-from steering.readouts import READOUT_DROPPED
-from steering.slots import SlotGate
+from steering.worker.readouts import READOUT_DROPPED
+from steering.worker.slots import SlotGate
 
 VECTOR = {"vectors": [{"layer": 3, "values": [0.01] * 576}]}
 READOUT = {"features": {"pirate": 1.0}, "return_activations": True}  # one clamp entry at layer 10

@@ -17,7 +17,7 @@ import torch
 from steering.config import SteeringConfig
 from steering.features import Feature, LowRank, StaticFeatureSource
 from steering.request import SteeringCompiler, SteeringError
-from steering.runtime import SteeringRuntime
+from steering.worker.runtime import SteeringRuntime
 from tests.steering.test_runtime import reference, run_step
 
 D, L, K, S = 12, 3, 8, 4

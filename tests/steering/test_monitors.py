@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from steering import runtime
+from steering.worker import runtime
 from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.monitors import MAX_CONDITIONS
 from steering.program import SteeringProgram
 from steering.request import SteeringCompiler
-from steering.runtime import SteeringRuntime, set_runtime
+from steering.worker.runtime import SteeringRuntime, set_runtime
 from steering.spec import MAX_MONITORS, SteeringError
 from steering.wire import WireRecord
 

@@ -8,7 +8,7 @@ import pytest
 from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.program import SteeringProgram
-from steering.request import SteeringCompiler, SteeringError
+from steering.request import KeyBound, KeyBoundExceeded, SteeringCompiler, SteeringError
 
 D, L = 16, 4
 
@@ -218,6 +218,28 @@ def test_a_policy_can_only_tighten_the_vector_bound():
     rejects(c, [vec(unit(450.0))], "steering.vectors[0].values", max_vector_norm=10.0)
     c.max_vector_norm = 2.0  # the server's own factor (--max-steering-vector-norm)
     rejects(c, [vec(unit(250.0))], "steering.vectors[0].values")
+
+
+def test_a_keys_bound_covers_only_the_requests_own_vectors_and_yields_to_a_400():
+    """KeyBound(F, first): vectors[first:] are the request's own (a preset's come first and are
+    exempt); a vector the server admits but the key's F refuses raises KeyBoundExceeded with the
+    param as the request wrote it, and only once everything else compiled."""
+    c = compiler()
+    c.layer_norms = {1: 100.0}
+    c.max_vector_norm = 4.0
+    preset, own = vec(unit(300.0)), vec(unit(150.0, seed=1))
+    assert c.compile({"vectors": [preset, vec(unit(50.0))]}, key_bound=KeyBound(1.0, first=1)) is not None
+    with pytest.raises(KeyBoundExceeded) as err:
+        c.compile({"vectors": [preset, own]}, key_bound=KeyBound(1.0, first=1))
+    assert err.value.param == "steering.vectors[0].values" and err.value.factor == 1.0
+    assert "exceeds 100 (1 × the median residual norm at layer 1" in err.value.message
+    with pytest.raises(KeyBoundExceeded) as err:  # a clamp target, bounded the same way
+        c.compile({"vectors": [vec(unit(1.0), mode="clamp", target=120.0)]}, key_bound=KeyBound(1.0))
+    assert err.value.param == "steering.vectors[0].target"
+    # a later vector the server refuses anyway: its 400, not the key's 403
+    with pytest.raises(SteeringError) as err:
+        c.compile({"vectors": [own, vec(unit(500.0))]}, key_bound=KeyBound(1.0))
+    assert not isinstance(err.value, KeyBoundExceeded) and err.value.param == "steering.vectors[1].values"
 
 
 def test_max_steering_strength_bounds_a_raw_vectors_dose_like_a_features():

@@ -7,8 +7,8 @@ import torch
 from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.request import SteeringCompiler
-from steering import readouts, runtime
-from steering.runtime import SteeringRuntime, set_runtime
+from steering.worker import readouts, runtime
+from steering.worker.runtime import SteeringRuntime, set_runtime
 from steering.wire import WireRecord
 
 D, L, S, K = 12, 3, 4, 3
@@ -286,7 +286,7 @@ def test_a_program_that_cannot_be_written_fails_its_request_only():
 def test_a_malformed_record_is_refused_by_the_shim_not_raised():
     from types import SimpleNamespace
 
-    from steering.vllm_shim import _seat
+    from steering.worker.vllm_shim import _seat
 
     rt = make_runtime()
     rs = _seat(rt, "r1", SimpleNamespace(extra_args={"steering": {"v": 99}}))

@@ -1,4 +1,4 @@
-"""Engine-free checks of steering.sites: finding decoder layers and the stream from what a layer
+"""Engine-free checks of steering.worker.sites: finding decoder layers and the stream from what a layer
 returns, and the op on a one-tensor stream (``residual`` None) equal to the pair form."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 
 from steering.config import SteeringConfig
 from steering.request import SteeringCompiler
-from steering.runtime import SteeringRuntime, set_runtime
-from steering.sites import UnsupportedModelError, decoder_layers, install_on_model
+from steering.worker.runtime import SteeringRuntime, set_runtime
+from steering.worker.sites import UnsupportedModelError, decoder_layers, install_on_model
 
 D, L = 4, 3
 

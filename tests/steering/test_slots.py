@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from steering.slots import SlotAllocator, SlotGate, SlotsBusy, SlotsExhausted
+from steering.worker.slots import SlotAllocator, SlotGate, SlotsBusy, SlotsExhausted
 
 
 def test_allocator_shares_revives_and_exhausts():

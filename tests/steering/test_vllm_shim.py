@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steering.config import SteeringConfig
-from steering.vllm_shim import UnsupportedModelError, engine_kwargs, install_on_model
+from steering.worker.vllm_shim import UnsupportedModelError, engine_kwargs, install_on_model
 
 
 class LlamaDecoderLayer(torch.nn.Module):  # same name as vLLM's: what the plugin checks
@@ -30,7 +30,7 @@ def test_wraps_only_the_steered_layers_and_keeps_outputs():
 
 
 def test_layer_without_a_residual_stream_is_refused_at_its_first_call():
-    class GPT2Block(torch.nn.Module):  # any class is wrapped; its output decides (steering.sites)
+    class GPT2Block(torch.nn.Module):  # any class is wrapped; its output decides (steering.worker.sites)
         def forward(self, x):
             return {"hidden": x}
 
@@ -61,9 +61,9 @@ from types import SimpleNamespace  # noqa: E402
 import numpy as _np  # noqa: E402
 
 from steering.config import SteeringConfig as _Cfg  # noqa: E402
-from steering.runtime import SteeringRuntime  # noqa: E402
+from steering.worker.runtime import SteeringRuntime  # noqa: E402
 from steering.spec import SteeringError  # noqa: E402
-from steering.vllm_shim import SpecCompiler, _seat, build_compiler, parse_spec_string  # noqa: E402
+from steering.worker.vllm_shim import SpecCompiler, _seat, build_compiler, parse_spec_string  # noqa: E402
 from steering.wire import WireRecord  # noqa: E402
 
 

@@ -7,7 +7,7 @@ import json
 import torch
 
 from clients.bench.clamp_paths import main, run
-from steering import runtime
+from steering.worker import runtime
 
 
 def test_tiny_grid_times_both_paths_and_they_agree(tmp_path) -> None:

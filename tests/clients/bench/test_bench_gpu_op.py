@@ -7,7 +7,7 @@ import json
 import torch
 
 from clients.bench import gpu_op
-from steering import runtime as rt_mod
+from steering.worker import runtime as rt_mod
 
 
 def test_gpu_op_tiny_on_cpu_reports_every_scenario(tmp_path) -> None:

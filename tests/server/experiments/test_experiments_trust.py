@@ -166,7 +166,7 @@ def test_routing_override_rule_by_role(parts, tmp_path):
     r = req({"experiment": "e", "features": {"formality": 1.0}})
     routed = routing.route(r, {}, admin=True, **kw)
     assert routed.excluded and routed.experiment_id == "id-1" and routed.record
-    assert set(r.steering.features) == {"smollm2-tone/pirate", "smollm2-tone/formality"}
+    assert set(routed.steering.features) == {"smollm2-tone/pirate", "smollm2-tone/formality"}
     routed = routing.route(req({"experiment": "e"}), {}, **kw)
     assert not routed.excluded and routed.body_field() == {"name": "e", "variant": "c"}
 
@@ -321,15 +321,16 @@ class StallsAfterOneDelta(FakeEngine):
 def test_a_stream_the_client_leaves_ends_aborted(parts, tmp_path):
     """The stream's body generator, closed at a chunk (the client left between chunks) or
     cancelled while it waits for the engine (DisconnectAwareStream cancels it): ``aborted``."""
-    from server import generation as gen
-    from server.completions import _stream
+    from server.responses import stream as _stream
+    from server.runner import Job
+    from server.sampling import sampling_params
 
     state = keyed_state(parts, tmp_path, engine=StallsAfterOneDelta())
     req = parse_chat({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": True})
 
     async def leave(cancel: bool) -> list[str]:
         outcomes: list[str] = []
-        job = gen.Job(request_id="chatcmpl-a", prompt_ids=[1, 2], params=gen.sampling_params(req, None),
+        job = Job(request_id="chatcmpl-a", prompt_ids=[1, 2], params=sampling_params(req, None),
                       compiled=None)
         body = _stream(state, req, job, None, MODEL, True, None, on_complete=outcomes.append)
         assert '"Hel"' in await body.__anext__()

@@ -326,11 +326,11 @@ async def test_in_flight_request_keeps_its_routing_when_its_experiment_is_delete
     req = parse_chat({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                       "user": user_for(name, 1), "steering": {"experiment": name}})
     routed = b.mgr.route(req, {})
-    steering = req.steering
+    steering = routed.steering
     assert routed.variant == "pirate" and steering is not None
     await a.mgr.delete_experiment(name)
     await eventually(lambda: _lacks_experiment(b, name))
-    assert req.steering is steering  # untouched by the refresh
+    assert routed.steering is steering  # untouched by the refresh
     job = type("Job", (), {"request_id": "chatcmpl-x", "arrival": time.monotonic(),
                            "generated_tokens": 4, "finish_reason": "length"})()
     body: dict[str, Any] = {}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steering.packs import PackRegistry, load_pack
-from steering.packs.sae_train import TopKSAE, reconstruction_metrics, train_topk_sae
+from steering.builders.sae_train import TopKSAE, reconstruction_metrics, train_topk_sae
 
 TINY = {
     "pack": {"name": "tiny-test", "version": "0.0.1"},
@@ -37,8 +37,8 @@ def bundled_model():
 
 
 def test_contrastive_builder_separates_held_out_pairs(tmp_path, bundled_model):
-    from steering.packs import collect
-    from steering.packs.contrastive import _encode, build_contrastive
+    from steering.builders import collect
+    from steering.builders.contrastive import _encode, build_contrastive
 
     p = build_contrastive(TINY, out=tmp_path / "tiny", model_dir=bundled_model, progress=False)
     pack = load_pack(p)
@@ -96,7 +96,7 @@ def test_sae_trainer_lowers_mse_and_reports_metrics():
 
 def test_train_sae_pipeline_smoke(tmp_path, bundled_model):
     """collect → train → evaluate → label → match → pack, at toy size (shallow layer, few tokens)."""
-    from steering.packs.sae import train_sae
+    from steering.builders.sae import train_sae
 
     p = train_sae(out=tmp_path / "sae", progress=False, model=bundled_model, layer=2, d_sae=64, k=4,
                   tokens=600, epochs=2, batch_size=128, lr=1e-3, eval_tokens=100, ce_samples=0,

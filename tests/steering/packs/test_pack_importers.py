@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from steering.packs import PackError, PackRegistry, load_pack
-from steering.packs.importers import export_gguf, import_gguf, import_saelens, list_packs, validate
+from steering.builders.importers import export_gguf, import_gguf, import_saelens, list_packs, validate
 
 D, M = 16, 40
 

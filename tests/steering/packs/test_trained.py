@@ -1,4 +1,4 @@
-"""Trained features (steering/packs/train.py, trained.py) on the bundled model, shallow settings:
+"""Trained features (steering/builders/train.py, trained.py) on the bundled model, shallow settings:
 the preference objective moves held-out pairs the trained way at +1 (a vector the other way at
 −1; a lowrank edit, not odd in σ, at least less than at +1), the
 pack written stores exactly what was trained (strength 1 = the trained edit), a lowrank feature
@@ -15,9 +15,9 @@ import torch
 
 from steering.hf import hf_decoder_layers
 from steering.packs import PackRegistry, load_pack
-from steering.packs.contrastive import RecipeError
-from steering.packs.train import Pair, TrainConfig, _batch, _encode_pair, _token_logprobs, train_feature
-from steering.packs.trained import build_trained, concept_train_options, read_data
+from steering.builders.contrastive import RecipeError
+from steering.builders.train import Pair, TrainConfig, _batch, _encode_pair, _token_logprobs, train_feature
+from steering.builders.trained import build_trained, concept_train_options, read_data
 
 from test_pack_builders import HELD_OUT, TINY
 
@@ -34,7 +34,7 @@ def bundled_model():
 
 @pytest.fixture(scope="module")
 def hf(bundled_model):
-    from steering.packs import collect
+    from steering.builders import collect
 
     return collect.load_model(bundled_model)
 
@@ -177,12 +177,12 @@ def test_trainer_recovers_a_planted_direction_on_a_tiny_random_model(tmp_path, b
     tiny random Llama, over 4096 round-tripping word tokens: the trained vector points along v*."""
     import importlib.util
 
-    from steering.packs import collect
+    from steering.builders import collect
 
     spec = importlib.util.spec_from_file_location("tiny_models", Path(__file__).parents[1] / "tiny_models.py")
     tiny_models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_models)
-    from steering.packs.train import cosine
+    from steering.builders.train import cosine
 
     model, tok = collect.load_model(tiny_models.build("llama", tmp_path / "tiny", bundled_model, seed=0))
     words = [i for i in range(300, tok.vocab_size)

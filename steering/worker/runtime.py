@@ -160,6 +160,8 @@ class SteeringRuntime:
         self.c = MAX_CONDITIONS
         self.gates = torch.zeros(max_tokens, 1 + self.c, dtype=dtype, device=device)  # [Tmax, 1+C]
         self.gates[:, 0] = 1.0  # unconditioned entries: × exactly 1.0
+        self.entries: EntryPath = AllSlotsEntries() if not host_gating else ByOccupancy()
+        """How entries are computed at a site, chosen once (see :class:`EntryPath`)."""
         self.monitors = MonitorBook()
         self.allocator = SlotAllocator(cfg.max_slots)
         self.requests: dict[str, _ReqSteering] = {}
@@ -411,14 +413,7 @@ class SteeringRuntime:
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
         if do_entries:
-            if self.host_gating and self.n_hi > GATHER_ABOVE_SLOTS:
-                for a in range(0, T, GATHER_CHUNK):
-                    self._entries_gathered(hidden[a : a + GATHER_CHUNK],
-                                           None if residual is None else residual[a : a + GATHER_CHUNK],
-                                           tab, idx[a : a + GATHER_CHUNK],
-                                           None if gates is None else gates[a : a + GATHER_CHUNK])
-            else:
-                self._entries_all_slots(hidden, residual, tab, idx, gates)
+            self.entries.apply(self, hidden, residual, tab, idx, gates)
         if self._readout_rows is not None:
             self._record_readout(_stream(hidden, residual), tab, layer)
         if self.site_monitor[layer]:
@@ -439,38 +434,6 @@ class SteeringRuntime:
         g = self.gates[:T, 1:]
         g.copy_(torch.where(sign != 0, fired.to(g.dtype), g))
 
-    def _entries_all_slots(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
-                           idx: torch.Tensor, gates: torch.Tensor | None = None) -> None:
-        """The entries' delta as two matmuls over the entry columns of the first n_hi slots, other
-        slots' columns zeroed per token: graph-safe, and cheapest while few slots are in use.
-
-        Semantics: hidden[t] += Σ_k coef(slot[t], k)·dec[slot[t], k], as in the module docstring."""
-        nk, d = self.n_hi * self.k, self.hidden_size  # entry columns of the first n_hi slots
-        x = _stream(hidden, residual)  # [T, d]
-        pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
-        act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
-        coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
-        coef.masked_fill_(idx[:, None] != self.col_slot[None, :nk], 0.0)  # other slots' entries
-        if gates is not None:  # conditioned entries × their gate; the others × exactly 1.0
-            coef.mul_(gates.index_select(1, tab.cond.view(-1)[:nk]))  # [T, nK]
-        hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
-
-    @staticmethod
-    def _entries_gathered(hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
-                          idx: torch.Tensor, gates: torch.Tensor | None = None) -> None:
-        """The same delta from each token's own K entries, gathered: work per token independent of
-        how many slots are in use. Slot 0 and unused entries hold zeros (cut -inf), so add 0.
-
-        Semantics: as :meth:`_entries_all_slots`."""
-        x = _stream(hidden, residual)  # [t, d]
-        enc = tab.enc.index_select(0, idx)  # [t, K, d]
-        pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias.index_select(0, idx))  # [t, K]
-        act = pre.masked_fill_(pre <= tab.cut.index_select(0, idx), 0.0)  # [t, K]
-        coef = torch.addcmul(tab.beta.index_select(0, idx), tab.alpha.index_select(0, idx), act)  # [t, K]
-        if gates is not None:
-            coef.mul_(gates.gather(1, tab.cond.index_select(0, idx)))  # [t, K]
-        hidden.add_(torch.bmm(coef.unsqueeze(1), tab.dec.index_select(0, idx)).squeeze(1))  # [t, d]
-
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
         """File act(h) after the op (and captured streams) for this step's readout tokens.
 
@@ -490,6 +453,75 @@ class SteeringRuntime:
                 self.readouts.file(key, ("act", layer, pos, vals[i, :k].copy()))
             if streams is not None and layer in capture:
                 self.readouts.file(key, ("resid", layer, pos, streams[i].copy()))
+
+
+# -- the entries' kernel seam -------------------------------------------------------------------
+class EntryPath:
+    """How a site's entries are computed: one small interface, one subclass per way of computing
+    them, chosen once per runtime (as vLLM's punica selects its LoRA kernels).
+
+    Semantics (every path): hidden[t] += Σ_k coef(slot[t], k)·dec[slot[t], k], with coef =
+    (alpha·act + beta)·gate and act as in the module docstring."""
+
+    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
+              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+
+class AllSlotsEntries(EntryPath):
+    """Two matmuls over the entry columns of the first n_hi slots, other slots' columns zeroed per
+    token: graph-safe (the only path without host gating), and cheapest while few slots are in use."""
+
+    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
+              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+        nk, d = rt.n_hi * rt.k, rt.hidden_size  # entry columns of the first n_hi slots
+        x = _stream(hidden, residual)  # [T, d]
+        pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
+        act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
+        coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
+        coef.masked_fill_(idx[:, None] != rt.col_slot[None, :nk], 0.0)  # other slots' entries
+        if gates is not None:  # conditioned entries × their gate; the others × exactly 1.0
+            coef.mul_(gates.index_select(1, tab.cond.view(-1)[:nk]))  # [T, nK]
+        hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
+
+
+class GatheredEntries(EntryPath):
+    """Each token's own K entries, gathered, in blocks of ``GATHER_CHUNK`` tokens: work per token
+    independent of how many slots are in use. Slot 0 and unused entries hold zeros (cut -inf), so
+    they add 0."""
+
+    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
+              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+        for a in range(0, hidden.shape[0], GATHER_CHUNK):
+            b = a + GATHER_CHUNK
+            self._block(hidden[a:b], None if residual is None else residual[a:b], tab, idx[a:b],
+                        None if gates is None else gates[a:b])
+
+    @staticmethod
+    def _block(hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+               idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+        x = _stream(hidden, residual)  # [t, d]
+        enc = tab.enc.index_select(0, idx)  # [t, K, d]
+        pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias.index_select(0, idx))  # [t, K]
+        act = pre.masked_fill_(pre <= tab.cut.index_select(0, idx), 0.0)  # [t, K]
+        coef = torch.addcmul(tab.beta.index_select(0, idx), tab.alpha.index_select(0, idx), act)  # [t, K]
+        if gates is not None:
+            coef.mul_(gates.gather(1, tab.cond.index_select(0, idx)))  # [t, K]
+        hidden.add_(torch.bmm(coef.unsqueeze(1), tab.dec.index_select(0, idx)).squeeze(1))  # [t, d]
+
+
+class ByOccupancy(EntryPath):
+    """With host gating: the all-slots path while at most ``GATHER_ABOVE_SLOTS`` slots (n_hi,
+    slot 0 included) are in play this step, the gathered path above (placed by
+    ``python -m clients.bench.clamp_paths``)."""
+
+    def __init__(self) -> None:
+        self.all_slots, self.gathered = AllSlotsEntries(), GatheredEntries()
+
+    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
+              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+        path = self.gathered if rt.n_hi > GATHER_ABOVE_SLOTS else self.all_slots
+        path.apply(rt, hidden, residual, tab, idx, gates)
 
 
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

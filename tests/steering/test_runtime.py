@@ -114,7 +114,7 @@ def test_many_slots_in_play_take_the_gathered_path_and_keep_the_semantics(monkey
     def all_slots_unused(*a):
         raise AssertionError("the all-slots path ran with more than GATHER_ABOVE_SLOTS slots in play")
 
-    monkeypatch.setattr(rt, "_entries_all_slots", all_slots_unused)
+    monkeypatch.setattr(rt.entries.all_slots, "apply", all_slots_unused)
     req_slots, req_prog = [0, s, 3, s], [None, progs[1], progs[2], progs[1]]
     n_sched = [40, runtime.GATHER_CHUNK, 30, 3]  # spans three gathered blocks
     T = sum(n_sched)
@@ -344,3 +344,49 @@ def test_over_the_hard_cap_the_oldest_readout_is_dropped_and_says_so():
     assert rt.pop_readout("old") == runtime.READOUT_DROPPED  # never a silently short readout
     assert len(rt.pop_readout("new")) == 3
     assert rt.readout_bytes == 0
+
+
+@pytest.mark.parametrize("host_gating", [True, False])
+def test_256_distinct_equalizers_in_one_batch_each_row_equals_its_solo_run(host_gating):
+    """256 requests, each its own equalizer (4 named features added, 1 clamped, its own
+    strengths), in ONE float32 batch of 2 tokens each: every row equals the same request run
+    alone (a batch of one), at every steered layer."""
+    d, layers, s, k, n_req = 64, 2, 256, 5, 256
+    rng = np.random.default_rng(7)
+    feats = [Feature(f"eq/f{i}", i % layers, "direction", rng.standard_normal(d), scale=1.0)
+             for i in range(11)]
+    cfg = SteeringConfig(max_slots=s, max_features=k)
+    comp = SteeringCompiler(cfg, d, layers, StaticFeatureSource(feats))
+    progs, seen = [], set()
+    while len(progs) < n_req:
+        pick = rng.choice(11, size=5, replace=False)
+        spec = {f"f{i}": round(float(rng.uniform(-2, 2)), 3) for i in pick[:4]}
+        spec[f"f{pick[4]}"] = {"mode": "clamp", "strength": round(float(rng.uniform(-2, 2)), 3)}
+        p = comp.compile({"features": spec})
+        if p.table_hash not in seen:
+            seen.add(p.table_hash)
+            progs.append(p)
+
+    def make(slots):
+        return SteeringRuntime(SteeringConfig(max_slots=slots, max_features=k), num_layers=layers,
+                               hidden_size=d, max_tokens=2 * n_req, dtype=torch.float32,
+                               device=torch.device("cpu"), host_gating=host_gating)
+
+    batch, solo = make(s), make(1)
+    slots = []
+    for i, p in enumerate(progs):
+        slot, fresh = batch.allocator.acquire(f"r{i}", p.table_hash)
+        assert fresh
+        batch.write_slot(slot, p.program)
+        slots.append(slot)
+    for layer in range(layers):
+        h = torch.randn(2 * n_req, d)
+        r = torch.randn(2 * n_req, d)
+        h_in = h.clone()
+        run_step(batch, slots, [2] * n_req, [0] * n_req, [10] * n_req, [0] * n_req, h, r, layer)
+        for i, p in enumerate(progs):
+            solo.write_slot(1, p.program)
+            hs = h_in[2 * i: 2 * i + 2].clone()
+            run_step(solo, [1], [2], [0], [10], [0], hs, r[2 * i: 2 * i + 2], layer)
+            torch.testing.assert_close(h[2 * i: 2 * i + 2], hs, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(h, h_in)  # the batch was steered at this layer

@@ -177,6 +177,34 @@ def _git_rev() -> str | None:
         return None
 
 
+def recipe_model(r: dict[str, Any], model_dir: str | Path | None = None) -> tuple[Any, Any, int, str | Path]:
+    """(model, tokenizer, number of layers, model folder) a recipe is built on: ``model_dir``,
+    else the recipe's ``model``, else the bundled model (transformers, for collection)."""
+    if model_dir is None:
+        model_dir = r.get("model")
+    if model_dir is None:
+        from steering.model_store import resolve_model
+
+        model_dir = resolve_model(None)
+    model, tok = collect.load_model(model_dir)
+    return model, tok, collect.num_layers(model), model_dir
+
+
+def recipe_writer(r: dict[str, Any], model_dir: str | Path, provenance: dict[str, Any],
+                  calibration: dict[str, Any]) -> PackWriter:
+    """The PackWriter of a recipe's pack: its name, version, model and licence from the recipe's
+    ``pack``; ``provenance`` (its ``builder`` first) gains the git revision and the recipe file."""
+    pk = r["pack"]
+    prov = {"builder": provenance["builder"], "git": _git_rev(),
+            "recipe": Path(r["_path"]).name if r.get("_path") else None,
+            **{k: v for k, v in provenance.items() if k != "builder"}}
+    return PackWriter(
+        pk["name"], str(pk.get("version", "0.1.0")), model_fingerprint(model_dir),
+        model_id=pk.get("model_id", r.get("model_id", Path(str(model_dir)).name)),
+        description=pk.get("description", ""), license=pk.get("license", "Apache-2.0"),
+        provenance=prov, calibration=calibration)
+
+
 def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | None = None,
                       model_dir: str | Path | None = None, progress: bool = True) -> Path:
     """Build a direction pack from ``recipe`` (path or dict); returns the pack folder.
@@ -189,14 +217,7 @@ def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | Non
     seed = int(r.get("seed", 0))
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if model_dir is None:
-        model_dir = r.get("model")
-    if model_dir is None:
-        from steering.model_store import resolve_model
-
-        model_dir = resolve_model(None)
-    model, tok = collect.load_model(model_dir)
-    n_layers = collect.num_layers(model)
+    model, tok, n_layers, model_dir = recipe_model(r, model_dir)
     cand = [int(x) for x in r.get("layers", [n_layers // 4, n_layers // 3, n_layers // 2])]
     fits: dict[str, dict[str, Any]] = {}
     for c in tqdm(r["concepts"], desc="concepts", disable=not progress):
@@ -209,17 +230,9 @@ def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | Non
     enc, cal_info = cal.calibration_samples(tok, r.get("calibration"), all_texts)
     toks = cal.layer_tokens(model, enc, [f["layer"] for f in fits.values()], progress=progress)
 
-    pk = r["pack"]
-    fp = model_fingerprint(model_dir)
-    w = PackWriter(
-        pk["name"], str(pk.get("version", "0.1.0")), fp,
-        model_id=pk.get("model_id", r.get("model_id", Path(str(model_dir)).name)),
-        description=pk.get("description", ""), license=pk.get("license", "Apache-2.0"),
-        provenance={"builder": BUILDER, "git": _git_rev(),
-                    "recipe": Path(r["_path"]).name if r.get("_path") else None,
-                    "corpus": "recipe examples (directions); calibration: see calibration.corpus",
-                    "seed": seed, "method": r.get("method", "mean_diff")},
-        calibration={"unit": cal.CALIBRATION_UNIT, **cal_info})
+    w = recipe_writer(r, model_dir, {
+        "builder": BUILDER, "corpus": "recipe examples (directions); calibration: see calibration.corpus",
+        "seed": seed, "method": r.get("method", "mean_diff")}, {"unit": cal.CALIBRATION_UNIT, **cal_info})
     for c in r["concepts"]:
         f = fits[c["name"]]
         stats = cal.direction_stats(toks[f["layer"]], f["direction"])
@@ -232,7 +245,7 @@ def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | Non
                                    "heldout": f["heldout"], "layer_scan": f["layer_scan"]}})
     if out is None:
         base = Path(r["_path"]).resolve().parent.parent if r.get("_path") else Path.cwd()
-        out = base / pk["name"]
+        out = base / r["pack"]["name"]
     return w.write(out)
 
 

@@ -40,13 +40,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from steering.builders import calibration as cal
-from steering.builders import collect, corpora
-from steering.builders.contrastive import (RecipeError, _git_rev, concept_activations, concept_pairs,
-                                        fit_concept, load_recipe)
-from steering.packs.tensors import model_fingerprint
+from steering.builders import corpora
+from steering.builders.contrastive import (concept_activations, concept_pairs, fit_concept, load_recipe, recipe_model, recipe_writer, RecipeError)
 from steering.builders.train import (METHODS, Pair, TrainConfig, TrainedFeature, layer_norms,
                                   mean_diff_init, train_feature)
-from steering.packs.writer import PackWriter
 
 BUILDER = "steering.builders.trained/1"
 DATA_CHOICES = ("both", "generated", "recipe")
@@ -134,14 +131,7 @@ def build_trained(recipe: str | Path | dict[str, Any], out: str | Path | None = 
     plans = {c["name"]: concept_train_options(r, c, overrides) for c in concepts}
     seed = int(r.get("seed", 0))
     torch.manual_seed(seed)
-    if model_dir is None:
-        model_dir = r.get("model")
-    if model_dir is None:
-        from steering.model_store import resolve_model
-
-        model_dir = resolve_model(None)
-    model, tok = collect.load_model(model_dir)
-    n_layers = collect.num_layers(model)
+    model, tok, n_layers, model_dir = recipe_model(r, model_dir)
     neutral = neutral_texts()
     data_dir = Path(data_dir) if data_dir is not None else None
 
@@ -175,19 +165,14 @@ def build_trained(recipe: str | Path | dict[str, Any], out: str | Path | None = 
     toks = cal.layer_tokens(model, enc, sorted({b["layer"] for b in built.values()}), progress=progress)
 
     pk = r["pack"]
-    w = PackWriter(
-        pk["name"], str(pk.get("version", "0.1.0")), model_fingerprint(model_dir),
-        model_id=pk.get("model_id", r.get("model_id", Path(str(model_dir)).name)),
-        description=pk.get("description", ""), license=pk.get("license", "Apache-2.0"),
-        provenance={"builder": BUILDER, "git": _git_rev(),
-                    "recipe": Path(r["_path"]).name if r.get("_path") else None,
-                    "corpus": "training pairs per feature (see each feature's trained.data); KL text: "
-                              f"{'+'.join(NEUTRAL_CORPORA)} train split; calibration: see calibration.corpus",
-                    "seed": seed, "method": "per feature (trained.method)",
-                    "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
-        calibration={"unit": cal.CALIBRATION_UNIT + " Trained vectors: scale = the trained vector's "
-                     "norm at its first layer (strength 1 = the edit as trained); lowrank: scale 1.",
-                     **cal_info})
+    w = recipe_writer(r, model_dir, {
+        "builder": BUILDER,
+        "corpus": "training pairs per feature (see each feature's trained.data); KL text: "
+                  f"{'+'.join(NEUTRAL_CORPORA)} train split; calibration: see calibration.corpus",
+        "seed": seed, "method": "per feature (trained.method)",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+        {"unit": cal.CALIBRATION_UNIT + " Trained vectors: scale = the trained vector's norm at its "
+                 "first layer (strength 1 = the edit as trained); lowrank: scale 1.", **cal_info})
     for c in concepts:
         b = built[c["name"]]
         stats = cal.direction_stats(toks[b["layer"]], b["direction"])

@@ -9,6 +9,10 @@ without the plugin, measured in one run, alternating baseline / scenario, median
     S3R S3 at its largest C with a rank-4 ``lowrank`` feature (LoReFT edit) at every layer instead
         of the added vector, each config its own strength: the cost of the rank-r mode next to
         S3's ``add`` (the summary prints S3R ÷ S3)
+    EQ  N distinct equalizers (N = 16, 64, 256, 1024): N requests, each its own mix of 5 named
+        features (4 added, 1 clamped, its own strengths) from an 11-feature pack, on an engine
+        whose steering slots equal its batch (``max_num_seqs``); :func:`run_equalizer_scenarios`,
+        with the bytes one steering slot costs in the workers' tables (:func:`slot_table_bytes`)
 
 Each repeat of S2–S4 times three adjacent runs: the engine without the plugin, the steering
 engine with the same requests unsteered, and the steering engine with the scenario's steering,
@@ -55,6 +59,10 @@ class EngineBenchConfig:
     """S4's clamp sizes."""
     max_slots: int = 16
     """The steering engine's slot limit (S); S3's sweep stops there."""
+    equalizers: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
+    """EQ's numbers of distinct equalizers (one per request)."""
+    equalizer_batch: int = 256
+    """EQ's engines' ``max_num_seqs`` and the steering engine's slots (slots = batch size)."""
     only: list[str] | None = None
     """Scenario families to run ("S1" … "S4"); None runs them all."""
     enforce_eager: bool = False
@@ -66,7 +74,7 @@ class EngineBenchConfig:
     minute of the machine hits both); None skips it."""
 
 
-def build_engine(c: EngineBenchConfig, steering_cfg=None):
+def build_engine(c: EngineBenchConfig, steering_cfg=None, max_num_seqs: int | None = None):
     """A vLLM ``LLM``; with the steering plugin when ``steering_cfg`` is given."""
     from vllm import LLM
 
@@ -74,7 +82,7 @@ def build_engine(c: EngineBenchConfig, steering_cfg=None):
 
     kw = engine_kwargs(steering_cfg) if steering_cfg is not None else {}
     return LLM(model=c.model, dtype=c.dtype, enforce_eager=c.enforce_eager, seed=0, max_model_len=1024,
-               max_num_seqs=max(c.batch, s3_batch(c), 16),
+               max_num_seqs=max_num_seqs or max(c.batch, s3_batch(c), 16),
                enable_prefix_caching=False, **kw)
 
 
@@ -180,53 +188,147 @@ def run_engine_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
     base_samples: dict[int, list[float]] = {}
     rows = []
     for name, ea in scen.items():
-        b_s, u_s, s_s, h_s, paired, same, hf_paired = [], [], [], [], [], [], []
-        steered = any(x is not None for x in ea)
-        for rep in range(c.repeats):
-            runs = {  # name → run; the order flips every repeat (A B C, C B A, …) so position
-                # effects (which engine ran last, drift within a repeat) cancel out in the medians
-                "base": lambda: timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s),
-                "steered": lambda: timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s),
-            }
-            if steered:  # the same requests unsteered on the steering engine
-                runs["unsteered"] = lambda: timed_generate(steer, prompts(len(ea)), [None] * len(ea),
-                                                           c.tokens, c.idle_s)
-            order = ["base", "unsteered", "steered"] if rep % 2 == 0 else ["steered", "unsteered", "base"]
-            got = {k: runs[k]() for k in order if k in runs}
-            b, s = got["base"], got["steered"]
-            if steered:
-                u = got["unsteered"]
-                u_s.append(u)
-            b_s.append(b)
-            s_s.append(s)
-            paired.append(s / b)  # adjacent runs: robust to slow drift of the machine
-            if steered:
-                same.append(s / u)
-            if hf is not None and name == "S2":
-                time.sleep(c.idle_s)
-                h = hf.tok_s(c.tokens)
-                h_s.append(h)
-                hf_paired.append(s / h)
-        base_samples.setdefault(len(ea), []).extend(b_s)
-        row = {"scenario": name, "batch": len(ea), "steered_requests": sum(x is not None for x in ea),
-               "distinct_configs": len({_hash(x) for x in ea if x is not None}),
-               "tok_s": statistics.median(s_s), "baseline_tok_s": statistics.median(b_s),
-               "paired_ratio": statistics.median(paired), "samples": s_s, "baseline_samples": b_s,
-               "paired": paired,
-               "same_engine_ratio": statistics.median(same) if same else None,
-               "same_engine_paired": same, "unsteered_samples": u_s}
-        row["ratio"] = row["tok_s"] / row["baseline_tok_s"]
-        if h_s:
-            row["hf"] = {"dtype": c.hf_dtype, "tok_s": statistics.median(h_s), "samples": h_s,
-                         "paired": hf_paired, "paired_ratio": statistics.median(hf_paired)}
+        row = _measure(c, name, ea, base, steer, hf, log)
+        base_samples.setdefault(len(ea), []).extend(row["baseline_samples"])
         rows.append(row)
-        log(f"{name:8s} batch {len(ea):3d}: {row['tok_s']:8.1f} tok/s vs {row['baseline_tok_s']:8.1f} "
-            f"→ paired {row['paired_ratio']:.3f}"
-            + (f", same engine {row['same_engine_ratio']:.3f}" if same else "")
-            + (f", ÷ transformers {row['hf']['paired_ratio']:.2f}" if h_s else ""))
     del hf
     del base, steer
     return {"baseline_samples": base_samples, "scenarios": rows}
+
+
+# -- EQ: N distinct equalizers ------------------------------------------------------------------
+EQ_FEATURES = 11
+"""Features of EQ's synthetic pack (as many as the bundled tone pack)."""
+
+
+def equalizer_pack(d: int, n_layers: int, seed: int = 0) -> list[Any]:
+    """EQ's features: unit directions at layers spread over the middle of the model, scale 0.25 ×
+    a typical residual norm so every strength is a moderate dose."""
+    from steering.features import Feature
+
+    rng = np.random.default_rng(seed)
+    lo, hi = n_layers // 4, max(n_layers // 4 + 1, 3 * n_layers // 4)
+    layers = np.linspace(lo, hi - 1, EQ_FEATURES).round().astype(int)
+    return [Feature(f"eq/f{i}", int(layers[i]), "direction", rng.standard_normal(d), scale=2.0)
+            for i in range(EQ_FEATURES)]
+
+
+def equalizer_requests(n: int, d: int, n_layers: int, batch: int,
+                       seed: int = 0) -> tuple[Any, list[dict]]:
+    """(steering config, per-request extra_args) of N distinct equalizers: N requests, each 4
+    features added and 1 clamped with strengths of its own; slots = ``batch`` (the engine's
+    ``max_num_seqs``), every other table size the server's default (K = 32 entries per layer)."""
+    from steering.config import SteeringConfig
+    from steering.features import StaticFeatureSource
+    from steering.request import SteeringCompiler
+
+    cfg = SteeringConfig(max_slots=batch)
+    comp = SteeringCompiler(cfg, d, n_layers, StaticFeatureSource(equalizer_pack(d, n_layers, seed)))
+    rng = np.random.default_rng(seed + 1)
+    out, seen = [], set()
+    while len(out) < n:
+        pick = rng.choice(EQ_FEATURES, size=5, replace=False)
+        spec: dict[str, Any] = {f"f{i}": round(float(rng.uniform(-1.5, 1.5)), 4) for i in pick[:4]}
+        spec[f"f{pick[4]}"] = {"mode": "clamp", "strength": round(float(rng.uniform(-1.5, 1.5)), 4)}
+        ea = comp.compile({"features": spec}).extra_args()
+        if _hash(ea) not in seen:
+            seen.add(_hash(ea))
+            out.append(ea)
+    return cfg, out
+
+
+def slot_table_bytes(cfg: Any, d: int, n_layers: int, dtype: str) -> int:
+    """Bytes one steering slot holds in a worker's tables (every steerable layer), for ``cfg``."""
+    import torch
+
+    from steering.worker.runtime import SiteTables
+
+    tdtype = getattr(torch, dtype)
+    one = SiteTables.allocate(1, cfg.max_features, d, tdtype, torch.device("meta"))
+    per_layer = sum(t.numel() * t.element_size() for t in vars(one).values()
+                    if isinstance(t, torch.Tensor))
+    return per_layer * len(cfg.steered_layers(n_layers))
+
+
+def run_equalizer_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
+    """EQ: for each N of ``c.equalizers``, N requests each with its own equalizer against the
+    same requests unsteered (same engine) and on an engine without the plugin, alternating; the
+    engines batch ``c.equalizer_batch`` sequences and the steering engine has as many slots."""
+    import json
+
+    cfg_json = json.loads(open(os.path.join(c.model, "config.json")).read())
+    d, n_layers = cfg_json["hidden_size"], cfg_json["num_hidden_layers"]
+    batch = c.equalizer_batch
+    scen = {}
+    steer_cfg = None
+    for n in c.equalizers:
+        steer_cfg, scen[f"EQ_{n}"] = equalizer_requests(n, d, n_layers, batch)
+    assert steer_cfg is not None
+    t = time.perf_counter()
+    steer = build_engine(c, steer_cfg, max_num_seqs=batch)  # first: see run_engine_scenarios
+    base = build_engine(c, max_num_seqs=batch)
+    log(f"EQ engines ready in {time.perf_counter() - t:.0f} s (slots = batch = {batch})")
+    for ea in scen.values():  # warm-up
+        timed_generate(base, prompts(len(ea)), [None] * len(ea), 4, 0)
+        timed_generate(steer, prompts(len(ea)), ea, 4, 0)
+    rows = [_measure(c, name, ea, base, steer, None, log) for name, ea in scen.items()]
+    slot_bytes = slot_table_bytes(steer_cfg, d, n_layers, c.dtype)
+    for row in rows:
+        row["slots"] = batch
+        row["slot_bytes"] = slot_bytes
+    log(f"EQ: one steering slot holds {slot_bytes / 2**20:.2f} MiB of tables "
+        f"({batch} slots: {batch * slot_bytes / 2**20:.0f} MiB per worker)")
+    del base, steer
+    return {"scenarios": rows, "slots": batch, "slot_bytes": slot_bytes}
+
+
+def _measure(c: EngineBenchConfig, name: str, ea: list[dict | None], base: Any, steer: Any,
+             hf: Any = None, log=print) -> dict[str, Any]:
+    """One scenario's repeats: the engine without the plugin, the steering engine unsteered, and
+    the steering engine steered, in alternating order (see the module docstring); its row."""
+    b_s, u_s, s_s, h_s, paired, same, hf_paired = [], [], [], [], [], [], []
+    steered = any(x is not None for x in ea)
+    for rep in range(c.repeats):
+        runs = {  # name → run; the order flips every repeat (A B C, C B A, …) so position
+            # effects (which engine ran last, drift within a repeat) cancel out in the medians
+            "base": lambda: timed_generate(base, prompts(len(ea)), [None] * len(ea), c.tokens, c.idle_s),
+            "steered": lambda: timed_generate(steer, prompts(len(ea)), ea, c.tokens, c.idle_s),
+        }
+        if steered:  # the same requests unsteered on the steering engine
+            runs["unsteered"] = lambda: timed_generate(steer, prompts(len(ea)), [None] * len(ea),
+                                                       c.tokens, c.idle_s)
+        order = ["base", "unsteered", "steered"] if rep % 2 == 0 else ["steered", "unsteered", "base"]
+        got = {k: runs[k]() for k in order if k in runs}
+        b, s = got["base"], got["steered"]
+        if steered:
+            u = got["unsteered"]
+            u_s.append(u)
+        b_s.append(b)
+        s_s.append(s)
+        paired.append(s / b)  # adjacent runs: robust to slow drift of the machine
+        if steered:
+            same.append(s / u)
+        if hf is not None and name == "S2":
+            time.sleep(c.idle_s)
+            h = hf.tok_s(c.tokens)
+            h_s.append(h)
+            hf_paired.append(s / h)
+    row = {"scenario": name, "batch": len(ea), "steered_requests": sum(x is not None for x in ea),
+           "distinct_configs": len({_hash(x) for x in ea if x is not None}),
+           "tok_s": statistics.median(s_s), "baseline_tok_s": statistics.median(b_s),
+           "paired_ratio": statistics.median(paired), "samples": s_s, "baseline_samples": b_s,
+           "paired": paired,
+           "same_engine_ratio": statistics.median(same) if same else None,
+           "same_engine_paired": same, "unsteered_samples": u_s}
+    row["ratio"] = row["tok_s"] / row["baseline_tok_s"]
+    if h_s:
+        row["hf"] = {"dtype": c.hf_dtype, "tok_s": statistics.median(h_s), "samples": h_s,
+                     "paired": hf_paired, "paired_ratio": statistics.median(hf_paired)}
+    log(f"{name:8s} batch {len(ea):3d}: {row['tok_s']:8.1f} tok/s vs {row['baseline_tok_s']:8.1f} "
+        f"→ paired {row['paired_ratio']:.3f}"
+        + (f", same engine {row['same_engine_ratio']:.3f}" if same else "")
+        + (f", ÷ transformers {row['hf']['paired_ratio']:.2f}" if h_s else ""))
+    return row
 
 
 # -- OpenMP runtime: GNU libgomp (vLLM's default) vs Intel libiomp5 (STEER_CPU_OPENMP=intel) --

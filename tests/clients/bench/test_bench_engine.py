@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clients.bench.engine import EngineBenchConfig, s3_batch, scenarios
+from clients.bench.engine import EngineBenchConfig, equalizer_requests, s3_batch, scenarios, slot_table_bytes
 from clients.bench.run import settings
 from clients.cli import build_parser
 
@@ -55,3 +55,25 @@ def test_bench_flags_for_slots_and_scenarios() -> None:
     assert settings(p.parse_args(["bench", "--scenarios", "s3r"]))["scenarios"] == ["S3R"]
     with pytest.raises(SystemExit):
         p.parse_args(["bench", "--scenarios", "S9"])
+
+
+def test_eq_sends_n_distinct_equalizers_of_four_added_and_one_clamped_feature() -> None:
+    cfg, ea = equalizer_requests(64, D, LAYERS, batch=32)
+    assert (cfg.max_slots, len(ea), len({_hash(x) for x in ea})) == (32, 64, 64)
+    for x in ea[:8]:  # 4 added features (an add row at their layers) and 1 clamp entry
+        layers = next(iter(x.values()))["program"]["layers"]
+        assert sum(row["k"] for row in layers) == 1
+        assert sum(row.get("add") is not None for row in layers) in range(1, 5)  # shared layers sum
+    # a slot's tables: add [d], enc/dec [K, d], 7 per-entry scalars, C conditions (cenc [C, d] + 4)
+    # at every layer, bfloat16 (cut is -inf, rect bool, cond int64: as allocated)
+    per_layer = slot_table_bytes(cfg, D, LAYERS, "bfloat16") / LAYERS
+    assert per_layer > 2 * (D + 2 * cfg.max_features * D)
+    assert slot_table_bytes(cfg, D, LAYERS, "float32") > slot_table_bytes(cfg, D, LAYERS, "bfloat16")
+
+
+def test_bench_flags_for_equalizers() -> None:
+    p = build_parser()
+    s = settings(p.parse_args(["bench", "--equalizers", "16,256", "--equalizer-batch", "128"]))
+    assert (s["equalizers"], s["equalizer_batch"]) == ([16, 256], 128)
+    s = settings(p.parse_args(["bench", "--tiny"]))
+    assert (s["equalizers"], s["equalizer_batch"]) == ([2], 2)

@@ -68,3 +68,19 @@ def test_steer_bench_tiny_writes_every_scenario(server, tmp_path, capsys) -> Non
     assert any(c.startswith("S5 TTFT") for c in claims)
     assert ("skipped" in omp) != any(c.startswith("no-plugin engine tok/s, Intel OpenMP") for c in claims)
     assert "steering benchmarks" in capsys.readouterr().out
+
+
+def test_steer_bench_tiny_equalizers(tmp_path) -> None:
+    """``--only equalizers``: the EQ part end to end on real engines (2 distinct equalizers on an
+    engine with 2 slots): its rows, the slot memory, and the summary's judged claim."""
+    out = tmp_path / "bench"
+    assert steer_main(["bench", "--tiny", "--only", "equalizers", "--out", str(out)]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    eq = res["equalizers"]
+    (row,) = eq["scenarios"]
+    assert (row["scenario"], row["batch"], row["distinct_configs"], row["slots"]) == ("EQ_2", 2, 2, 2)
+    assert row["tok_s"] > 0 and row["same_engine_ratio"] > 0 and row["paired_ratio"] > 0
+    assert eq["slot_bytes"] == row["slot_bytes"] > 0
+    claims = {r["claim"]: r for r in res["summary"]}
+    judged = next(r for c, r in claims.items() if c.startswith("EQ_2: 2 distinct equalizers"))
+    assert judged["target"] == ">= 0.97" and judged["met"] == (row["same_engine_ratio"] >= 0.97)

@@ -15,7 +15,8 @@ its perplexity under the unsteered model (the eval harness, over HTTP, the real 
   feature's ``evidence.steering`` says steering showed no effect on its concept (and the catalog
   tag ``no-measured-effect`` marks it).
 
-The whole curve (dose → score, Δ, p, perplexity ratio), the chosen point and how the run measured
+The whole curve (dose → score, Δ, p, perplexity ratio, and the AxBench-style concept share,
+fluency share and their harmonic mean that ``steer pack choose`` compares methods by), the chosen point and how the run measured
 (prompts and their sha256, doses, sampling, server) go into each feature's ``calibration.effect``
 (and ``calibration.method``). Recalibrating measures in
 norm units again (strength = m·u / current scale), so it does not compound. Features without a
@@ -84,12 +85,14 @@ def feature_curve(feature: str, scorer: str, ecfg: EvalConfig, samples: list, pe
     rows = feature_summary(feature, scorer, ecfg, samples, seed=ecfg.seed)["strengths"]
     base = rows[strength_key(0.0)]
     out = [{"dose": 0.0, "strength": 0.0, "score": base["score_mean"], "diff": 0.0, "p": None,
-            "ppl_ratio": 1.0, "ppl_median": base["ppl_median"]}]
+            "ppl_ratio": 1.0, "ppl_median": base["ppl_median"], "concept": None, "fluency": None,
+            "harmonic": None}]
     for dose, strength in sorted(per_dose.items()):
         r = rows[strength_key(strength)]
         vs = r.get("vs_baseline") or {}
         out.append({"dose": dose, "strength": strength, "score": r["score_mean"], "diff": vs.get("diff"),
-                    "p": vs.get("p_wilcoxon"), "ppl_ratio": r["ppl_ratio"], "ppl_median": r["ppl_median"]})
+                    "p": vs.get("p_wilcoxon"), "ppl_ratio": r["ppl_ratio"], "ppl_median": r["ppl_median"],
+                    **{k: r.get(k) for k in ("concept", "fluency", "harmonic")}})
     return out
 
 

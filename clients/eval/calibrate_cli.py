@@ -37,6 +37,9 @@ def add_calibrate_parser(pack_sub: argparse._SubParsersAction) -> None:
     from clients.eval.gendata_cli import add_gendata_parser
 
     add_gendata_parser(pack_sub)
+    from clients.eval.choose import add_choose_parser
+
+    add_choose_parser(pack_sub)
     for name in ("build-contrastive", "train-sae", "train"):
         _calibrate_after(pack_sub.choices[name])
 

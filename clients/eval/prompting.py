@@ -35,6 +35,16 @@ def harmonic(concept: float | None, fluency: float | None) -> float | None:
     return 0.0 if concept + fluency == 0 else 2 * concept * fluency / (concept + fluency)
 
 
+def tradeoff(means: dict[str, float], base: dict[str, float], ppls: list[float],
+             base_ppl: float | None) -> dict[str, float | None]:
+    """``concept``, ``fluency`` and their ``harmonic`` mean (the module docstring) from per-prompt
+    mean scores, the unsteered per-prompt means, the finite perplexities and the unsteered median."""
+    paired = [pid for pid in means if pid in base]
+    concept = (sum(means[pid] > base[pid] for pid in paired) / len(paired)) if paired else None
+    fluency = (sum(p <= PPL_RATIO_MAX * base_ppl for p in ppls) / len(ppls)) if (ppls and base_ppl) else None
+    return {"concept": concept, "fluency": fluency, "harmonic": harmonic(concept, fluency)}
+
+
 def _prompt_means(rows: list[Sample], scorer: str) -> dict[str, float]:
     """Prompt id → mean ``scorer`` score of its samples in ``rows``."""
     by_prompt: dict[str, list[float]] = {}
@@ -49,14 +59,12 @@ def _condition(rows: list[Sample], scorer: str, base: dict[str, float], base_ppl
     mean, lo, hi = mean_ci(finite_values(pm.values()))
     ppls = finite_values([s.perplexity for s in rows])
     med = percentile(ppls, 50)
-    paired = [pid for pid in pm if pid in base]
-    concept = (sum(pm[pid] > base[pid] for pid in paired) / len(paired)) if paired else None
-    fluency = (sum(p <= PPL_RATIO_MAX * base_ppl for p in ppls) / len(ppls)) if (ppls and base_ppl) else None
+    paired = any(pid in base for pid in pm)
     return {
         "n_prompts": len(pm), "score_mean": mean, "score_ci95": [lo, hi],
         "vs_baseline": paired_wilcoxon(pm, base, seed=seed) if paired else None,
         "ppl_median": med, "ppl_ratio": (med / base_ppl) if (med is not None and base_ppl) else None,
-        "concept": concept, "fluency": fluency, "harmonic": harmonic(concept, fluency),
+        **tradeoff(pm, base, ppls, base_ppl),
     }
 
 

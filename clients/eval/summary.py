@@ -12,7 +12,7 @@ import numpy as np
 
 from clients.eval.bar import PPL_RATIO_MAX, dose_response, passes_bar
 from clients.eval.harness import PROMPT, STEER, EvalConfig, Sample
-from clients.eval.prompting import compare_with_prompting
+from clients.eval.prompting import compare_with_prompting, tradeoff
 from clients.eval.scorers import SCORERS
 from server.stats import finite_values, mean_ci, paired_wilcoxon, per_prompt_means, percentile
 from steering.packs.manifest import norm_unit
@@ -36,7 +36,8 @@ def strength_key(s: float) -> str:
 def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sample],
                     seed: int = 0) -> dict[str, Any]:
     """Results of one feature: per strength the score, perplexity and repetition; vs strength 0
-    the paired statistics; over strengths the Spearman ρ; the pass/fail of the bar; and
+    the paired statistics and the AxBench-style concept / fluency / harmonic mean
+    (:func:`clients.eval.prompting.tradeoff`); over strengths the Spearman ρ; the pass/fail of the bar; and
     ``max_fluent``, the largest positive strength whose median perplexity stays ≤ 2× the baseline's
     (with its Δ and p): the dose to use when strength 1 is too strong."""
     budget = cfg.max_tokens_for(feature)
@@ -74,6 +75,7 @@ def feature_summary(feature: str, scorer: str, cfg: EvalConfig, samples: list[Sa
         }
         if st != 0 and base:
             row["vs_baseline"] = paired_wilcoxon(pm, base, seed=seed)
+            row.update(tradeoff(pm, base, finite_values(ppl[st]), base_ppl))
         per_strength[strength_key(st)] = row
     fluent = [r for r in per_strength.values() if r["strength"] > 0 and r["ppl_ratio"] is not None
               and r["ppl_ratio"] <= PPL_RATIO_MAX]

@@ -208,7 +208,11 @@ class FeatureCalibration(_Open):
     norm_scale: Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)] | None = None
     """The norm unit, kept when ``steer pack calibrate`` set ``scale``; doses are multiples of it."""
     effect: dict[str, Any] | None = None
-    """The measured curve (dose → score, Δ, p, perplexity ratio) and the chosen point."""
+    """The measured curve (dose → score, Δ, p, perplexity ratio, concept / fluency / harmonic
+    mean) and the chosen point."""
+    choice: dict[str, Any] | None = None
+    """Why this feature's method was chosen (``steer pack choose``): the rule, the winning
+    candidate's label and every candidate's strength-1 point."""
     p50: Number | None = None
     """Median act(h) over the calibration tokens (SAE latents: where active)."""
     p99: Number | None = None

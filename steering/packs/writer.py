@@ -76,8 +76,6 @@ class PackWriter:
         ``directions`` [n, d] (row i written at ``layers[i]``). Kind ``lowrank`` gives
         ``lowrank={"R": [n, r, d], "W": [n, r, d], "b": [n, r]}`` (n = len(layers), 1 without;
         R's rows orthonormal per layer); its rank is taken from R."""
-        if any(f.name == name for f in self.manifest.features):
-            raise PackError(self.name, f"duplicate feature name {name!r}")
         entry: dict[str, Any] = {
             "name": name, "description": description, "tags": list(tags), "layer": int(layer),
             "site": site(layer), "kind": kind, "default_mode": default_mode,
@@ -95,11 +93,6 @@ class PackWriter:
             entry["source"] = source
         if extra:
             entry.update(extra)
-        fe = self._entry(FeatureEntry, entry, "features")
-        try:
-            check_feature_shape(fe, self.manifest.model.fingerprint.num_layers)
-        except ValueError as e:
-            raise PackError(self.name, str(e)) from None
         tensors = {"direction": direction}
         if kind == "sae":
             if encoder is None:
@@ -111,6 +104,20 @@ class PackWriter:
             tensors["directions"] = directions
         if kind == "lowrank":
             tensors.update(lowrank)
+        self.add_entry(entry, tensors)
+
+    def add_entry(self, entry: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Add a feature from its whole manifest entry and its tensors by suffix (``direction``,
+        ``encoder``, ``directions``, ``R``/``W``/``b``, as :class:`FeatureEntry` names them): how
+        ``add_feature`` ends, and how a feature is copied from another pack."""
+        name = entry.get("name")
+        if any(f.name == name for f in self.manifest.features):
+            raise PackError(self.name, f"duplicate feature name {name!r}")
+        fe = self._entry(FeatureEntry, entry, "features")
+        try:
+            check_feature_shape(fe, self.manifest.model.fingerprint.num_layers)
+        except ValueError as e:
+            raise PackError(self.name, str(e)) from None
         self.manifest.features.append(fe)
         for k, v in tensors.items():
             self._feature_tensors[f"{name}.{k}"] = np.asarray(v, np.float32)

@@ -134,6 +134,11 @@ def test_prompting_baseline_compares_the_three_conditions():
     assert both["concept"] == 1.0 and both["fluency"] == 0.5 and both["harmonic"] == pytest.approx(2 / 3)
     assert both["ppl_ratio"] == pytest.approx(12 / 5)  # median of 9 and 15 over 5
     assert cmp["best"] == "steer"
+    # Each strength row carries the same trade-off (what steer pack calibrate's curves record).
+    at_one = summ["strengths"]["1"]
+    assert {k: at_one[k] for k in ("concept", "fluency", "harmonic")} == \
+        {k: steer[k] for k in ("concept", "fluency", "harmonic")}
+    assert "harmonic" not in summ["strengths"]["0"]
     md = report.markdown({"config": cfg.public(), "features": {"golden_gate": summ}})
     assert "| golden_gate | steer **best** | 0.833 (0.002) | 1.6 | 0.83 | 1 | 0.91 |" in md
     assert "| golden_gate | prompt | 0.5 (0.031) | 1 | 0.5 | 1 | 0.67 |" in md

@@ -41,15 +41,18 @@ def _key_slot(request: Request, steering: SteeringSpec | None) -> None:
     at_end(request, release)
 
 
+def _output_budget(state: AppState, prompt_tokens: int, max_tokens: int | None) -> int:
+    """Tokens a request may generate: ``max_tokens``, or (None) up to the end of the context."""
+    return max((state.max_model_len or 0) - prompt_tokens, 0) if max_tokens is None else max_tokens
+
+
 def _key_tokens(request: Request, state: AppState, req: GenerationRequest, prompt_tokens: int) -> None:
     """The key's tokens per minute: the prompt plus every token the request may generate."""
     who, auth = principal_of(request), auth_of(request)
     rate = who.policy.rate if who.policy is not None else None
     if auth is None or rate is None or rate.tokens_per_minute is None:
         return
-    max_out, _ = req.max_output()
-    if max_out is None:
-        max_out = max((state.max_model_len or 0) - prompt_tokens, 0)
+    max_out = _output_budget(state, prompt_tokens, req.max_output()[0])
     auth.take(who, "tokens", rate.tokens_per_minute, prompt_tokens + req.n * max_out)
 
 
@@ -62,10 +65,8 @@ async def admit_generation(request: Request, state: AppState, req: GenerationReq
     if state.limits is None:
         return True
     prompt_len = len(job.prompt_ids)
-    max_tokens = job.params.max_tokens
-    if max_tokens is None:  # up to the end of the context
-        max_tokens = max((state.max_model_len or 0) - prompt_len, 0)
-    admit = state.limits.admit(job.compiled, job.request_id, prompt_len + max_tokens,
+    admit = state.limits.admit(job.compiled, job.request_id,
+                               prompt_len + _output_budget(state, prompt_len, job.params.max_tokens),
                                "steering.return_activations")
     if job.compiled is None:
         job.held = await admit

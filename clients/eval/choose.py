@@ -6,7 +6,9 @@ methods (``mean_diff=feature_packs/smollm2-tone``, ``vector=…``, ``lowrank=…
 method's largest fluent dose and its curve carries, per dose, the AxBench-style concept share,
 fluency share and their harmonic mean (:func:`clients.eval.prompting.tradeoff`). For every feature
 name the winner is the candidate whose harmonic mean **at its chosen dose** (strength 1) is
-highest; a tie keeps the earlier candidate (list the incumbent first). A candidate whose
+highest, where a later candidate must beat the best earlier one by more than ``min_gain``
+(``MIN_GAIN`` = 0.05: on 24 calibration prompts one prompt moves concept by 0.04, so smaller gaps
+are noise and the incumbent, listed first, stays). A candidate whose
 calibration did not record the harmonic mean (calibrated before it existed, or no scorer) does not
 compete; a feature no candidate measured is taken from the first candidate that has it.
 
@@ -30,18 +32,27 @@ from steering.packs.manifest import FEATURES_FILE, MANIFEST_FILE, PackError
 from steering.packs.tensors import load_tensors
 from steering.packs.writer import PackWriter
 
+MIN_GAIN = 0.05
+"""How much higher a later candidate's harmonic mean must be to replace an earlier one."""
 RULE = ("the highest harmonic mean of concept share and fluency share at strength 1 on the "
-        "calibration prompts (steer pack calibrate's curve); ties keep the earlier candidate")
+        "calibration prompts (steer pack calibrate's curve); a later candidate must beat the "
+        "earlier ones by more than min_gain")
 POINT_KEYS = ("dose", "status", "concept", "fluency", "harmonic", "diff", "p", "ppl_ratio")
 
 
 def point(entry: dict[str, Any]) -> dict[str, Any] | None:
-    """A calibrated feature's strength-1 point (``POINT_KEYS``), or None when its calibration has
-    no harmonic mean to compare."""
-    chosen = ((entry.get("calibration") or {}).get("effect") or {}).get("chosen") or {}
+    """A calibrated feature's strength-1 point (``POINT_KEYS``) and, for the record, the dose of
+    its curve with the highest harmonic mean (``best_dose``, ``best_harmonic``: what a rule that
+    set strength 1 by the harmonic mean would pick); None when its calibration has no harmonic mean
+    to compare."""
+    effect = (entry.get("calibration") or {}).get("effect") or {}
+    chosen = effect.get("chosen") or {}
     if chosen.get("harmonic") is None:
         return None
-    return {k: chosen.get(k) for k in POINT_KEYS}
+    rows = [r for r in effect.get("curve") or [] if r.get("harmonic") is not None]
+    best = max(rows, key=lambda r: r["harmonic"], default=chosen)
+    return {**{k: chosen.get(k) for k in POINT_KEYS}, "best_dose": best.get("dose"),
+            "best_harmonic": best["harmonic"]}
 
 
 def built_by(entry: dict[str, Any]) -> str:
@@ -53,8 +64,11 @@ def built_by(entry: dict[str, Any]) -> str:
 
 
 def choose(candidates: list[tuple[str, Path]], name: str | None = None, version: str | None = None,
-           description: str | None = None) -> tuple[PackWriter, dict[str, dict[str, Any]]]:
-    """The merged pack (not yet written) and, per feature, its choice record."""
+           description: str | None = None, note: str | None = None,
+           min_gain: float = MIN_GAIN) -> tuple[PackWriter, dict[str, dict[str, Any]]]:
+    """The merged pack (not yet written) and, per feature, its choice record. The pack keeps the
+    first candidate's provenance, with ``method`` "chosen per feature", ``choice`` (the rule and
+    each candidate's files) and ``note`` when given."""
     if not candidates:
         raise PackError("choose", "give at least one --candidate LABEL=PACK")
     labels = [label for label, _ in candidates]
@@ -77,10 +91,12 @@ def choose(candidates: list[tuple[str, Path]], name: str | None = None, version:
     writer = PackWriter(
         name or first["name"], version or first["version"], first["model"]["fingerprint"],
         first["model"].get("id", ""), description or first.get("description", ""), first.get("license", "Apache-2.0"),
-        provenance={"builder": "steer pack choose", "method": "chosen per feature", "rule": RULE,
-                    "candidates": {label: {"pack": m["name"], "version": m["version"],
-                                           "files": {f: v["sha256"] for f, v in m["files"].items()}}
-                                   for label, m, _ in loaded}},
+        provenance={**{k: v for k, v in first.get("provenance", {}).items() if k != "date"},
+                    "method": "chosen per feature", **({"note": note} if note else {}),
+                    "choice": {"builder": "steer pack choose", "rule": RULE, "min_gain": min_gain,
+                               "candidates": {label: {"pack": m["name"], "version": m["version"],
+                                                      "files": {f: v["sha256"] for f, v in m["files"].items()}}
+                                              for label, m, _ in loaded}}},
         calibration=first.get("calibration") or {})
     choices: dict[str, dict[str, Any]] = {}
     for fname in order:
@@ -88,7 +104,11 @@ def choose(candidates: list[tuple[str, Path]], name: str | None = None, version:
                 for label, m, t in loaded if any(f["name"] == fname for f in m["features"])]
         points = {label: point(entry) for label, entry, _ in have}
         measured = [(label, p["harmonic"]) for label, p in points.items() if p is not None]
-        winner = max(measured, key=lambda x: x[1])[0] if measured else have[0][0]
+        winner = measured[0][0] if measured else have[0][0]
+        best = measured[0][1] if measured else None
+        for label, h in measured[1:]:
+            if h > best + min_gain:
+                winner, best = label, h
         label, entry, tensors = next(h for h in have if h[0] == winner)
         if entry.get("source") is not None:
             raise PackError(writer.name, f"feature {fname!r} of {label!r} reads an SAE latent; "
@@ -97,6 +117,8 @@ def choose(candidates: list[tuple[str, Path]], name: str | None = None, version:
                   "rule": RULE if measured else "not measured by any candidate: kept from the first that has it",
                   "candidates": {lab: {"built_by": built_by(e), **(points[lab] or {"harmonic": None})}
                                  for lab, e, _ in have}}
+        if measured:
+            record["min_gain"] = min_gain
         entry = {**entry, "calibration": {**entry["calibration"], "choice": record}}
         prefix = f"{fname}."
         writer.add_entry(entry, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
@@ -137,6 +159,9 @@ def add_choose_parser(pack_sub: argparse._SubParsersAction) -> None:
     s.add_argument("--name", default=None, help="pack name (default: the first candidate's)")
     s.add_argument("--version", default=None, help="pack version (default: the first candidate's)")
     s.add_argument("--description", default=None)
+    s.add_argument("--note", default=None, help="a line for the pack's provenance (what this build changed)")
+    s.add_argument("--min-gain", type=float, default=MIN_GAIN,
+                   help=f"how much higher a later candidate's harmonic mean must be (default: {MIN_GAIN:g})")
     s.set_defaults(func=choose_cmd)
 
 
@@ -146,7 +171,8 @@ def choose_cmd(args: argparse.Namespace) -> int:
         print("steer pack choose: error: the output folder is one of the candidates", file=sys.stderr)
         return 1
     try:
-        writer, choices = choose(args.candidate, args.name, args.version, args.description)
+        writer, choices = choose(args.candidate, args.name, args.version, args.description, args.note,
+                                 args.min_gain)
         writer.write(out)
     except (PackError, OSError) as exc:
         print(f"steer pack choose: error: {exc}", file=sys.stderr)

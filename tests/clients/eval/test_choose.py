@@ -10,7 +10,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from clients.eval.choose import RULE, choose, choose_cmd
+from clients.eval.choose import MIN_GAIN, RULE, choose, choose_cmd
 from steering.packs import FEATURES_FILE, MANIFEST_FILE, PackError, PackWriter, load_pack
 from steering.packs.tensors import load_tensors
 
@@ -24,8 +24,9 @@ def chosen(harmonic, dose=0.5, status="weak", ppl=1.4):
              "strength": dose}
     if harmonic is not None:
         point.update(concept=harmonic, fluency=1.0, harmonic=harmonic)
+    stronger = {**point, "dose": 2 * dose, "ppl_ratio": 2.5, "harmonic": None if harmonic is None else 0.9}
     return {"scale": 2.0 * dose, "norm_scale": 2.0, "method": "effect",
-            "effect": {"scorer": "x", "chosen": point, "curve": [point], "run": {}}}
+            "effect": {"scorer": "x", "chosen": point, "curve": [point, stronger], "run": {}}}
 
 
 def candidate(tmp_path, label, features, fp=FP, seed=0):
@@ -53,33 +54,42 @@ def candidate(tmp_path, label, features, fp=FP, seed=0):
 
 def test_each_feature_comes_from_its_best_candidate_unchanged(tmp_path):
     md = candidate(tmp_path, "mean_diff", {"formality": ("direction", 0.8), "golden_gate": ("direction", 0.1),
-                                           "pirate": ("direction", 0.5), "humor": ("direction", None)})
+                                           "pirate": ("direction", 0.5), "humor": ("direction", None),
+                                           "french": ("direction", 0.30)})
     vec = candidate(tmp_path, "vector", {"golden_gate": ("multi", 0.6), "pirate": ("multi", 0.5),
-                                         "formality": ("multi", 0.3), "humor": ("multi", 0.2)}, seed=1)
+                                         "formality": ("multi", 0.3), "humor": ("multi", 0.2),
+                                         "french": ("multi", 0.34)}, seed=1)
     lr = candidate(tmp_path, "lowrank", {"golden_gate": ("lowrank", 0.7), "code": ("lowrank", None)}, seed=2)
-    writer, choices = choose([("mean_diff", md), ("vector", vec), ("lowrank", lr)], name="tone", version="2.0.0")
+    writer, choices = choose([("mean_diff", md), ("vector", vec), ("lowrank", lr)], name="tone", version="2.0.0",
+                             note="methods chosen")
     out = writer.write(tmp_path / "out")
     assert {f: c["method"] for f, c in choices.items()} == {
         "formality": "mean_diff",  # 0.8 beats 0.3
         "golden_gate": "lowrank",  # 0.7 beats 0.6 and 0.1
         "pirate": "mean_diff",     # a tie keeps the earlier candidate
+        "french": "mean_diff",     # so does a gain of no more than MIN_GAIN (0.34 vs 0.30)
         "humor": "vector",         # mean_diff recorded no harmonic mean: it does not compete
         "code": "lowrank",         # measured by nobody: kept from the only candidate that has it
     }
     gg = choices["golden_gate"]
-    assert gg["rule"] == RULE and gg["built_by"] == "lowrank"
+    assert gg["rule"] == RULE and gg["built_by"] == "lowrank" and gg["min_gain"] == MIN_GAIN
     assert {k: v["harmonic"] for k, v in gg["candidates"].items()} == {"mean_diff": 0.1, "vector": 0.6, "lowrank": 0.7}
     assert gg["candidates"]["vector"]["built_by"] == "vector" and gg["candidates"]["vector"]["dose"] == 0.5
+    # The curve's best harmonic mean is recorded, but strength 1 (the calibrated dose) decides.
+    assert (gg["candidates"]["vector"]["best_dose"], gg["candidates"]["vector"]["best_harmonic"]) == (1.0, 0.9)
     assert choices["humor"]["candidates"]["mean_diff"] == {"built_by": "mean_diff", "harmonic": None}
     assert choices["code"]["rule"].startswith("not measured")
 
     pack = load_pack(out)  # sha256-checked, shapes checked
     m = json.loads((out / MANIFEST_FILE).read_text())
     assert m["name"] == "tone" and m["version"] == "2.0.0" and m["calibration"] == {"unit": "dose"}
-    assert list(m["provenance"]["candidates"]) == ["mean_diff", "vector", "lowrank"]
-    assert m["provenance"]["candidates"]["vector"]["files"][FEATURES_FILE] == \
+    # The first candidate's provenance, plus the choice.
+    prov = m["provenance"]
+    assert prov["builder"] == "tests" and prov["method"] == "chosen per feature" and prov["note"] == "methods chosen"
+    assert list(prov["choice"]["candidates"]) == ["mean_diff", "vector", "lowrank"]
+    assert prov["choice"]["candidates"]["vector"]["files"][FEATURES_FILE] == \
         json.loads((vec / MANIFEST_FILE).read_text())["files"][FEATURES_FILE]["sha256"]
-    assert [f["name"] for f in m["features"]] == ["formality", "golden_gate", "pirate", "humor", "code"]
+    assert [f["name"] for f in m["features"]] == ["formality", "golden_gate", "pirate", "humor", "french", "code"]
     assert pack.manifest.feature("golden_gate").kind == "lowrank" and pack.manifest.feature("humor").layers == [1, 3]
     # Tensors and entries byte for byte from the winner; only calibration.choice is added.
     got = load_tensors(out / FEATURES_FILE)
@@ -117,7 +127,7 @@ def test_the_command_writes_the_pack_and_prints_the_table(tmp_path, capsys):
     md = candidate(tmp_path, "mean_diff", {"golden_gate": ("direction", 0.1)})
     vec = candidate(tmp_path, "vector", {"golden_gate": ("multi", 0.6)}, seed=1)
     args = Namespace(out=str(tmp_path / "tone"), candidate=[("mean_diff", md), ("vector", vec)], name=None,
-                     version="1.2.0", description=None)
+                     version="1.2.0", description=None, note=None, min_gain=MIN_GAIN)
     assert choose_cmd(args) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("golden_gate"))

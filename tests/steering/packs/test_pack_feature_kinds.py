@@ -186,7 +186,8 @@ def test_bundled_tone_pack_still_loads():
     from steering.model_store import resolve_model
 
     pack = load_pack(bundled_packs_dir() / "smollm2-tone", model_fingerprint(resolve_model(None)))
-    assert pack.version == "1.1.0" and len(pack.features) == 11
+    assert pack.version == "1.2.0" and len(pack.features) == 11  # 1.1.0's tensors, methods recorded
+    assert {f.calibration.choice["method"] for f in pack.manifest.features} == {"mean_diff"}
     for f in pack.features.values():
         assert f.kind == "direction" and f.layers == () and f.directions is None and f.lowrank is None
         assert f.steered_layers() == (f.layer,)

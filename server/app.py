@@ -113,7 +113,8 @@ def create_app(state: AppState) -> FastAPI:
             return {"enabled": False}
         stats = await state.require_engine().collective_rpc("steering_stats")
         comp = state.compiler
-        return {"enabled": True, "slots": cfg.max_slots, "max_features": cfg.max_features,
+        return {"enabled": True, "slots": state.gate.capacity, "max_features": cfg.max_features,
+                "bank_features": cfg.bank_features,
                 "hidden_size": comp.hidden_size if comp else None,
                 "num_layers": comp.num_layers if comp else None,
                 "layers": comp.layers_list if comp else None,

@@ -109,9 +109,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--no-steering", dest="steering", action="store_false",
                    help="run without the steering plugin (the benchmarks' baseline)")
     s.add_argument("--max-steering-slots", type=int, default=DEFAULTS.max_steering_slots,
-                   help="distinct steering configurations in flight at once (default: %(default)s)")
+                   help="distinct steering configurations in flight at once (default: as many "
+                        "as the engine batches, its --max-num-seqs)")
     s.add_argument("--max-steered-features", type=int, default=DEFAULTS.max_steered_features,
                    help="features one configuration may steer at one layer (default: %(default)s)")
+    s.add_argument("--steering-bank-features", type=int, default=DEFAULTS.steering_bank_features,
+                   metavar="ROWS",
+                   help="distinct feature rows the workers' feature bank holds per layer, shared "
+                        "by every configuration that uses them (default: %(default)s)")
     s.add_argument("--steer-layers", type=_layers, default=DEFAULTS.steer_layers,
                    help="steerable decoder layers: 'all' or a comma list such as '8,12,16-20' (default: all)")
     s.add_argument("--max-steering-strength", type=float, default=DEFAULTS.max_steering_strength,
@@ -169,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=args.enable_prefix_caching, steering=args.steering,
         max_steering_slots=args.max_steering_slots, max_steered_features=args.max_steered_features,
+        steering_bank_features=args.steering_bank_features,
         steer_layers=args.steer_layers, max_steering_strength=args.max_steering_strength,
         max_steering_vector_norm=args.max_steering_vector_norm,
         steering_queue_timeout=args.steering_queue_timeout,

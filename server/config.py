@@ -33,8 +33,9 @@ class ServeConfig:
     seed: int = 0
     enable_prefix_caching: bool = True
     steering: bool = True
-    max_steering_slots: int = SteeringConfig.max_slots
+    max_steering_slots: int | None = SteeringConfig.max_slots  # None: the engine's max_num_seqs
     max_steered_features: int = SteeringConfig.max_features
+    steering_bank_features: int = SteeringConfig.bank_features
     steer_layers: list[int] | None = SteeringConfig.layers
     max_steering_strength: float = SteeringConfig.max_strength
     # The limits on steered requests: documented (and their defaults defined) in SteeringSetup.
@@ -83,6 +84,7 @@ class ServeConfig:
         return SteeringConfig(
             max_slots=self.max_steering_slots,
             max_features=self.max_steered_features,
+            bank_features=self.steering_bank_features,
             layers=self.steer_layers,
             max_strength=self.max_steering_strength,
             max_readout_bytes=self.max_readout_bytes_total,

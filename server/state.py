@@ -85,6 +85,8 @@ class AppState:
             self.model_path = path
             self.max_model_len = engine.model_config.max_model_len
             if setup is not None:
+                # the slots the workers allocated (None: as many as the engine batches)
+                setup.config = setup.config.for_batch(engine.vllm_config.scheduler_config.max_num_seqs)
                 hf = engine.model_config.hf_text_config
                 self.compiler = setup.build_compiler(hf.hidden_size, hf.num_hidden_layers,
                                                      self.packs)

@@ -214,7 +214,8 @@ class SteeringPlugin:
             raise RuntimeError(
                 "the steering middleware needs --worker-cls steering.vllm_shim.Steering*Worker and "
                 f"--additional-config '{{\"{STEERING_SECTION}\": {{...}}}}'")
-        cfg = SteeringConfig.from_dict(extra[STEERING_SECTION])
+        cfg = SteeringConfig.from_dict(extra[STEERING_SECTION]).for_batch(
+            vllm_config.scheduler_config.max_num_seqs)  # the workers resolve it the same way
         options = PluginOptions.from_dict(extra.get(OPTIONS_SECTION))
         mc = vllm_config.model_config
         hf = mc.hf_text_config

@@ -10,11 +10,19 @@ from typing import Any
 class SteeringConfig:
     """Sizes of the steering tables and the bounds requests are validated against."""
 
-    max_slots: int = 16
-    """S: distinct steering configurations resident at once (slot 0, "no steering", is extra)."""
+    max_slots: int | None = None
+    """S: distinct steering configurations resident at once (slot 0, "no steering", is extra).
+    None: as many as the engine batches sequences (its ``max_num_seqs``), so every request in a
+    batch may carry its own equalizer; resolved by :meth:`for_batch` where the engine is known."""
 
     max_features: int = 32
     """K: clamp/scale/ablate entries one configuration may place at one layer."""
+
+    bank_features: int = 512
+    """F: distinct entry rows (feature directions, SAE encoder rows, rank-r rows, raw clamp
+    vectors) the workers' feature bank holds per layer, shared by every slot that uses them
+    (:mod:`steering.worker.bank`). Requests naming pack features share rows whatever their
+    strengths; each distinct raw clamp/scale/ablate vector takes a row while it is in use."""
 
     layers: list[int] | None = None
     """Decoder layers whose output (``blocks.L.hook_resid_post``) can be steered; None = all."""
@@ -43,10 +51,13 @@ class SteeringConfig:
     workers compiled records."""
 
     def __post_init__(self) -> None:
-        if self.max_slots < 1:
+        if self.max_slots is not None and self.max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         if self.max_features < 0:
             raise ValueError("max_features must be >= 0")
+        if self.bank_features < max(self.max_features, 1):
+            raise ValueError("bank_features must be >= max_features (one configuration's entries "
+                             "at a layer must fit) and >= 1")
         if self.layers is not None:
             self.layers = sorted(set(int(x) for x in self.layers))
         if isinstance(self.packs, str) or not all(isinstance(p, str) for p in self.packs):
@@ -59,6 +70,12 @@ class SteeringConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SteeringConfig":
         return cls(**d)
+
+    def for_batch(self, max_num_seqs: int) -> "SteeringConfig":
+        """This config with ``max_slots`` resolved: as set, or the engine's ``max_num_seqs``."""
+        if self.max_slots is not None:
+            return self
+        return SteeringConfig.from_dict({**self.to_dict(), "max_slots": int(max_num_seqs)})
 
     def steered_layers(self, num_layers: int) -> list[int]:
         """The concrete steerable layers of a model with ``num_layers`` decoder layers."""

@@ -115,7 +115,7 @@ def micro(repeats: int = 7, n: int = 50, d: int = 576, layers: int = 30) -> dict
     from steering.request import SteeringCompiler
     from steering.worker.runtime import SteeringRuntime
 
-    cfg = SteeringConfig()
+    cfg = SteeringConfig().for_batch(16)
     comp = SteeringCompiler(cfg, d, layers)
     rt = SteeringRuntime(cfg, num_layers=layers, hidden_size=d, max_tokens=256, dtype=torch.bfloat16,
                          device=torch.device("cpu"), host_gating=True)

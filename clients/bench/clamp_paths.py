@@ -1,14 +1,19 @@
 """The two ways the worker computes clamp entries with host gating, timed against each other, to
-place ``steering.worker.runtime.GATHER_ABOVE_SLOTS`` (where gathering each token's rows starts to win).
+place ``steering.worker.runtime.GATHER_COLUMNS_PER_ENTRY`` (where gathering each token's bank rows
+starts to win over matmuls across the bank's used columns).
 
     python -m clients.bench.clamp_paths                     # the grid below, ~2 min on the 2-core CPU
     python -m clients.bench.clamp_paths --tokens 16 --slots 2,17 --k 8 --json out.json
 
-"all slots": two matmuls over the K entry columns of every slot up to the highest in use (n_hi),
-other slots' columns zeroed per token — work grows with n_hi. "gathered": each token's own K
-rows gathered and applied with batched mat-vecs, in blocks of ``GATHER_CHUNK`` tokens — work
-independent of n_hi. The runtime is ``clients.bench.gpu_op.make_runtime``'s with host gating: tokens
-spread over slots 0..n_hi-1, every slot but 0 holding K random entries, half of them rectified. Times are medians of ``--repeats`` blocks, µs per call of the op at one layer.
+"columns": two matmuls over the feature bank's used columns (every slot's K rows are distinct
+here, so (n_hi - 1)·K columns: the worst case; named features share rows), each token's
+coefficients gathered and scattered over them — work grows with the used columns. "gathered":
+each token's own K bank rows gathered and applied with batched mat-vecs, in blocks of
+``GATHER_CHUNK`` tokens — work independent of the bank. The runtime is
+``clients.bench.gpu_op.make_runtime``'s with host gating: tokens spread over slots 0..n_hi-1,
+every slot but 0 holding K random entries, half of them rectified. Times are medians of
+``--repeats`` blocks, µs per call of the op at one layer; ``columns_per_entry`` is the bank's
+used columns over K, the quantity the constant bounds.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ def _time(fn, calls: int, repeats: int) -> float:
 
 def run(d: int, tokens: list[int], slots: list[int], ks: list[int], dtype, repeats: int, log=print) -> list[dict]:
     rows = []
-    saved = rt_mod.GATHER_ABOVE_SLOTS
+    saved = rt_mod.GATHER_COLUMNS_PER_ENTRY
     try:
         for k in ks:
             for t in tokens:
@@ -47,23 +52,24 @@ def run(d: int, tokens: list[int], slots: list[int], ks: list[int], dtype, repea
                     h = torch.randn(t, d, generator=g).to(dtype)
                     r = (torch.randn(t, d, generator=g) * 5).to(dtype)
                     out = {}
-                    for path, above in (("all_slots", 1 << 30), ("gathered", 0)):
-                        rt_mod.GATHER_ABOVE_SLOTS = above
+                    for path, above in (("columns", 1 << 30), ("gathered", 0)):
+                        rt_mod.GATHER_COLUMNS_PER_ENTRY = above
                         work = h.clone()
                         calls = max(3, 4000 // (t * max(1, n_hi // 8)))
                         out[path] = _time(lambda: rt.apply(work, r, 0), calls, repeats)
                         res = h.clone()
                         rt.apply(res, r, 0)
                         out[path + "_result"] = res
-                    err = (out.pop("gathered_result").float() - out.pop("all_slots_result").float()).abs().max().item()
-                    row = {"k": k, "tokens": t, "n_hi": n_hi, "all_slots_us": out["all_slots"],
-                           "gathered_us": out["gathered"], "gathered_over_all_slots": out["gathered"] / out["all_slots"],
-                           "max_abs_diff": err}
+                    err = (out.pop("gathered_result").float() - out.pop("columns_result").float()).abs().max().item()
+                    row = {"k": k, "tokens": t, "n_hi": n_hi, "columns_per_entry": n_hi - 1,
+                           "columns_us": out["columns"], "gathered_us": out["gathered"],
+                           "gathered_over_columns": out["gathered"] / out["columns"], "max_abs_diff": err}
                     rows.append(row)
-                    log(f"K={k:3d} T={t:5d} n_hi={n_hi:4d}: all slots {row['all_slots_us']:9.1f} µs, "
-                        f"gathered {row['gathered_us']:9.1f} µs  ({row['gathered_over_all_slots']:.2f}×)")
+                    log(f"K={k:3d} T={t:5d} n_hi={n_hi:4d} ({(n_hi - 1) * k} columns): bank columns "
+                        f"{row['columns_us']:9.1f} µs, gathered {row['gathered_us']:9.1f} µs  "
+                        f"({row['gathered_over_columns']:.2f}×)")
     finally:
-        rt_mod.GATHER_ABOVE_SLOTS = saved
+        rt_mod.GATHER_COLUMNS_PER_ENTRY = saved
     return rows
 
 

@@ -237,17 +237,16 @@ def equalizer_requests(n: int, d: int, n_layers: int, batch: int,
     return cfg, out
 
 
-def slot_table_bytes(cfg: Any, d: int, n_layers: int, dtype: str) -> int:
-    """Bytes one steering slot holds in a worker's tables (every steerable layer), for ``cfg``."""
+def slot_table_bytes(cfg: Any, d: int, n_layers: int, dtype: str) -> tuple[int, int]:
+    """(bytes one steering slot adds, bytes of the feature bank) in a worker's tables over every
+    steerable layer, for ``cfg`` (:meth:`steering.worker.runtime.SiteTables.nbytes`)."""
     import torch
 
     from steering.worker.runtime import SiteTables
 
-    tdtype = getattr(torch, dtype)
-    one = SiteTables.allocate(1, cfg.max_features, d, tdtype, torch.device("meta"))
-    per_layer = sum(t.numel() * t.element_size() for t in vars(one).values()
-                    if isinstance(t, torch.Tensor))
-    return per_layer * len(cfg.steered_layers(n_layers))
+    slot, bank = SiteTables.nbytes(cfg.max_features, d, getattr(torch, dtype), cfg.bank_features + 1)
+    n = len(cfg.steered_layers(n_layers))
+    return slot * n, bank * n
 
 
 def run_equalizer_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
@@ -272,14 +271,15 @@ def run_equalizer_scenarios(c: EngineBenchConfig, log=print) -> dict[str, Any]:
         timed_generate(base, prompts(len(ea)), [None] * len(ea), 4, 0)
         timed_generate(steer, prompts(len(ea)), ea, 4, 0)
     rows = [_measure(c, name, ea, base, steer, None, log) for name, ea in scen.items()]
-    slot_bytes = slot_table_bytes(steer_cfg, d, n_layers, c.dtype)
+    slot_bytes, bank_bytes = slot_table_bytes(steer_cfg, d, n_layers, c.dtype)
     for row in rows:
         row["slots"] = batch
         row["slot_bytes"] = slot_bytes
-    log(f"EQ: one steering slot holds {slot_bytes / 2**20:.2f} MiB of tables "
-        f"({batch} slots: {batch * slot_bytes / 2**20:.0f} MiB per worker)")
+    log(f"EQ: one steering slot holds {slot_bytes / 2**10:.1f} KiB of tables, the feature bank "
+        f"{bank_bytes / 2**20:.1f} MiB ({batch} slots + bank: "
+        f"{(batch * slot_bytes + bank_bytes) / 2**20:.0f} MiB per worker)")
     del base, steer
-    return {"scenarios": rows, "slots": batch, "slot_bytes": slot_bytes}
+    return {"scenarios": rows, "slots": batch, "slot_bytes": slot_bytes, "bank_bytes": bank_bytes}
 
 
 def _measure(c: EngineBenchConfig, name: str, ea: list[dict | None], base: Any, steer: Any,

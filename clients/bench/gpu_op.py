@@ -8,8 +8,8 @@ weights, bf16) doing one decode step for T sequences with ``--context`` cached p
 Scenarios: ``add`` (one additive vector per slot) and ``clamp K`` for K in ``--clamp-k`` (K clamp
 entries per slot, plus the additive vector). The tables hold ``--slots`` configurations; tokens
 are spread over slots 1..S, 0 (slot 0 = unsteered), as in a mixed batch. The runtime runs in
-graph-safe mode (``host_gating=False``): every site computes over all slots, which is what a
-captured CUDA graph replays.
+graph-safe mode (``host_gating=False``): every site computes over the whole feature bank
+(S·K distinct rows here, the worst case), which is what a captured CUDA graph replays.
 
 Timing: CUDA events (``time.perf_counter`` on CPU) around ``--iters`` calls, median of
 ``--repeats``; on CUDA also inside captured CUDA graphs. Printed per row: layer time, op time,
@@ -109,9 +109,11 @@ class DecoderLayer(torch.nn.Module):
 
 def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device,
                  host_gating: bool = False) -> rt_mod.SteeringRuntime:
-    """A one-site runtime with every slot filled and tokens spread over slots 0..S. With
-    ``host_gating`` only the clamp entries run, over all S + 1 slots (the caller may set n_hi)."""
-    cfg = SteeringConfig(max_slots=slots, max_features=k, layers=[0])
+    """A one-site runtime with every slot filled and tokens spread over slots 0..S: each slot an
+    additive vector and k clamp entries of its own (distinct bank rows, half of them rectified:
+    the worst case for the bank, which shares the rows of named features). With ``host_gating``
+    only the clamp entries run."""
+    cfg = SteeringConfig(max_slots=slots, max_features=k, layers=[0], bank_features=max(slots * k, 1))
     rt = rt_mod.SteeringRuntime(cfg, num_layers=1, hidden_size=d, max_tokens=max(tokens, 1),
                                 dtype=dtype, device=device, host_gating=host_gating)
     if host_gating:
@@ -125,13 +127,18 @@ def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device,
 
     tab.add[1:].copy_(rnd(slots, d) * 0.1)
     if k:
-        enc = torch.nn.functional.normalize(torch.randn(slots, k, d, generator=g), dim=-1)
-        tab.enc[1:].copy_(enc.to(dtype=dtype, device=device))
-        tab.dec[1:].copy_(tab.enc[1:])
+        n = slots * k  # bank columns 1..n: slot s's entry j is column (s - 1)·k + j + 1
+        enc = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+        tab.enc[1 : n + 1].copy_(enc.to(dtype=dtype, device=device))
+        tab.dec[1 : n + 1].copy_(tab.enc[1 : n + 1])
+        rect = (torch.arange(n) % k) < k // 2
+        tab.cut[1 : n + 1].copy_(torch.where(rect, 0.0, float("-inf")).to(dtype=dtype, device=device))
+        tab.col[1:].copy_(torch.arange(1, n + 1, device=device).view(slots, k))
         tab.alpha[1:].fill_(-1.0)  # clamp: act -> target
         tab.beta[1:].copy_(rnd(slots, k).abs() * 4)
-        tab.rect[1:, : k // 2] = True
-        tab.cut.copy_(torch.where(tab.rect, tab.theta, torch.full_like(tab.theta, float("-inf"))))
+        if host_gating:
+            rt.banks[0].hi = n + 1
+            rt.site_k[0] = k
     rt.token_slots[:tokens].copy_((torch.arange(tokens, device=device) + 1) % s1)  # T=1: slot 1
     rt.num_tokens = tokens
     return rt
@@ -140,9 +147,8 @@ def make_runtime(d: int, tokens: int, slots: int, k: int, dtype, device,
 def check_fused(rt, x0, r0, T: int, k: int) -> tuple[float, float]:
     """Max |error| of the fused kernel and of the torch op against a float32 torch reference."""
     ref_rt = make_runtime(x0.shape[1], T, rt.cfg.max_slots, k, torch.float32, x0.device)
-    for name in ("add", "enc", "dec", "bias", "theta", "alpha", "beta", "cut"):
-        getattr(ref_rt.tables[0], name).copy_(getattr(rt.tables[0], name).float())
-    ref_rt.tables[0].rect.copy_(rt.tables[0].rect)
+    for name in ("add", "enc", "dec", "bias", "cut", "col", "alpha", "beta"):
+        getattr(ref_rt.tables[0], name).copy_(getattr(rt.tables[0], name))
     h32 = x0.float().clone()
     ref_rt.apply(h32, r0.float(), 0)
     h_t = x0.clone()

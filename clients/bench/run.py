@@ -254,8 +254,10 @@ def summarize(result: dict) -> list[dict]:
         rows.append({"claim": f"{r['scenario']} tok/s ÷ no-plugin engine", "value": r["paired_ratio"],
                      "target": "report", "met": None})
     if eq:
-        rows.append({"claim": "EQ: MiB of worker tables per steering slot", "value": eq["slot_bytes"] / 2**20,
+        rows.append({"claim": "EQ: KiB of worker tables per steering slot", "value": eq["slot_bytes"] / 2**10,
                      "target": "report", "met": None})
+        rows.append({"claim": "EQ: MiB of the workers' feature bank (all layers)",
+                     "value": eq["bank_bytes"] / 2**20, "target": "report", "met": None})
     hf = result.get("hf")
     s2 = next((r for r in eng["scenarios"] if r["scenario"] == "S2"), None) if eng else None
     if s2 and s2.get("hf"):

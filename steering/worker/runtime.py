@@ -1,20 +1,26 @@
 """Worker-side steering state: tables allocated once, a per-token slot index filled each step,
 and the batched op that reads them.
 
-Per steered site (layer L), with S1 = S + 1 slots (slot 0 = no steering, all zeros):
-    add   [S1, d]       summed additive vectors
-    enc   [S1, K, d]    readout directions e_k        dec [S1, K, d]  write directions d_k
-    bias, theta, alpha, beta [S1, K];  rect [S1, K] (1 = JumpReLU/ReLU readout, 0 = linear)
-    cond  [S1, K]       the condition gating each entry (0 = none)
-    cenc [S1, C, d], cbias, ccut, cthr, csign [S1, C]   conditions read at L (csign 0 = not here)
+Per steered site (layer L), with S1 = S + 1 slots (slot 0 = no steering, all zeros) and a feature
+bank of F columns (:mod:`steering.worker.bank`; column 0 = the null row):
+    add   [S1, d]       summed additive vectors (per slot)
+    bank: enc [F, d] readout directions e_f, dec [F, d] write directions d_f, bias [F],
+          cut [F] (θ where the readout is JumpReLU/ReLU, -inf where it is linear)
+    col   [S1, K]       the bank column of each of a slot's entries (0 = no entry)
+    alpha, beta [S1, K]; cond [S1, K] the condition gating each entry (0 = none)
+    ccol, cthr, csign [S1, C]   conditions read at L: the bank row of their readout (e, b, cut;
+                                its dec is zero), threshold, sign (csign 0 = not here)
 and one gate buffer [Tmax, 1 + C] (column 0 ≡ 1.0) that conditions fill and entries read.
-Per step only ``token_slots[:T]`` changes (plus the rows of newly admitted slots).
+Every distinct entry or condition row is stored once however many slots use it: a slot costs
+O(K + C) scalars per layer plus its add row, not (K + C)·d. Per step only ``token_slots[:T]`` changes
+(plus the rows of newly admitted slots and the bank columns they bring).
 
 Semantics (token t, slot s = token_slots[t], stream x = hidden + residual, or hidden alone when
 the layer returns one tensor and residual is None; see :mod:`steering.worker.sites`):
     x ← x + add[s]
-    pre = enc[s]·x + bias[s];  act = where(rect[s] & (pre <= theta[s]), 0, pre)     # [K]
-    x ← x + Σ_k (alpha[s,k]·act_k + beta[s,k])·gate[t, cond[s,k]]·dec[s,k]
+    for each entry k of s, f = col[s, k]:
+        pre = enc[f]·x + bias[f];  act = 0 if pre <= cut[f] else pre
+        x ← x + (alpha[s,k]·act + beta[s,k])·gate[t, cond[s,k]]·dec[f]
 with gate[t, c] = [csign·(act_c(x) − cthr) > 0] computed at the condition's layer from x before
 that layer's steering (:mod:`steering.monitors`). Monitors read act after the op, on the host.
 The op adds the delta to ``hidden`` in place; vLLM's next layer (or final norm) sums it with
@@ -46,6 +52,7 @@ import torch
 from steering.config import SteeringConfig
 from steering.monitors import MAX_CONDITIONS, MonitorBook, MonitorState, MonitorStep
 from steering.program import SteeringProgram
+from steering.worker.bank import BankFull, FeatureBank, row_key
 from steering.worker.readouts import READOUT_DROPPED, Readout, ReadoutStore
 from steering.worker.slots import SlotAllocator, SlotsExhausted
 from steering.wire import ApplyTo, WireRecord
@@ -57,61 +64,80 @@ UNSEATED_TTL_S = 120.0
 MAX_UNSEATED = 4096
 """Unseated request ids kept for the API server to collect (older ones expire after the TTL)."""
 __all__ = ["READOUT_DROPPED", "Readout", "SteeringRuntime", "get_runtime", "set_runtime"]
-GATHER_ABOVE_SLOTS = 64
-"""With host gating, clamp entries are computed per token from gathered rows once more than this
-many slots (n_hi, slot 0 included) are in play; below it, matmuls over all their columns win.
-Placed by ``python -m clients.bench.clamp_paths`` (2-core CPU, d = 576, bf16): at n_hi = 65 gathering
-costs 0.25–1.04× the matmuls for T = 1…2048 and K = 8, 32; at n_hi = 257, 0.07–0.29×; at
-n_hi <= 17 and T >= 256 it costs 1.8–13×."""
+GATHER_COLUMNS_PER_ENTRY = 64
+"""With host gating, entries are computed per token from gathered bank rows once the bank's used
+columns exceed this many per entry a token reads (``hi > 64·k``); below it, two matmuls over the
+used columns win. From ``python -m clients.bench.clamp_paths`` (2-core CPU, d = 576, bf16; there
+as all-slots columns n_hi·K against K gathered rows per token): break-even near 65 columns per
+gathered row (0.25–1.04× at 65 slots × K = 8), gathering 1.8–13× dearer at 17 × 8."""
 GATHER_CHUNK = 256
 """Tokens per gathered block: bounds the [chunk, K, d] copies (and keeps them in cache)."""
 
 
 @dataclass
 class SiteTables:
-    """The tables of one steered layer."""
+    """The tables of one steered layer: each slot's own rows, and the feature bank its entries
+    point into (see the module docstring)."""
 
     add: torch.Tensor  # [S1, d]
-    enc: torch.Tensor  # [S1, K, d]
-    dec: torch.Tensor  # [S1, K, d]
-    bias: torch.Tensor  # [S1, K]
-    theta: torch.Tensor  # [S1, K]
-    rect: torch.Tensor  # [S1, K] bool
+    enc: torch.Tensor  # [F, d] bank
+    dec: torch.Tensor  # [F, d] bank
+    bias: torch.Tensor  # [F] bank
+    cut: torch.Tensor  # [F] bank: act = 0 where pre <= cut (θ rectified, -inf linear)
+    col: torch.Tensor  # [S1, K] int64: the bank column of each entry (0 = none)
     alpha: torch.Tensor  # [S1, K]
     beta: torch.Tensor  # [S1, K]
-    cut: torch.Tensor  # [S1, K] where(rect, theta, -inf): act = 0 where pre <= cut (derived)
     cond: torch.Tensor  # [S1, K] int64: gate column of each entry (0 = the constant 1.0)
-    cenc: torch.Tensor  # [S1, C, d] conditions read at this layer
-    cbias: torch.Tensor  # [S1, C]
-    ccut: torch.Tensor  # [S1, C] as ``cut``
+    ccol: torch.Tensor  # [S1, C] int64: the bank row each condition read here reads (0 = none)
     cthr: torch.Tensor  # [S1, C] threshold
     csign: torch.Tensor  # [S1, C] +1 above, -1 below, 0 = condition not read at this layer
 
+    BANK = ("enc", "dec", "bias", "cut")
+    """The fields sized by the bank, not by the slots."""
+
     @classmethod
-    def allocate(cls, s1: int, k: int, d: int, dtype, device, c: int = MAX_CONDITIONS) -> "SiteTables":
+    def allocate(cls, s1: int, k: int, d: int, dtype, device, f: int,
+                 c: int = MAX_CONDITIONS) -> "SiteTables":
         z = lambda *shape: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        i64 = lambda *shape: torch.zeros(*shape, dtype=torch.int64, device=device)  # noqa: E731
         return cls(
-            add=z(s1, d), enc=z(s1, k, d), dec=z(s1, k, d), bias=z(s1, k), theta=z(s1, k),
-            rect=torch.zeros(s1, k, dtype=torch.bool, device=device),
-            alpha=z(s1, k), beta=z(s1, k),
-            cut=torch.full((s1, k), float("-inf"), dtype=dtype, device=device),
-            cond=torch.zeros(s1, k, dtype=torch.int64, device=device),
-            cenc=z(s1, c, d), cbias=z(s1, c), cthr=z(s1, c), csign=z(s1, c),
-            ccut=torch.full((s1, c), float("-inf"), dtype=dtype, device=device),
+            add=z(s1, d), enc=z(f, d), dec=z(f, d), bias=z(f),
+            cut=torch.full((f,), float("-inf"), dtype=dtype, device=device),
+            col=i64(s1, k), alpha=z(s1, k), beta=z(s1, k), cond=i64(s1, k),
+            ccol=i64(s1, c), cthr=z(s1, c), csign=z(s1, c),
         )
 
+    @classmethod
+    def nbytes(cls, k: int, d: int, dtype, f: int) -> tuple[int, int]:
+        """(bytes one slot adds, bytes of the bank) at one layer, as :meth:`allocate` lays them out."""
+        one = cls.allocate(1, k, d, dtype, torch.device("meta"), f)
+        size = {n: t.numel() * t.element_size() for n, t in vars(one).items()}
+        return (sum(v for n, v in size.items() if n not in cls.BANK),
+                sum(v for n, v in size.items() if n in cls.BANK))
+
     def clear_entries(self, slot: int, start: int, stop: int) -> None:
-        """Entries ``start:stop`` of ``slot`` back to "no entry" (zeros; ``cut`` = -inf)."""
-        for t in (self.enc, self.dec, self.bias, self.theta, self.rect, self.alpha, self.beta,
-                  self.cond):
+        """Entries ``start:stop`` of ``slot`` back to "no entry" (the null column, zeros)."""
+        for t in (self.col, self.alpha, self.beta, self.cond):
             t[slot, start:stop].zero_()
-        self.cut[slot, start:stop].fill_(float("-inf"))
+
+    def write_column(self, col: int, enc: np.ndarray, dec: np.ndarray, bias: float,
+                     cut: float) -> None:
+        self.enc[col].copy_(torch.from_numpy(enc))
+        self.dec[col].copy_(torch.from_numpy(dec))
+        self.bias[col] = float(bias)
+        self.cut[col] = float(cut)
+
+    def clear_column(self, col: int) -> None:
+        """A freed bank column back to the null row (zeros; ``cut`` -inf)."""
+        self.enc[col].zero_()
+        self.dec[col].zero_()
+        self.bias[col] = 0.0
+        self.cut[col] = float("-inf")
 
     def clear_conditions(self, slot: int) -> None:
         """No condition of ``slot`` is read at this layer."""
-        for t in (self.cenc, self.cbias, self.cthr, self.csign):
+        for t in (self.ccol, self.cthr, self.csign):
             t[slot].zero_()
-        self.ccut[slot].fill_(float("-inf"))
 
 
 @dataclass
@@ -138,6 +164,8 @@ class SteeringRuntime:
         device: torch.device,
         host_gating: bool,
     ) -> None:
+        if cfg.max_slots is None:
+            raise ValueError("the runtime needs a resolved slot count (SteeringConfig.for_batch)")
         self.cfg = cfg
         self.hidden_size = hidden_size
         self.num_layers = num_layers
@@ -146,12 +174,18 @@ class SteeringRuntime:
         self.s1 = cfg.max_slots + 1
         self.k = cfg.max_features
         self.layers = cfg.steered_layers(num_layers)
+        self.f = cfg.bank_features + 1  # bank columns, the null column 0 included
         self.tables = {
-            L: SiteTables.allocate(self.s1, self.k, hidden_size, dtype, device) for L in self.layers
+            L: SiteTables.allocate(self.s1, self.k, hidden_size, dtype, device, self.f)
+            for L in self.layers
         }
+        self.banks = {L: FeatureBank(self.f) for L in self.layers}
+        self.slot_cols = {L: np.zeros((self.s1, self.k), dtype=np.int64) for L in self.layers}
+        """Host mirror of ``SiteTables.col``: the bank columns each slot's entries hold."""
+        self.slot_ccols = {L: np.zeros((self.s1, MAX_CONDITIONS), dtype=np.int64) for L in self.layers}
+        """Host mirror of ``SiteTables.ccol``: the bank columns each slot's conditions hold."""
         self.token_slots = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # [Tmax]
         self._host_slots = np.zeros(max_tokens, dtype=np.int64)
-        self.col_slot = torch.arange(self.s1, device=device).repeat_interleave(self.k)  # [S1·K] slot of each entry column
         # Host mirrors of what each slot does where (for gating and readout).
         self.slot_add = np.zeros((self.s1, num_layers), dtype=bool)
         self.slot_entries = np.zeros((self.s1, num_layers), dtype=np.int64)
@@ -160,7 +194,7 @@ class SteeringRuntime:
         self.c = MAX_CONDITIONS
         self.gates = torch.zeros(max_tokens, 1 + self.c, dtype=dtype, device=device)  # [Tmax, 1+C]
         self.gates[:, 0] = 1.0  # unconditioned entries: × exactly 1.0
-        self.entries: EntryPath = AllSlotsEntries() if not host_gating else ByOccupancy()
+        self.entries: EntryPath = BankColumns() if not host_gating else ByOccupancy()
         """How entries are computed at a site, chosen once (see :class:`EntryPath`)."""
         self.monitors = MonitorBook()
         self.allocator = SlotAllocator(cfg.max_slots)
@@ -177,7 +211,7 @@ class SteeringRuntime:
         self.site_gated = np.zeros(num_layers, dtype=bool)
         self.site_monitor = np.zeros(num_layers, dtype=bool)
         self.monitor_step = MonitorStep(device)
-        self.n_hi = self.s1
+        self.site_k = np.full(num_layers, self.k, dtype=np.int64)  # entries per slot read at L
         self._readout_rows: np.ndarray | None = None  # token rows wanting readout
         self._readout_meta: list[tuple[str, int, int, frozenset[int]]] = []  # (key, pos, slot, capture)
         if not host_gating:
@@ -200,30 +234,69 @@ class SteeringRuntime:
             self.slot_add[slot, L] = add is not None
             k = lp.num_entries if lp is not None else 0
             had = int(self.slot_entries[slot, L])
-            if had > k:  # entries beyond the new program's
-                tab.clear_entries(slot, k, had)
+            old = self.slot_cols[L][slot, :had].copy()
+            gated = False
             if k:
                 e = lp.entries_f32()
-                tab.enc[slot, :k].copy_(torch.from_numpy(e["enc"]))
-                tab.dec[slot, :k].copy_(torch.from_numpy(e["dec"]))
-                for name in ("bias", "theta", "alpha", "beta"):
-                    getattr(tab, name)[slot, :k].copy_(torch.from_numpy(e[name]))
-                rect = e["rectify"].astype(bool)
-                tab.rect[slot, :k].copy_(torch.from_numpy(rect))
-                tab.cut[slot, :k].copy_(torch.from_numpy(np.where(rect, e["theta"], -np.inf)))
+                cols = self._bank_rows(L, tab, e)  # before the old rows are released: shared ones stay
+                tab.col[slot, :k].copy_(torch.from_numpy(cols))
+                tab.alpha[slot, :k].copy_(torch.from_numpy(e["alpha"]))
+                tab.beta[slot, :k].copy_(torch.from_numpy(e["beta"]))
                 tab.cond[slot, :k].copy_(torch.from_numpy(e["cond"].astype(np.int64)))
+                self.slot_cols[L][slot, :k] = cols
+                gated = bool(e["cond"].any())
+            if had > k:  # entries beyond the new program's
+                tab.clear_entries(slot, k, had)
+                self.slot_cols[L][slot, k:had] = 0
             self.slot_entries[slot, L] = k
-            self.slot_gated[slot, L] = bool(k) and bool(e["cond"].any())
+            self._release_cols(L, tab, old)
+            self.slot_gated[slot, L] = gated
             here = [(c, x) for c, x in enumerate(program.conditions) if x.layer == L]
+            old = self.slot_ccols[L][slot].copy()
+            ccols = self._bank_rows(L, tab, _readout_rows([x for _, x in here], self.hidden_size))
             if here or self.slot_conds[slot, L]:
                 tab.clear_conditions(slot)
-            for c, x in here:
-                tab.cenc[slot, c].copy_(torch.from_numpy(x.enc))
-                tab.cbias[slot, c] = x.bias
-                tab.ccut[slot, c] = x.theta if x.rectify else float("-inf")
+                self.slot_ccols[L][slot] = 0
+            for (c, x), col in zip(here, ccols):
+                tab.ccol[slot, c] = int(col)
                 tab.cthr[slot, c] = x.threshold
                 tab.csign[slot, c] = x.sign
+                self.slot_ccols[L][slot, c] = col
+            self._release_cols(L, tab, old)
             self.slot_conds[slot, L] = bool(here)
+
+    def _bank_rows(self, L: int, tab: SiteTables, e: dict[str, np.ndarray]) -> np.ndarray:
+        """The bank columns of a program's entries at ``L`` (one reference each), writing the
+        rows the bank did not hold; on :class:`BankFull` nothing stays taken."""
+        cut = np.where(e["rectify"].astype(bool), e["theta"], -np.inf).astype(np.float32)
+        bank, cols = self.banks[L], []
+        try:
+            for i in range(len(cut)):
+                col, new = bank.acquire(row_key(e["enc"][i], e["dec"][i], e["bias"][i], cut[i]))
+                cols.append(col)
+                if new:
+                    tab.write_column(col, e["enc"][i], e["dec"][i], e["bias"][i], cut[i])
+        except BankFull:
+            self._release_cols(L, tab, cols)
+            raise
+        return np.asarray(cols, dtype=np.int64)
+
+    def _release_cols(self, L: int, tab: SiteTables, cols) -> None:
+        for col in cols:
+            if self.banks[L].release(int(col)):
+                tab.clear_column(int(col))
+
+    def _write_or_evict(self, slot: int, program: SteeringProgram) -> None:
+        """:meth:`write_slot`; when a bank is full, first drop the rows only idle slots (free,
+        holding a configuration kept for reuse) still hold, then write once more."""
+        try:
+            self.write_slot(slot, program)
+        except BankFull:
+            self._clear_slot(slot)
+            for idle in self.allocator.idle_slots():
+                self._clear_slot(idle)
+                self.allocator.forget(idle)
+            self.write_slot(slot, program)
 
     # -- requests ---------------------------------------------------------------------------
     def admit(self, req_id: str, wire: WireRecord) -> _ReqSteering:
@@ -237,7 +310,7 @@ class SteeringRuntime:
                 return self.refuse(req_id, str(exc), wire)
             if needs_write:
                 try:
-                    self.write_slot(slot, SteeringProgram.from_wire(wire.program))
+                    self._write_or_evict(slot, SteeringProgram.from_wire(wire.program))
                 except Exception as exc:  # noqa: BLE001  (a bad program fails its request only)
                     self._clear_slot(slot)
                     self.allocator.evict(req_id)
@@ -287,9 +360,14 @@ class SteeringRuntime:
         return hits
 
     def _clear_slot(self, slot: int) -> None:
-        """Every row of ``slot`` back to zeros (after a failed write)."""
+        """Every row of ``slot`` back to zeros and its bank rows released (after a failed write,
+        or to free the bank rows of an idle slot)."""
         for L, tab in self.tables.items():
             tab.add[slot].zero_()
+            self._release_cols(L, tab, self.slot_cols[L][slot, : self.slot_entries[slot, L]])
+            self._release_cols(L, tab, self.slot_ccols[L][slot])
+            self.slot_cols[L][slot] = 0
+            self.slot_ccols[L][slot] = 0
             tab.clear_entries(slot, 0, self.k)
             tab.clear_conditions(slot)
             self.slot_add[slot, L] = False
@@ -364,7 +442,7 @@ class SteeringRuntime:
             self.site_entries = (self.slot_entries[present] > 0).any(axis=0)
             self.site_conds = self.slot_conds[present].any(axis=0)
             self.site_gated = self.slot_gated[present].any(axis=0)
-            self.n_hi = int(present.max()) + 1 if present.size else 1
+            self.site_k = self.slot_entries[present].max(axis=0, initial=0)
         self._readout_rows = None
         self._readout_meta = []
         if readout_reqs:
@@ -407,31 +485,32 @@ class SteeringRuntime:
         T = hidden.shape[0]
         tab = self.tables[layer]
         idx = self.token_slots[:T]  # [T]
+        f = self.banks[layer].hi if self.host_gating else self.f  # used bank columns
         if do_conds:  # before this layer's steering: a condition reads the unsteered stream here
-            self._conditions(_stream(hidden, residual), tab, idx)
+            self._conditions(_stream(hidden, residual), tab, idx, f)
         gates = self.gates[:T] if self.site_gated[layer] else None  # [T, 1 + C]
         if do_add:
             hidden.add_(tab.add.index_select(0, idx))  # [T, d]
         if do_entries:
-            self.entries.apply(self, hidden, residual, tab, idx, gates)
+            self.entries.apply(hidden, residual, tab, idx, gates, f, int(self.site_k[layer]))
         if self._readout_rows is not None:
             self._record_readout(_stream(hidden, residual), tab, layer)
         if self.site_monitor[layer]:
             self.monitor_step.observe(_stream(hidden, residual), layer)
 
-    def _conditions(self, x: torch.Tensor, tab: SiteTables, idx: torch.Tensor) -> None:
+    def _conditions(self, x: torch.Tensor, tab: SiteTables, idx: torch.Tensor, f: int) -> None:
         """Fill gate columns 1..C for the conditions read at this layer from ``x`` [T, d], the
         stream before this layer's steering; other columns keep what earlier layers wrote.
 
-        Semantics: gate[t, c] = [csign·(act_c(x_t) − cthr) > 0] where csign[slot[t], c] != 0."""
-        T, C, d = x.shape[0], self.c, self.hidden_size
-        nc = self.n_hi * C  # condition columns of the first n_hi slots
-        pre = torch.addmm(tab.cbias.view(-1)[:nc], x, tab.cenc.view(-1, d)[:nc].T)  # [T, n_hi·C]
-        pre = pre.view(T, self.n_hi, C).gather(1, idx.view(T, 1, 1).expand(T, 1, C)).squeeze(1)  # [T, C]
-        act = pre.masked_fill_(pre <= tab.ccut.index_select(0, idx), 0.0)  # [T, C]
+        Semantics: gate[t, c] = [csign·(act_c(x_t) − cthr) > 0] where csign[slot[t], c] != 0,
+        act_c the readout of bank row ccol[slot[t], c]."""
+        pre = torch.addmm(tab.bias[:f], x, tab.enc[:f].T)  # [T, f] every used row's readout
+        ccol = tab.ccol.index_select(0, idx)  # [T, C]
+        pre = pre.gather(1, ccol)  # [T, C]
+        act = pre.masked_fill_(pre <= tab.cut[ccol], 0.0)  # [T, C]
         sign = tab.csign.index_select(0, idx)  # [T, C]
         fired = (act - tab.cthr.index_select(0, idx)).mul_(sign) > 0  # [T, C]
-        g = self.gates[:T, 1:]
+        g = self.gates[:x.shape[0], 1:]
         g.copy_(torch.where(sign != 0, fired.to(g.dtype), g))
 
     def _record_readout(self, x: torch.Tensor, tab: SiteTables, layer: int) -> None:
@@ -441,8 +520,9 @@ class SteeringRuntime:
         rows = torch.from_numpy(self._readout_rows).to(x.device)
         slots = torch.tensor([m[2] for m in self._readout_meta], device=x.device)
         xs = x.index_select(0, rows)  # [R, d]
-        pre = torch.einsum("rd,rkd->rk", xs, tab.enc[slots]) + tab.bias[slots]  # [R, K]
-        act = torch.where(tab.rect[slots] & (pre <= tab.theta[slots]), torch.zeros_like(pre), pre)
+        cols = tab.col.index_select(0, slots)  # [R, K]
+        pre = torch.einsum("rd,rkd->rk", xs, tab.enc[cols]) + tab.bias[cols]  # [R, K]
+        act = torch.where(pre <= tab.cut[cols], torch.zeros_like(pre), pre)
         vals = act.float().cpu().numpy()
         streams = xs.float().cpu().numpy() if self.site_capture[layer] else None
         for i, (key, pos, slot, capture) in enumerate(self._readout_meta):
@@ -460,68 +540,85 @@ class EntryPath:
     """How a site's entries are computed: one small interface, one subclass per way of computing
     them, chosen once per runtime (as vLLM's punica selects its LoRA kernels).
 
-    Semantics (every path): hidden[t] += Σ_k coef(slot[t], k)·dec[slot[t], k], with coef =
-    (alpha·act + beta)·gate and act as in the module docstring."""
+    Semantics (every path): hidden[t] += Σ_{k<k_hi} coef(slot[t], k)·dec[col[slot[t], k]], with
+    coef = (alpha·act + beta)·gate and act of bank row col[slot[t], k] as in the module docstring;
+    ``f`` bounds the bank columns in use, ``k_hi`` the entries any token's slot has here."""
 
-    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
-              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+              idx: torch.Tensor, gates: torch.Tensor | None, f: int, k_hi: int) -> None:
         raise NotImplementedError
 
 
-class AllSlotsEntries(EntryPath):
-    """Two matmuls over the entry columns of the first n_hi slots, other slots' columns zeroed per
-    token: graph-safe (the only path without host gating), and cheapest while few slots are in use."""
+class BankColumns(EntryPath):
+    """Every used bank row's activation for the whole batch at once (one [T, d] × [d, f] matmul),
+    each token's coefficients gathered from and scattered onto its slot's columns, and one
+    [T, f] × [f, d] matmul to write: work independent of the number of slots, graph-safe (the
+    only path without host gating, where f is the whole bank)."""
 
-    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
-              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
-        nk, d = rt.n_hi * rt.k, rt.hidden_size  # entry columns of the first n_hi slots
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+              idx: torch.Tensor, gates: torch.Tensor | None, f: int, k_hi: int) -> None:
         x = _stream(hidden, residual)  # [T, d]
-        pre = torch.addmm(tab.bias.view(-1)[:nk], x, tab.enc.view(-1, d)[:nk].T)  # [T, nK]
-        act = pre.masked_fill_(pre <= tab.cut.view(-1)[:nk], 0.0)  # [T, nK]
-        coef = torch.addcmul(tab.beta.view(-1)[:nk], tab.alpha.view(-1)[:nk], act)  # [T, nK]
-        coef.masked_fill_(idx[:, None] != rt.col_slot[None, :nk], 0.0)  # other slots' entries
+        pre = torch.addmm(tab.bias[:f], x, tab.enc[:f].T)  # [T, f]
+        act = pre.masked_fill_(pre <= tab.cut[:f], 0.0)  # [T, f]
+        cols = tab.col[:, :k_hi].index_select(0, idx)  # [T, k]
+        coef = torch.addcmul(tab.beta[:, :k_hi].index_select(0, idx),
+                             tab.alpha[:, :k_hi].index_select(0, idx), act.gather(1, cols))  # [T, k]
         if gates is not None:  # conditioned entries × their gate; the others × exactly 1.0
-            coef.mul_(gates.index_select(1, tab.cond.view(-1)[:nk]))  # [T, nK]
-        hidden.addmm_(coef, tab.dec.view(-1, d)[:nk])  # [T, d]
+            coef.mul_(gates.gather(1, tab.cond[:, :k_hi].index_select(0, idx)))  # [T, k]
+        w = act.zero_().scatter_add_(1, cols, coef)  # [T, f]: a slot's repeated rows sum
+        hidden.addmm_(w, tab.dec[:f])  # [T, d]
 
 
 class GatheredEntries(EntryPath):
-    """Each token's own K entries, gathered, in blocks of ``GATHER_CHUNK`` tokens: work per token
-    independent of how many slots are in use. Slot 0 and unused entries hold zeros (cut -inf), so
-    they add 0."""
+    """Each token's own k_hi bank rows, gathered, in blocks of ``GATHER_CHUNK`` tokens: work per
+    token independent of how many rows the bank holds. Unused entries point at the null column
+    (zeros, cut -inf) with zero coefficients, so they add 0."""
 
-    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
-              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+              idx: torch.Tensor, gates: torch.Tensor | None, f: int, k_hi: int) -> None:
         for a in range(0, hidden.shape[0], GATHER_CHUNK):
             b = a + GATHER_CHUNK
             self._block(hidden[a:b], None if residual is None else residual[a:b], tab, idx[a:b],
-                        None if gates is None else gates[a:b])
+                        None if gates is None else gates[a:b], k_hi)
 
     @staticmethod
     def _block(hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
-               idx: torch.Tensor, gates: torch.Tensor | None) -> None:
+               idx: torch.Tensor, gates: torch.Tensor | None, k_hi: int) -> None:
         x = _stream(hidden, residual)  # [t, d]
-        enc = tab.enc.index_select(0, idx)  # [t, K, d]
-        pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias.index_select(0, idx))  # [t, K]
-        act = pre.masked_fill_(pre <= tab.cut.index_select(0, idx), 0.0)  # [t, K]
-        coef = torch.addcmul(tab.beta.index_select(0, idx), tab.alpha.index_select(0, idx), act)  # [t, K]
+        t, d = x.shape
+        cols = tab.col[:, :k_hi].index_select(0, idx)  # [t, k]
+        flat = cols.reshape(-1)
+        enc = tab.enc.index_select(0, flat).view(t, k_hi, d)  # [t, k, d]
+        pre = torch.bmm(enc, x.unsqueeze(-1)).squeeze(-1).add_(tab.bias[cols])  # [t, k]
+        act = pre.masked_fill_(pre <= tab.cut[cols], 0.0)  # [t, k]
+        coef = torch.addcmul(tab.beta[:, :k_hi].index_select(0, idx),
+                             tab.alpha[:, :k_hi].index_select(0, idx), act)  # [t, k]
         if gates is not None:
-            coef.mul_(gates.gather(1, tab.cond.index_select(0, idx)))  # [t, K]
-        hidden.add_(torch.bmm(coef.unsqueeze(1), tab.dec.index_select(0, idx)).squeeze(1))  # [t, d]
+            coef.mul_(gates.gather(1, tab.cond[:, :k_hi].index_select(0, idx)))  # [t, k]
+        dec = tab.dec.index_select(0, flat).view(t, k_hi, d)  # [t, k, d]
+        hidden.add_(torch.bmm(coef.unsqueeze(1), dec).squeeze(1))  # [t, d]
 
 
 class ByOccupancy(EntryPath):
-    """With host gating: the all-slots path while at most ``GATHER_ABOVE_SLOTS`` slots (n_hi,
-    slot 0 included) are in play this step, the gathered path above (placed by
-    ``python -m clients.bench.clamp_paths``)."""
+    """With host gating: the bank-columns path while the bank's used columns are at most
+    ``GATHER_COLUMNS_PER_ENTRY`` per entry a token reads, the gathered path above."""
 
     def __init__(self) -> None:
-        self.all_slots, self.gathered = AllSlotsEntries(), GatheredEntries()
+        self.columns, self.gathered = BankColumns(), GatheredEntries()
 
-    def apply(self, rt: SteeringRuntime, hidden: torch.Tensor, residual: torch.Tensor | None,
-              tab: SiteTables, idx: torch.Tensor, gates: torch.Tensor | None) -> None:
-        path = self.gathered if rt.n_hi > GATHER_ABOVE_SLOTS else self.all_slots
-        path.apply(rt, hidden, residual, tab, idx, gates)
+    def apply(self, hidden: torch.Tensor, residual: torch.Tensor | None, tab: SiteTables,
+              idx: torch.Tensor, gates: torch.Tensor | None, f: int, k_hi: int) -> None:
+        path = self.gathered if f > GATHER_COLUMNS_PER_ENTRY * k_hi else self.columns
+        path.apply(hidden, residual, tab, idx, gates, f, k_hi)
+
+
+def _readout_rows(conds: list, d: int) -> dict[str, np.ndarray]:
+    """Conditions as bank rows: their readout (e, b, θ, rectify) and a zero write direction."""
+    return {"enc": np.stack([x.enc for x in conds]).astype(np.float32) if conds else np.zeros((0, d), np.float32),
+            "dec": np.zeros((len(conds), d), np.float32),
+            "bias": np.asarray([x.bias for x in conds], np.float32),
+            "theta": np.asarray([x.theta for x in conds], np.float32),
+            "rectify": np.asarray([x.rectify for x in conds], np.uint8)}
 
 
 def _stream(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

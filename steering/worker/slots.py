@@ -244,6 +244,18 @@ class SlotAllocator:
             if key is not None:
                 self._slot_of_hash.pop(key, None)
 
+    def idle_slots(self) -> list[int]:
+        """Free slots that still hold a configuration kept for reuse (least recently freed first)."""
+        return [s for s in self._free if s in self._hash_of_slot]
+
+    def forget(self, slot: int) -> None:
+        """Forget the configuration a free ``slot`` holds (its tables were cleared): the next
+        request with that hash takes a slot and writes them again."""
+        if slot in self._free:
+            key = self._hash_of_slot.pop(slot, None)
+            if key is not None:
+                del self._slot_of_hash[key]
+
     @property
     def busy(self) -> int:
         return len(self._refs)

@@ -160,7 +160,7 @@ class _SteeringWorkerMixin:
             raise RuntimeError(
                 "steering: vLLM Model Runner V2 is not supported; set VLLM_USE_V2_MODEL_RUNNER=0"
             )
-        cfg = SteeringConfig.from_dict(extra)
+        cfg = SteeringConfig.from_dict(extra).for_batch(vcfg.scheduler_config.max_num_seqs)
         runner = self.model_runner
         model = runner.get_model()
         hf = vcfg.model_config.hf_text_config
@@ -192,8 +192,9 @@ class _SteeringWorkerMixin:
         wrapped = install_on_model(model, cfg, num_layers, int(hf.hidden_size))
         _hook_runner(runner, rt, specs)
         logger.info(
-            "steering: %d slots × %d features on layers %s (host gating %s; packs %s)",
-            cfg.max_slots, cfg.max_features, wrapped, rt.host_gating, cfg.packs or "none",
+            "steering: %d slots × %d features, a bank of %d rows per layer, on layers %s "
+            "(host gating %s; packs %s)", cfg.max_slots, cfg.max_features, cfg.bank_features,
+            wrapped, rt.host_gating, cfg.packs or "none",
         )
 
     # Callable from the API server through collective_rpc.
@@ -222,10 +223,11 @@ class _SteeringWorkerMixin:
         rt = get_runtime()
         if rt is None:
             return {"busy_slots": 0, "requests": 0, "readouts": 0, "readout_bytes": 0,
-                    "unseated_total": 0}
+                    "unseated_total": 0, "bank_rows_max": 0}
         return {"busy_slots": rt.allocator.busy, "requests": rt.allocator.active_requests,
                 "readouts": len(rt.readouts), "readout_bytes": rt.readout_bytes,
-                "unseated_total": rt.unseated_total}
+                "unseated_total": rt.unseated_total,
+                "bank_rows_max": max((b.used for b in rt.banks.values()), default=0)}
 
 
 def _hook_runner(runner, rt: SteeringRuntime, specs: SpecCompiler | None = None) -> None:

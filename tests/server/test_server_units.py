@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from pydantic import ValidationError
 
 from server import vllm_env
@@ -20,6 +21,7 @@ from server.errors import (
     describe,
     loc_to_param,
 )
+from steering.config import SteeringConfig
 from steering.model_store import DEFAULT_MODEL_NAME
 from server.protocol import parse_chat, parse_completion
 from steering.request import SteeringError
@@ -36,7 +38,10 @@ def test_serve_defaults() -> None:
     assert (cfg.host, cfg.port, cfg.model, cfg.dtype) == ("127.0.0.1", 8000, None, "auto")
     assert cfg.steering and cfg.enable_prefix_caching and not cfg.enforce_eager
     sc = cfg.steering_config()
-    assert (sc.max_slots, sc.max_features, sc.layers, sc.max_strength) == (16, 32, None, 32.0)
+    assert (sc.max_slots, sc.max_features, sc.layers, sc.max_strength) == (None, 32, None, 32.0)
+    # slots follow the engine's batch unless set; the bank is per layer, shared by the slots
+    assert sc.for_batch(128).max_slots == 128 and sc.bank_features == 512
+    assert SteeringConfig(max_slots=4).for_batch(128).max_slots == 4
     assert cfg.served_names() == [DEFAULT_MODEL_NAME]
     assert cfg.access_log
 

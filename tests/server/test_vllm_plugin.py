@@ -321,7 +321,7 @@ def _vllm_app(additional: dict[str, Any] | None) -> Starlette:
     app = Starlette()
     hf = SimpleNamespace(hidden_size=D, num_hidden_layers=L)
     app.state.vllm_config = SimpleNamespace(
-        additional_config=additional,
+        additional_config=additional, scheduler_config=SimpleNamespace(max_num_seqs=8),
         model_config=SimpleNamespace(hf_text_config=hf, model="/nonexistent", tokenizer="x"))
     return app
 

@@ -97,7 +97,7 @@ def conditioned_programs(c):
 @pytest.mark.parametrize("host_gating,gather", [(True, False), (True, True), (False, False)])
 def test_conditioned_entries_match_the_per_token_reference(host_gating, gather, monkeypatch):
     if gather:
-        monkeypatch.setattr(runtime, "GATHER_ABOVE_SLOTS", 0)
+        monkeypatch.setattr(runtime, "GATHER_COLUMNS_PER_ENTRY", 0)
         monkeypatch.setattr(runtime, "GATHER_CHUNK", 2)
     rt = make_runtime(host_gating)
     progs = conditioned_programs(compiler())

@@ -70,7 +70,7 @@ def run_step(rt, slots_per_req, n_sched, computed, prompt, apply_to, h, r, layer
 @pytest.mark.parametrize("host_gating,gather", [(True, False), (True, True), (False, False)])
 def test_mixed_batch_matches_reference(host_gating, gather, monkeypatch):
     if gather:  # every step takes the gathered clamp path, in blocks of 2 tokens
-        monkeypatch.setattr(runtime, "GATHER_ABOVE_SLOTS", 0)
+        monkeypatch.setattr(runtime, "GATHER_COLUMNS_PER_ENTRY", 0)
         monkeypatch.setattr(runtime, "GATHER_CHUNK", 2)
     rt = make_runtime(host_gating)
     progs = programs()
@@ -100,22 +100,31 @@ def test_mixed_batch_matches_reference(host_gating, gather, monkeypatch):
                 t += 1
 
 
-def test_many_slots_in_play_take_the_gathered_path_and_keep_the_semantics(monkeypatch):
-    """Past GATHER_ABOVE_SLOTS slots, clamps are computed from each token's gathered rows, in
-    blocks of GATHER_CHUNK tokens; the result is the reference's, and slot-0 tokens stay exact."""
-    s = runtime.GATHER_ABOVE_SLOTS + 6
-    rt = SteeringRuntime(SteeringConfig(max_slots=s, max_features=K), num_layers=L, hidden_size=D,
-                         max_tokens=2 * runtime.GATHER_CHUNK + 64, dtype=torch.float64,
-                         device=torch.device("cpu"), host_gating=True)
-    progs = programs()
-    for slot, p in ((s, progs[1]), (3, progs[2])):  # a clamp program in the last slot
+def test_a_full_bank_takes_the_gathered_path_and_keeps_the_semantics(monkeypatch):
+    """Past GATHER_COLUMNS_PER_ENTRY used bank columns per entry a token reads, entries are
+    computed from each token's gathered bank rows, in blocks of GATHER_CHUNK tokens; the result
+    is the reference's, and slot-0 tokens stay exact."""
+    n = 2 * runtime.GATHER_COLUMNS_PER_ENTRY + 6  # distinct raw clamp vectors: one bank row each;
+    # the scale + ablate program below reads 2 entries at layer 1
+    rt = SteeringRuntime(SteeringConfig(max_slots=n + 1, max_features=K), num_layers=L,
+                         hidden_size=D, max_tokens=2 * runtime.GATHER_CHUNK + 64,
+                         dtype=torch.float64, device=torch.device("cpu"), host_gating=True)
+    rng = np.random.default_rng(11)
+    c = SteeringCompiler(SteeringConfig(max_slots=n + 1, max_features=K), D, L, StaticFeatureSource([]))
+    clamps = [c.compile({"vectors": [{"layer": 1, "values": rng.standard_normal(D).tolist(),
+                                      "mode": "clamp", "target": float(rng.uniform(-2, 2))}]})
+              for _ in range(n)]
+    for slot, p in enumerate(clamps, start=1):
         rt.write_slot(slot, p.program)
+    assert rt.banks[1].hi == n + 1  # one row per distinct vector, the null column 0
+    three = programs()[2]
+    rt.write_slot(n + 1, three.program)
 
-    def all_slots_unused(*a):
-        raise AssertionError("the all-slots path ran with more than GATHER_ABOVE_SLOTS slots in play")
+    def columns_unused(*a):
+        raise AssertionError("the bank-columns path ran with a bank past GATHER_COLUMNS_PER_ENTRY")
 
-    monkeypatch.setattr(rt.entries.all_slots, "apply", all_slots_unused)
-    req_slots, req_prog = [0, s, 3, s], [None, progs[1], progs[2], progs[1]]
+    monkeypatch.setattr(rt.entries.columns, "apply", columns_unused)
+    req_slots, req_prog = [0, n, n + 1, 1], [None, clamps[-1], three, clamps[0]]
     n_sched = [40, runtime.GATHER_CHUNK, 30, 3]  # spans three gathered blocks
     T = sum(n_sched)
     for layer in range(L):
@@ -125,8 +134,8 @@ def test_many_slots_in_play_take_the_gathered_path_and_keep_the_semantics(monkey
         run_step(rt, req_slots, n_sched, [0] * 4, [10**6] * 4, [0] * 4, h, r, layer)
         assert torch.equal(h[:40], h0[:40])
         got, t = (h + r).numpy(), 0
-        for prog, n in zip(req_prog, n_sched):
-            for _ in range(n):
+        for prog, m in zip(req_prog, n_sched):
+            for _ in range(m):
                 want = x0[t] if prog is None else reference(prog.program, x0[t], layer)
                 np.testing.assert_allclose(got[t], want, rtol=1e-6, atol=1e-6)
                 t += 1
@@ -198,7 +207,9 @@ def test_rewriting_a_slot_clears_old_layers():
     rt.allocator.release("x")
     rt.write_slot(slot, b.program)
     assert torch.count_nonzero(rt.tables[2].add[slot]) == 0
-    assert torch.count_nonzero(rt.tables[1].enc[slot]) == 0
+    assert torch.count_nonzero(rt.tables[1].col[slot]) == 0
+    # the old program's rows were this slot's only: back in the bank, zeroed
+    assert rt.banks[1].hi == 1 and torch.count_nonzero(rt.tables[1].enc) == 0
     h, r = torch.randn(2, D, dtype=torch.float64), torch.zeros(2, D, dtype=torch.float64)
     h0 = h.clone()
     run_step(rt, [slot], [2], [0], [9], [0], h, r, 2)
@@ -216,9 +227,25 @@ def test_a_rewritten_slot_holds_exactly_what_a_fresh_one_would(first, second):
     used.write_slot(2, progs[second].program)
     fresh.write_slot(2, progs[second].program)
     for layer in used.tables:
-        for name, t in vars(used.tables[layer]).items():
-            assert torch.equal(t, getattr(fresh.tables[layer], name)), (layer, name)
+        a, b = slot_view(used, 2, layer), slot_view(fresh, 2, layer)
+        for name in a:
+            assert torch.equal(a[name], b[name]), (layer, name)
     assert (used.slot_add == fresh.slot_add).all() and (used.slot_entries == fresh.slot_entries).all()
+
+
+def slot_view(rt, slot, layer):
+    """What a slot means at a layer, independent of which bank columns hold its rows; checks
+    that the bank holds exactly the rows some slot points at (the others zero)."""
+    tab = rt.tables[layer]
+    cols = tab.col[slot]
+    view = {n: getattr(tab, n)[slot] for n in ("add", "alpha", "beta", "cond", "cthr", "csign")}
+    view.update({n: getattr(tab, n)[cols] for n in ("enc", "dec", "bias", "cut")})
+    view.update({"c" + n: getattr(tab, n)[tab.ccol[slot]] for n in ("enc", "bias", "cut")})
+    unused = torch.ones(tab.enc.shape[0], dtype=torch.bool)
+    unused[tab.col.unique()] = unused[tab.ccol.unique()] = False
+    assert torch.count_nonzero(tab.enc[unused]) == 0 and torch.count_nonzero(tab.dec[unused]) == 0
+    assert bool((tab.cut[unused] == float("-inf")).all())
+    return view
 
 
 def test_readout_files_entry_activations_and_captured_streams():

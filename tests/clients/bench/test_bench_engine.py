@@ -64,11 +64,14 @@ def test_eq_sends_n_distinct_equalizers_of_four_added_and_one_clamped_feature() 
         layers = next(iter(x.values()))["program"]["layers"]
         assert sum(row["k"] for row in layers) == 1
         assert sum(row.get("add") is not None for row in layers) in range(1, 5)  # shared layers sum
-    # a slot's tables: add [d], enc/dec [K, d], 7 per-entry scalars, C conditions (cenc [C, d] + 4)
-    # at every layer, bfloat16 (cut is -inf, rect bool, cond int64: as allocated)
-    per_layer = slot_table_bytes(cfg, D, LAYERS, "bfloat16") / LAYERS
-    assert per_layer > 2 * (D + 2 * cfg.max_features * D)
-    assert slot_table_bytes(cfg, D, LAYERS, "float32") > slot_table_bytes(cfg, D, LAYERS, "bfloat16")
+    # a slot's own tables per layer, bfloat16: add [d]; per condition its bank row (int64),
+    # threshold and sign; per entry its bank row and condition (int64), alpha and beta: O(K + C)
+    slot, bank = slot_table_bytes(cfg, D, LAYERS, "bfloat16")
+    C, K = 4, cfg.max_features
+    assert slot / LAYERS == 2 * D + C * (8 + 2 + 2) + K * (8 + 8 + 2 + 2)
+    # the bank: enc/dec [F, d] and bias/cut [F], F = bank_features + the null column
+    assert bank / LAYERS == (cfg.bank_features + 1) * 2 * (2 * D + 2)
+    assert slot_table_bytes(cfg, D, LAYERS, "float32")[0] > slot
 
 
 def test_bench_flags_for_equalizers() -> None:

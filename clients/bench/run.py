@@ -71,8 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", default=None, help="S3 distinct-config counts (default 1,4,16)")
     p.add_argument("--clamp-k", default=None, help="S4 clamp sizes (default 8,32)")
     p.add_argument("--max-slots", type=int, default=16,
-                   help="the steering engine's slot limit (default 16, as steer serve); S3 sweeps "
-                        "up to it, e.g. --max-slots 256 --sweep 16,64,256")
+                   help="the S1-S4 steering engine's slot limit (default 16; steer serve's default "
+                        "is the engine's batch); S3 sweeps up to it, e.g. --max-slots 256 --sweep 16,64,256")
     p.add_argument("--scenarios", default=None, type=_scenario_list,
                    help="engine scenarios to run, comma list of S1,S2,S3,S3R,S4 (default: all)")
     p.add_argument("--equalizers", default=None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -75,7 +75,7 @@ class SteeringConfig:
         """This config with ``max_slots`` resolved: as set, or the engine's ``max_num_seqs``."""
         if self.max_slots is not None:
             return self
-        return SteeringConfig.from_dict({**self.to_dict(), "max_slots": int(max_num_seqs)})
+        return replace(self, max_slots=int(max_num_seqs))
 
     def steered_layers(self, num_layers: int) -> list[int]:
         """The concrete steerable layers of a model with ``num_layers`` decoder layers."""

@@ -253,7 +253,7 @@ class SteeringRuntime:
             self.slot_gated[slot, L] = gated
             here = [(c, x) for c, x in enumerate(program.conditions) if x.layer == L]
             old = self.slot_ccols[L][slot].copy()
-            ccols = self._bank_rows(L, tab, _readout_rows([x for _, x in here], self.hidden_size))
+            ccols = self._bank_rows(L, tab, _condition_rows([x for _, x in here], self.hidden_size))
             if here or self.slot_conds[slot, L]:
                 tab.clear_conditions(slot)
                 self.slot_ccols[L][slot] = 0
@@ -612,7 +612,7 @@ class ByOccupancy(EntryPath):
         path.apply(hidden, residual, tab, idx, gates, f, k_hi)
 
 
-def _readout_rows(conds: list, d: int) -> dict[str, np.ndarray]:
+def _condition_rows(conds: list, d: int) -> dict[str, np.ndarray]:
     """Conditions as bank rows: their readout (e, b, θ, rectify) and a zero write direction."""
     return {"enc": np.stack([x.enc for x in conds]).astype(np.float32) if conds else np.zeros((0, d), np.float32),
             "dec": np.zeros((len(conds), d), np.float32),

@@ -14,9 +14,9 @@ from steering.config import SteeringConfig
 from steering.features import Feature, StaticFeatureSource
 from steering.request import SteeringCompiler
 from steering.worker.bank import FeatureBank
-from steering.worker.runtime import SteeringRuntime, set_runtime
+from steering.worker.runtime import SteeringRuntime
 from steering.wire import WireRecord
-from tests.steering.test_runtime import reference
+from tests.steering.test_runtime import reference, run_step
 
 D, L, N_FEATURES = 32, 4, 11
 
@@ -54,17 +54,9 @@ def make_runtime(slots: int, bank: int = 64, dtype=torch.float32) -> SteeringRun
 
 def step(rt: SteeringRuntime, slots: list[int], n_sched: list[int], x: torch.Tensor) -> torch.Tensor:
     """The stream after every layer's op, for requests on ``slots`` (one-tensor layers)."""
-    R = len(slots)
-    rt.begin_step(np.array(slots), np.zeros(R, np.int64), np.array(n_sched), np.zeros(R, np.int64),
-                  np.full(R, 10**6), [])
-    h = x.clone()
-    set_runtime(rt)
-    try:
-        for layer in range(L):
-            torch.ops.steering.steer_(h, None, layer)
-    finally:
-        set_runtime(None)
-        rt.end_step()
+    R, h = len(slots), x.clone()
+    for layer in range(L):
+        run_step(rt, slots, n_sched, [0] * R, [10**6] * R, [0] * R, h, None, layer)
     return h
 
 

@@ -208,6 +208,14 @@ class SteeringSpec(_Spec):
             return {} if info.field_name == "features" else []
         return value
 
+    def feature_names(self) -> set[str]:
+        """Every feature name the spec uses, as written: steered, a condition's or a monitor's."""
+        names = set(self.features)
+        names.update(s.when.feature for s in self.features.values() if s.when is not None)
+        names.update(v.when.feature for v in self.vectors if v.when is not None)
+        names.update(m.feature for m in self.monitors)
+        return names
+
     @property
     def empty(self) -> bool:
         """Asks for nothing (no feature, no vector, no monitor)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -244,8 +244,10 @@ def layer_norms(model, tok, texts: Sequence[str], layers: Sequence[int]) -> dict
 
 def train_feature(model, tok, pairs: Sequence[Pair], neutral: Sequence[str], cfg: TrainConfig,
                   init: dict[int, np.ndarray] | None = None, progress: bool = True,
-                  desc: str = "train") -> TrainedFeature:
-    """Fit one feature on ``pairs`` with the KL term on ``neutral`` texts (see the module doc)."""
+                  desc: str = "train", on_step: Callable[[int, int], None] | None = None
+                  ) -> TrainedFeature:
+    """Fit one feature on ``pairs`` with the KL term on ``neutral`` texts (see the module doc).
+    ``on_step(done, total)`` is called after every optimizer step (the workshop's progress)."""
     from tqdm.auto import tqdm
 
     if len(pairs) < 4:
@@ -314,6 +316,8 @@ def train_feature(model, tok, pairs: Sequence[Pair], neutral: Sequence[str], cfg
                    "margin": (r[:, win] - r[:, lose]).mean().item()}
             hist.append(row)
             bar.set_postfix(pref=f"{row['pref']:.3f}", kl=f"{row['kl']:.3f}")
+            if on_step is not None:
+                on_step(step + 1, cfg.steps)
             if cfg.time_budget_s is not None and time.monotonic() - t0 > cfg.time_budget_s:
                 stopped = f"time budget {cfg.time_budget_s:g} s reached after {step + 1} steps"
                 break

@@ -35,7 +35,7 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -120,8 +120,9 @@ def concept_pairs_for(recipe: dict[str, Any], concept: dict[str, Any], data: str
 def build_trained(recipe: str | Path | dict[str, Any], out: str | Path | None = None,
                   model_dir: str | Path | None = None, data_dir: str | Path | None = None,
                   features: Sequence[str] | None = None, overrides: dict[str, Any] | None = None,
-                  progress: bool = True) -> Path:
-    """Train the recipe's concepts (``features``: a subset) and write the pack; returns its folder."""
+                  progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> Path:
+    """Train the recipe's concepts (``features``: a subset) and write the pack; returns its folder.
+    ``on_step`` is passed to :func:`~steering.builders.train.train_feature`."""
     import torch
 
     r = load_recipe(recipe)
@@ -156,7 +157,8 @@ def build_trained(recipe: str | Path | dict[str, Any], out: str | Path | None = 
         if cfg.method == "vector":
             norms = layer_norms(model, tok, neutral[:64], cfg.layers)
             init = mean_diff_init(model, tok, pairs, cfg.layers, INIT_FRACTION, norms)
-        tf = train_feature(model, tok, pairs, neutral, cfg, init=init, progress=progress, desc=c["name"])
+        tf = train_feature(model, tok, pairs, neutral, cfg, init=init, progress=progress, desc=c["name"],
+                           on_step=on_step)
         built[c["name"]] = {"method": cfg.method, "layer": cfg.layers[0], "trained": tf,
                             "direction": tf.readout, "data": data_record}
 

@@ -217,6 +217,26 @@ def load_pack(path: str | Path, fingerprint: dict[str, Any] | None = None,
     return Pack(path=path, manifest=m, features=features, saes=saes)
 
 
+def combine_packs(name: str, packs: list[Pack], description: str = "") -> Pack:
+    """One catalog pack ``name`` holding the named features of ``packs`` (each loaded and
+    verified by :func:`load_pack`; the workshop keeps one pack per custom feature and serves them
+    all as ``custom``). Each feature keeps its own manifest entry; the provenance names the
+    source packs. The packs must be for one model (the first one's manifest gives it)."""
+    if not packs:
+        raise ValueError("combine_packs needs at least one pack")
+    entries = [f for p in packs for f in p.manifest.features]
+    names = [f.name for f in entries]
+    if len(set(names)) != len(names):
+        raise PackError(name, "two of the combined packs define the same feature")
+    head = packs[0].manifest
+    manifest = head.model_copy(update={
+        "name": name, "version": str(len(packs)), "description": description, "files": {},
+        "features": entries, "saes": [],
+        "provenance": head.provenance.model_copy(update={"combined": [p.name for p in packs]})})
+    features = {k: v for p in packs for k, v in p.features.items()}
+    return Pack(path=packs[0].path.parent, manifest=manifest, features=features, saes={})
+
+
 def validate_pack(path: str | Path, model_dir: str | Path | None = None,
                   strict_model: bool = True) -> dict[str, Any]:
     """Load ``path`` fully (against ``model_dir``'s fingerprint when given); a summary dict."""

@@ -54,7 +54,9 @@ DOSE_FRACTION = 0.25
 NO_EFFECT_TAG = "no-measured-effect"
 """Tag ``steer pack calibrate`` gives a feature whose steering moved its scorer at no dose
 (search ranks it lower; the UI says so)."""
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+"""Pack, feature and SAE names (no ``/`` or ``:``, which address features)."""
+_NAME_RE = re.compile(NAME_PATTERN)
 
 
 class PackError(ValueError):

@@ -153,6 +153,17 @@ class PackRegistry:
         self._packs[pack.name] = pack
         self._cache.clear()
 
+    def put(self, pack: Pack) -> None:
+        """Add ``pack``, replacing the loaded pack of that name if any (the workshop's
+        ``custom`` pack as custom features come and go); checked as :meth:`add` checks."""
+        old = self._packs.pop(pack.name, None)
+        try:
+            self.add(pack)
+        except PackError:
+            if old is not None:
+                self._packs[old.name] = old
+            raise
+
     def remove(self, name: str) -> None:
         self._packs.pop(name)
         self._cache.clear()

@@ -2,8 +2,8 @@
 
 This module wires the app: lifecycle (the engine starts in the background), middleware, auth, the
 small status routes, and the routers of :mod:`server.completions` (generation),
-:mod:`server.catalog` (packs, features, inspect) and :mod:`server.experiments.routes` (presets,
-experiments).
+:mod:`server.catalog` (packs, features, inspect), :mod:`server.workshop.routes` (custom features)
+and :mod:`server.experiments.routes` (presets, experiments).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from server.openapi import ERROR_RESPONSES, HEALTH_RESPONSES
 from server.limits import BodySizeLimit
 from server.state import AppState
 from server.ui import mount_ui
+from server.workshop.jobs import Workshop
+from server.workshop.routes import workshop_router
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ def create_app(state: AppState) -> FastAPI:
             yield
         finally:
             await asyncio.gather(starting, return_exceptions=True)
+            workshop.close()
             state.shutdown()
             state.experiments.close()
 
@@ -122,6 +125,9 @@ def create_app(state: AppState) -> FastAPI:
                 "waiting": state.gate.waiting, "worker": stats[0]}
 
     app.include_router(completions_router(state, auth))
+    workshop = Workshop(state)
+    app.state.workshop = workshop
+    app.include_router(workshop_router(state, workshop, auth))  # before the catalog's {name:path}
     app.include_router(catalog_router(state, auth))
     app.include_router(experiments_router(state, auth, admin))
     mount_ui(app)  # the browser playground at /ui/ (static, no key: its API calls carry one)

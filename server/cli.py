@@ -160,6 +160,14 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="check the experiment store this often for presets and experiments that "
                         "other servers sharing it created, changed or deleted (0: never; "
                         "default: %(default)s)")
+    p.add_argument("--max-workshop-jobs", type=int, default=DEFAULTS.max_workshop_jobs, metavar="N",
+                   help="feature-workshop jobs (POST /v1/features) queued or running at once; "
+                        "beyond: 429 (0: no workshop; default: %(default)s)")
+    p.add_argument("--workshop-threads", type=int, default=DEFAULTS.workshop_threads, metavar="N",
+                   help="torch threads of a workshop job's process (default: %(default)s)")
+    p.add_argument("--workshop-time-budget-s", type=_seconds, default=DEFAULTS.workshop_time_budget_s,
+                   metavar="SECONDS", help="training time of one workshop feature at most "
+                                           "(default: %(default)s)")
     p.set_defaults(func=serve)
 
 
@@ -182,7 +190,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_readout_bytes_total=args.max_readout_bytes_total,
         feature_packs=list(args.feature_pack), bundled_packs=args.bundled_packs,
         presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
-        store_refresh_s=args.store_refresh_s,
+        store_refresh_s=args.store_refresh_s, max_workshop_jobs=args.max_workshop_jobs,
+        workshop_threads=args.workshop_threads, workshop_time_budget_s=args.workshop_time_budget_s,
         max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
         chat_template=args.chat_template, tool_call_parser=args.tool_call_parser,
         shutdown_timeout_s=args.shutdown_timeout_s,

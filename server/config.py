@@ -54,6 +54,14 @@ class ServeConfig:
     (one tiny query) and re-read them if so: servers sharing one database serve each other's
     admin changes within about this long. 0: never (only what was stored at start and this
     server's own changes)."""
+    max_workshop_jobs: int = 1
+    """Feature-workshop jobs (POST /v1/features) queued or running at once; beyond: 429 with
+    ``Retry-After``. 0: the workshop is off (404)."""
+    workshop_threads: int = 1
+    """Torch threads of a workshop job's process (it runs beside the engine: keep this below the
+    cores the engine does not use)."""
+    workshop_time_budget_s: float = 600.0
+    """A trained feature's training stops after this many seconds (the job says so)."""
     max_request_bytes: int = SteeringSetup.max_request_bytes  # larger request bodies: 413
     # Largest n × max_tokens × (1 + top_logprobs) (+ prompt tokens × (1 + prompt_logprobs)) one
     # request may ask for, in response entries (a token or one logprob alternative, ~100-200 bytes

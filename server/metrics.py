@@ -72,6 +72,13 @@ class Metrics:
         self.monitor_triggers = Counter(
             "steer_monitor_triggers", "Monitors that fired, by feature and action (flag, stop).",
             ["feature", "action"], registry=r)
+        # The feature workshop (server/workshop/): finished jobs by status, and their durations.
+        self.workshop_jobs = Counter(
+            "steer_workshop_jobs", "Feature-workshop jobs finished, by status (done, failed, "
+            "cancelled).", ["status"], registry=r)
+        self.workshop_seconds = Histogram(
+            "steer_workshop_job_duration_seconds", "Feature-workshop jobs, start to finish.",
+            ["status"], buckets=(10, 30, 60, 120, 300, 600, 1200, 2400), registry=r)
         self.auth_failures = Counter(
             "steer_auth_failures", "Requests without a valid API key, by error code.",
             ["code"], registry=r)

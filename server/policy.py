@@ -28,7 +28,7 @@ from steering.request import KeyBound, KeyBoundExceeded
 from steering.spec import MAX_MONITORS, FeatureSetting, MonitorSpec, SteeringSpec, merge
 
 DENIAL_REASONS = ("role", "feature", "strength", "protected", "raw_vectors", "return_activations",
-                  "inspect", "max_slots", "vector_norm")
+                  "inspect", "max_slots", "vector_norm", "workshop")
 """The ``reason`` label of ``steer_policy_denials_total`` (a bounded set)."""
 
 
@@ -98,6 +98,8 @@ class Policy(_Strict):
     layer's median residual-stream norm: the compiler's bound with a smaller factor."""
     rate: Rate | None = None
     """Requests and tokens per minute."""
+    workshop: bool = False
+    """May the key make and delete custom features (``POST /v1/features``)? Admin keys may."""
     monitors: list[MonitorSpec] = Field(default_factory=list, max_length=MAX_MONITORS)
     """Monitors added to every generation of the key (``flag`` to watch, ``stop`` to end a
     generation where a feature fires)."""

@@ -63,6 +63,7 @@ from server.experiments.store import (
     redact,
 )
 from server.experiments.writer import QueueFull, StoreWriter, WriteLimits, WriterClosed
+from server.workshop.custom import CustomFeatures
 from steering.spec import SteeringError, SteeringSpec
 
 if TYPE_CHECKING:
@@ -87,9 +88,9 @@ class ExperimentManager:
         self._reopen: tuple[str | None, Path] | None = None
         """Where the store lives, kept when it could not be opened at start: the refresh loop
         retries the open (a database that comes up after the server is used once it does)."""
+        data_dir = Path(getattr(cfg, "data_dir", None) or default_data_dir())
         if store is None:
             url = getattr(cfg, "experiments_db", None) or os.environ.get(DB_ENV) or None
-            data_dir = Path(getattr(cfg, "data_dir", None) or default_data_dir())
             try:
                 store = open_store(url, data_dir)
             except Exception as exc:  # noqa: BLE001  (serve anyway; count and log)
@@ -100,6 +101,8 @@ class ExperimentManager:
         self.writer = StoreWriter(self.limits.max_pending)
         self.metrics = ExperimentMetrics(state.metrics.registry, lambda name: name in self.experiments)
         self._presets = Presets(*presets_file(cfg))
+        self.custom = CustomFeatures(data_dir)
+        """The workshop's custom features (rows of the store, served as the pack ``custom``)."""
         self.experiments: dict[str, Experiment] = {}
         """Name → experiment. A refresh replaces the dict (never changes it in place)."""
         self.refresh_s = float(getattr(cfg, "store_refresh_s", DEFAULTS.store_refresh_s) or 0.0)
@@ -115,6 +118,7 @@ class ExperimentManager:
         """Stored experiments that failed validation, logged once."""
         try:
             revision = store.revision()  # first: a change made while we read is seen next time
+            self.custom.rows = store.list_features()
             self._presets.load(store.list_presets())
             self.experiments = self._validated(store.list_experiments())
             self._revision = revision
@@ -131,6 +135,7 @@ class ExperimentManager:
         stops the server; in the bundled file it is skipped) and the stored definitions (logged).
         Called on the event loop (the app's start-up), it also starts the refresh from the store
         (:meth:`start_refresh`)."""
+        self.custom.install(self.state.packs)  # first: presets may steer custom features
         if self.state.compiler is not None:
             self._presets.check(self._compile)
             self._warn_uncompilable(self._presets.stored(), self.experiments.values())
@@ -245,6 +250,8 @@ class ExperimentManager:
         """Serve the definitions ``defs`` read (replacing the dicts, never changing them in place:
         a request being routed keeps the view it started with)."""
         assert defs.presets is not None and defs.experiments is not None
+        if defs.features is not None:
+            self.custom.install(self.state.packs, defs.features)
         fresh_presets = self._presets.replace_stored(defs.presets)
         old, new = self.experiments, self._validated(defs.experiments)
         # New or changed ("created" aside: this server's own creation holds its own clock's).
@@ -393,6 +400,20 @@ class ExperimentManager:
         await self.call("admin", self.store.delete_preset, name)
         self._edited()
         self.presets.pop(name, None)  # a refresh may have dropped it meanwhile
+
+    # -- custom features (server/workshop/) ---------------------------------------------
+    async def add_feature(self, row: dict[str, Any]) -> None:
+        """Store a workshop feature (insert-only: 409 when the name is taken) and serve it."""
+        if not await self.call("workshop", self.store.add_feature, row):
+            raise Conflict(f"a custom feature named {row['name']!r} exists", "name")
+        self._edited()
+        rows = [r for r in self.custom.rows or [] if r["name"] != row["name"]]
+        self.custom.install(self.state.packs, rows + [row])
+
+    async def delete_feature(self, name: str) -> None:
+        await self.call("workshop", self.store.delete_feature, name)
+        self._edited()
+        self.custom.install(self.state.packs, [r for r in self.custom.rows or [] if r["name"] != name])
 
     # -- experiments ---------------------------------------------------------------------
     async def create_experiment(self, new: NewExperiment) -> Experiment:

@@ -109,6 +109,19 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO definitions_revision (id, revision) VALUES (1, 1);
     """,
+    # 5: custom features made in the feature workshop (server/workshop/): a one-feature pack per
+    #    row, its pack.json as text and its safetensors file as base64 with the file's sha256;
+    #    definitions too (a write bumps the revision, so every replica serves them).
+    """
+    CREATE TABLE custom_features (
+        name TEXT PRIMARY KEY,
+        manifest TEXT NOT NULL,
+        tensors TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        job TEXT,
+        created DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 
 OUTCOMES = ("ok", "failed", "aborted", "excluded")
@@ -158,6 +171,8 @@ class Definitions:
     revision: int
     presets: list[dict[str, Any]] | None = None
     experiments: list[dict[str, Any]] | None = None
+    features: list[dict[str, Any]] | None = None
+    """Custom features (``list_features``)."""
 
     @property
     def changed(self) -> bool:
@@ -178,6 +193,9 @@ class ExperimentStore:
                        experiment_id: str | None = None) -> None: raise NotImplementedError
     def set_status(self, name: str, status: str) -> None: raise NotImplementedError
     def delete_experiment(self, name: str) -> None: raise NotImplementedError
+    def list_features(self) -> list[dict[str, Any]]: raise NotImplementedError
+    def add_feature(self, row: dict[str, Any]) -> bool: raise NotImplementedError
+    def delete_feature(self, name: str) -> bool: raise NotImplementedError
     def record_exposure(self, e: Exposure) -> bool: raise NotImplementedError
     def record_feedback(self, experiment_id: str, response_id: str, score: float | None,
                         label: str | None) -> tuple[str, str] | None: raise NotImplementedError
@@ -266,7 +284,7 @@ class SQLStore(ExperimentStore):
         rev = self.revision()
         if rev == known:
             return Definitions(rev)
-        return Definitions(rev, self.list_presets(), self.list_experiments())
+        return Definitions(rev, self.list_presets(), self.list_experiments(), self.list_features())
 
     # -- presets -------------------------------------------------------------------------
     def list_presets(self) -> list[dict[str, Any]]:
@@ -318,6 +336,33 @@ class SQLStore(ExperimentStore):
             tx.execute("DELETE FROM exposures WHERE experiment = ?", (name,))
             tx.execute("DELETE FROM experiments WHERE name = ?", (name,))
             self._bump(tx)
+
+    # -- custom features -----------------------------------------------------------------
+    def list_features(self) -> list[dict[str, Any]]:
+        """Every custom feature: ``{"name", "manifest", "tensors", "sha256", "job", "created"}``."""
+        with self._session() as tx:
+            return tx.all("SELECT name, manifest, tensors, sha256, job, created FROM custom_features"
+                          " ORDER BY name")
+
+    def add_feature(self, row: dict[str, Any]) -> bool:
+        """Insert a custom feature; False, and nothing written, when the name is taken (two
+        replicas finishing the same name: the first one wins, the other job fails with 409)."""
+        with self._transaction() as tx:
+            cur = tx.execute("INSERT INTO custom_features (name, manifest, tensors, sha256, job, created)"
+                             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                             (row["name"], row["manifest"], row["tensors"], row["sha256"],
+                              row.get("job"), time.time()))
+            if cur.rowcount != 1:
+                return False
+            self._bump(tx)
+        return True
+
+    def delete_feature(self, name: str) -> bool:
+        with self._transaction() as tx:
+            found = tx.one("SELECT 1 AS x FROM custom_features WHERE name = ?", (name,)) is not None
+            tx.execute("DELETE FROM custom_features WHERE name = ?", (name,))
+            self._bump(tx)
+        return found
 
     # -- observations --------------------------------------------------------------------
     def record_exposure(self, e: Exposure) -> bool:

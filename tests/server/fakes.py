@@ -54,6 +54,9 @@ class FakeEngine:
     def get_num_unfinished_requests(self) -> int:
         return 0
 
+    def shutdown(self) -> None:
+        pass
+
 
 def chat(client: Any, headers: dict[str, str], **extra: Any) -> Any:
     """POST a small greedy chat completion (``extra`` adds or overrides body fields)."""

@@ -52,19 +52,39 @@ def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) ->
 
 def test_migrations_from_empty_and_reopen(backend):
     store = backend.open()
-    assert store.schema_version() == len(MIGRATIONS) == 4
+    assert store.schema_version() == len(MIGRATIONS) == 5
     store.close()
     assert {"schema_version", "presets", "experiments", "exposures", "feedback",
-            "definitions_revision"} <= backend.tables()
+            "definitions_revision", "custom_features"} <= backend.tables()
     assert {"exposures_by_experiment", "feedback_by_experiment", "experiments_by_id",
             "exposures_by_experiment_id", "feedback_by_experiment_id"} <= backend.indexes()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,)]
     if backend.name == "sqlite":
         assert backend.raw("PRAGMA journal_mode") == [("wal",)]
     again = backend.open()  # re-opening applies nothing twice
-    assert again.schema_version() == 4
+    assert again.schema_version() == 5
     again.close()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,)]
+
+
+def test_custom_features_are_insert_only_definitions(backend):
+    """Workshop features (#31): a name is stored once (the second insert is refused, nothing
+    written), every write moves the revision so replicas re-read, and definitions carry them."""
+    store = backend.open()
+    row = {"name": "ocean", "manifest": "{}", "tensors": "AAAA", "sha256": "0" * 64, "job": "fjob-1"}
+    rev = store.revision()
+    assert store.add_feature(row) is True
+    assert store.revision() == rev + 1
+    assert store.add_feature({**row, "tensors": "BBBB"}) is False
+    assert store.revision() == rev + 1
+    [got] = store.list_features()
+    assert (got["name"], got["tensors"], got["job"]) == ("ocean", "AAAA", "fjob-1")
+    defs = store.definitions(rev)
+    assert [f["name"] for f in defs.features] == ["ocean"]
+    assert store.definitions(defs.revision).features is None  # unchanged: not read again
+    assert store.delete_feature("ocean") is True and store.list_features() == []
+    assert store.delete_feature("ocean") is False
+    store.close()
 
 
 def test_float_columns_keep_full_precision(backend):
@@ -89,7 +109,7 @@ def test_partial_migration_is_completed(backend):
                    + ";INSERT INTO feedback VALUES ('r1', 'old', 2.5, NULL, 1, 1)")
     assert "feedback_by_experiment" not in backend.indexes()
     store = backend.open()
-    assert store.schema_version() == 4
+    assert store.schema_version() == 5
     assert "feedback_by_experiment" in backend.indexes()
     assert [e["id"] for e in store.list_experiments()] == ["old"]
     [obs] = store.observations("old")
@@ -111,8 +131,8 @@ def test_concurrent_openers_migrate_once(backend):
 
     with ThreadPoolExecutor(4) as pool:
         stores = list(pool.map(lambda _: backend.open(), range(4)))
-    assert all(s.schema_version() == 4 for s in stores)
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,)]
+    assert all(s.schema_version() == len(MIGRATIONS) for s in stores)
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
     for s in stores:
         s.close()
 

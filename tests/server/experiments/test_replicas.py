@@ -3,7 +3,7 @@ model) on one throwaway PostgreSQL database. Presets and experiments created, pa
 deleted through replica A's admin API are served by replica B within a few seconds: the same
 steering (``x-steering-hash``, the ``steering`` summary, the greedy text) for a preset model, the
 same variant for the same user in an experiment (assignment is deterministic), and gone once
-deleted.
+deleted. A custom feature made by A's workshop (issue #31) likewise steers on B, and goes.
 
 Slow: two engines start side by side (eager mode, a short context, a few tokens per request).
 """
@@ -11,11 +11,13 @@ Slow: two engines start side by side (eager mode, a short context, a few tokens 
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -26,6 +28,7 @@ from server.experiments import assign
 
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "sk-replicas-test"
+OCEAN = Path(__file__).parents[3] / "docs/examples/workshop-ocean.json"
 PORTS = range(18400, 18500)
 REFRESH_S = 0.5
 SEEN_WITHIN_S = 10.0
@@ -97,6 +100,34 @@ def eventually(check, what: str) -> float:
 
 def user_for(name: str, variant_index: int) -> str:
     return next(f"u{i}" for i in range(1000) if assign.assign(name, f"user:u{i}", [1, 1]) == variant_index)
+
+
+def workshop_feature_reaches_the_other_replica(a: RunningServer, b: RunningServer) -> None:
+    """Issue #31: a feature made by A's workshop (docs/examples/workshop-ocean.json) steers on A at
+    once and on B within the refresh interval, the same way; deleted through A, gone from B."""
+    body = {**json.loads(OCEAN.read_text()), "name": f"ocean{uuid.uuid4().hex[:6]}", "calibrate": False}
+    feature = f"custom/{body['name']}"
+    r = call(a, "POST", "/v1/features", body)
+    assert r.status_code == 202, r.text
+    t0 = time.monotonic()
+    while (job := call(a, "GET", f"/v1/features/jobs/{r.json()['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() - t0 < 600, job
+        time.sleep(0.5)
+    assert job["status"] == "done", job
+    print(f"workshop job done in {time.monotonic() - t0:.1f} s")
+    seen = eventually(lambda: call(b, "GET", f"/v1/features/{feature}").status_code == 200, "the feature on B")
+    print(f"custom feature served by B {seen:.2f} s after A finished")
+    steer = {"steering": {"features": {feature: 1.0}}, "max_tokens": 8}
+    ra, rb = chat(a, MODEL, **steer), chat(b, MODEL, **steer)
+    assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
+    assert ra.headers["x-steering-hash"] == rb.headers["x-steering-hash"]
+    assert ra.json()["choices"][0]["message"]["content"] == rb.json()["choices"][0]["message"]["content"]
+    plain = chat(a, MODEL, max_tokens=8)
+    assert plain.json()["choices"][0]["message"]["content"] != ra.json()["choices"][0]["message"]["content"]
+    assert call(a, "DELETE", f"/v1/features/{feature}").status_code == 200
+    eventually(lambda: call(b, "GET", f"/v1/features/{feature}").status_code == 404, "the deletion on B")
+    r = chat(b, MODEL, **steer)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_feature", r.text
 
 
 def test_two_real_replicas_on_one_postgres_agree(pg_cluster):
@@ -175,6 +206,7 @@ def test_two_real_replicas_on_one_postgres_agree(pg_cluster):
             for model in (preset_model, exp_model):
                 r = chat(b, model)
                 assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+            workshop_feature_reaches_the_other_replica(a, b)
             metrics = httpx.get(f"{b.url}/metrics", timeout=30).text
             assert 'steer_experiment_store_errors_total{op="refresh"}' not in metrics
             t_done = time.monotonic()

@@ -157,11 +157,14 @@ def fit_concept(recipe: dict[str, Any], concept: dict[str, Any], pos: dict[int, 
     else:
         # the earliest layer whose held-out separation is within `layer_tolerance` of the best:
         # earlier edits leave more computation to express the concept
+        # (a negative best — noisy pairs — keeps its own layer: the bar is below it, not above)
         tol = float(recipe.get("layer_tolerance", 0.85))
         best = max(s["d_prime"] for s in per_layer.values())
         acc = max(s["paired_accuracy"] for s in per_layer.values())
-        layer = min(L for L, s in per_layer.items()
-                    if s["d_prime"] >= tol * best and s["paired_accuracy"] >= acc)
+        bar = best - (1.0 - tol) * abs(best)
+        layer = min((L for L, s in per_layer.items()
+                     if s["d_prime"] >= bar and s["paired_accuracy"] >= acc),
+                    default=max(per_layer, key=lambda L: per_layer[L]["d_prime"]))
     direction = _direction(pos[layer], neg[layer], method)
     return {"layer": layer, "direction": direction, "method": method,
             "heldout": {"pairs": int(n_held), "train_pairs": int(len(train)), **per_layer[layer]},

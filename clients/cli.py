@@ -20,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from clients.eval.calibrate_cli import add_calibrate_parser
 
-    add_calibrate_parser(add_pack_parser(sub))
+    pack_sub = add_pack_parser(sub)
+    add_calibrate_parser(pack_sub)
+    from server.workshop.export import add_export_parser
+
+    add_export_parser(pack_sub)
     from clients.ab.cli import add_ab_parser
 
     add_ab_parser(sub)

@@ -165,6 +165,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                         "beyond: 429 (0: no workshop; default: %(default)s)")
     p.add_argument("--workshop-threads", type=int, default=DEFAULTS.workshop_threads, metavar="N",
                    help="torch threads of a workshop job's process (default: %(default)s)")
+    p.add_argument("--workshop-duty", type=float, default=DEFAULTS.workshop_duty, metavar="SHARE",
+                   help="while requests are being served, a workshop job runs this share of each "
+                        "second and is paused the rest (1: never paused; default: %(default)s)")
     p.add_argument("--workshop-time-budget-s", type=_seconds, default=DEFAULTS.workshop_time_budget_s,
                    metavar="SECONDS", help="training time of one workshop feature at most "
                                            "(default: %(default)s)")
@@ -192,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         presets=args.presets, data_dir=args.data_dir, experiments_db=args.experiments_db,
         store_refresh_s=args.store_refresh_s, max_workshop_jobs=args.max_workshop_jobs,
         workshop_threads=args.workshop_threads, workshop_time_budget_s=args.workshop_time_budget_s,
+        workshop_duty=args.workshop_duty,
         max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
         chat_template=args.chat_template, tool_call_parser=args.tool_call_parser,
         shutdown_timeout_s=args.shutdown_timeout_s,

@@ -60,6 +60,10 @@ class ServeConfig:
     workshop_threads: int = 1
     """Torch threads of a workshop job's process (it runs beside the engine: keep this below the
     cores the engine does not use)."""
+    workshop_duty: float = 0.2
+    """While the engine has requests, a workshop job's process runs this share of each second and
+    is stopped (SIGSTOP) the rest: a freely running job cost this 2-core VM two thirds of its
+    throughput (docs/workshop.md). 1: never paused; 0: only while the engine is idle."""
     workshop_time_budget_s: float = 600.0
     """A trained feature's training stops after this many seconds (the job says so)."""
     max_request_bytes: int = SteeringSetup.max_request_bytes  # larger request bodies: 413

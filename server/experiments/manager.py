@@ -63,7 +63,7 @@ from server.experiments.store import (
     redact,
 )
 from server.experiments.writer import QueueFull, StoreWriter, WriteLimits, WriterClosed
-from server.workshop.custom import CustomFeatures
+from server.experiments.custom import CustomFeatures
 from steering.spec import SteeringError, SteeringSpec
 
 if TYPE_CHECKING:

@@ -2,6 +2,7 @@
 
     POST   /v1/features                    {"name", "description", "examples"?, "method"?,
                                             "layers"?, "calibrate"?} → 202 {"id", "status"}
+    GET    /v1/features/jobs               the jobs this server keeps (a key sees its own)
     GET    /v1/features/jobs/{id}          status, stage, progress, error; when done the feature
     GET    /v1/features/jobs/{id}/events   the same as server-sent events until the job ends
     DELETE /v1/features/jobs/{id}          cancel (409 once it has finished)
@@ -55,6 +56,13 @@ def workshop_router(state: AppState, workshop: Workshop, dependencies: list) -> 
         job = workshop.submit(new, who)
         return JSONResponse(job.view(), status_code=202,
                             headers={"Location": f"/v1/features/jobs/{job.id}"})
+
+    @r.get("/v1/features/jobs")
+    async def list_jobs(request: Request) -> dict[str, Any]:
+        who = principal_of(request)
+        workshop.require(who)
+        return {"object": "list", "data": [j.view() for j in workshop.jobs.values()
+                                           if who.admin or j.owner == who.name]}
 
     @r.get("/v1/features/jobs/{job_id}")
     async def get_job(job_id: str, request: Request) -> dict[str, Any]:

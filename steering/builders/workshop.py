@@ -6,7 +6,9 @@ with the job as one JSON object on stdin (:class:`JobSpec`) and reads JSON lines
 ``{"stage": "train"|"calibrate", "progress": p}`` while it works, then ``{"done": OUT_DIR}`` or
 ``{"error": MESSAGE}``. The exit status is 0 only when ``OUT_DIR`` holds a complete pack (the
 server loads it through the one pack loader, sha256 and all, before it keeps anything). Torch
-uses ``threads`` threads (set before torch is imported), so a job leaves the server cores.
+uses ``STEER_WORKSHOP_THREADS`` threads (set before torch is imported), and with
+``STEER_WORKSHOP_IDLE=1`` the process runs under ``SCHED_IDLE``, so a job leaves the engine the
+cores it wants.
 
 Semantics:
   fit        ``mean_diff`` (difference of means, layer scanned on held-out pairs), ``vector`` or
@@ -32,6 +34,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -257,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(1, spec.threads))
         run(spec, Path(args[0]))
     except Exception as exc:  # noqa: BLE001  (the server shows the message to the job's owner)
+        traceback.print_exc()  # to stderr: the server logs its tail
         _emit({"error": f"{type(exc).__name__}: {exc}"})
         return 1
     _emit({"done": args[0]})
@@ -268,5 +272,11 @@ if __name__ == "__main__":
     if _threads:  # before torch is imported anywhere
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = _threads
-    os.nice(int(os.environ.get("STEER_WORKSHOP_NICE", "0")))
+    if os.environ.get("STEER_WORKSHOP_IDLE") == "1":
+        # SCHED_IDLE: run only on cycles the engine leaves; a niced process still takes whole
+        # time slices from the engine's OpenMP threads, which then all wait at their barrier.
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(19)
     sys.exit(main())

@@ -10,8 +10,9 @@ shape for every 4xx). A body the schema forbids is refused with a 4xx
 Bounded: seeded and derandomized (the same requests every run), ``EXAMPLES`` positive and
 ``EXAMPLES`` negative cases per operation (23 operations: a few hundred requests), generations
 capped at ``MAX_TOKENS`` tokens, and a wall-clock budget that fails the test if exceeded. No
-operation is excluded. Presets and experiments the fuzzer manages to create are deleted
-afterwards, so the rest of the session sees the server as it was.
+operation is excluded. Presets, experiments, workshop jobs and custom features the fuzzer
+manages to create are cancelled or deleted afterwards, so the rest of the session sees the server
+as it was.
 """
 
 from __future__ import annotations
@@ -122,16 +123,30 @@ def fuzz(url: str, headers: dict[str, str]) -> tuple[Counter[tuple[str, int]], l
 
 @pytest.fixture
 def restore_admin_state(server):
-    """Delete the presets and experiments the fuzz created (and only those)."""
+    """Delete the presets, experiments and custom features the fuzz created (and only those),
+    after cancelling the workshop jobs it started."""
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as client:
         presets, experiments = _names(client, "/v1/presets"), _names(client, "/v1/experiments")
+        custom = _custom(client)
         yield
+        for job in client.get("/v1/features/jobs").json()["data"]:
+            if job["status"] in ("queued", "running"):
+                client.delete(f"/v1/features/jobs/{job['id']}")  # 409 if it is storing: deleted below
         for name in _names(client, "/v1/presets") - presets:
             client.delete(f"/v1/presets/{name}")
         for name in _names(client, "/v1/experiments") - experiments:
             client.delete(f"/v1/experiments/{name}")
+        for name in _custom(client) - custom:
+            client.delete(f"/v1/features/custom/{name}")
         assert _names(client, "/v1/presets") == presets
         assert _names(client, "/v1/experiments") == experiments
+        assert _custom(client) == custom
+
+
+def _custom(client: httpx.Client) -> set[str]:
+    r = client.get("/v1/features", params={"limit": 500})
+    assert r.status_code == 200, r.text
+    return {f["name"] for f in r.json()["data"] if f["pack"] == "custom"}
 
 
 def test_every_operation_answers_as_documented(server, restore_admin_state) -> None:
@@ -171,7 +186,9 @@ def test_every_body_is_documented_and_steering_fully_typed(tmp_path) -> None:
     assert set(bodies) == {
         "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/features/inspect",
         "POST /v1/presets", "POST /v1/experiments", "PATCH /v1/experiments/{name}",
-        "POST /v1/experiments/{name}/feedback"}
+        "POST /v1/experiments/{name}/feedback", "POST /v1/features"}
+    workshop = bodies["POST /v1/features"]
+    assert workshop["additionalProperties"] is False and workshop["required"] == ["name", "description"]
     components = doc.get("components", {}).get("schemas", {})
     for ref in _refs(doc):
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in components, ref

@@ -10,6 +10,7 @@ and two replicas on PostgreSQL is in tests/server/experiments/test_replicas.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -25,6 +26,9 @@ from test_auth import ADMIN, USER, auth_yaml
 
 from server.app import create_app
 from server.config import ServeConfig
+from server.workshop.data import description_words, hits
+from server.workshop.export import export_custom
+from steering.packs.format import load_pack
 from steering.model_store import resolve_model
 
 OCEAN = json.loads((Path(__file__).parents[2] / "docs/examples/workshop-ocean.json").read_text())
@@ -105,6 +109,14 @@ def test_feature_from_examples_is_served_at_once_and_survives_a_restart(tmp_path
         # a second job of the same name: 409 naming the field
         r = client.post("/v1/features", headers=ADMIN, json=body())
         assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+
+        # a stored row whose tensors do not match their sha256 is never served
+        [row] = state.experiments.store.list_features()
+        tensors = bytearray(base64.b64decode(row["tensors"]))
+        tensors[-1] ^= 1
+        bad = {**row, "name": "tampered", "tensors": base64.b64encode(bytes(tensors)).decode()}
+        assert state.experiments.custom.install(state.packs, [row, bad]) is False
+        assert client.get("/v1/features/custom/tampered", headers=USER).status_code == 404
     finally:
         stop(client, state)
 
@@ -115,6 +127,11 @@ def test_feature_from_examples_is_served_at_once_and_survives_a_restart(tmp_path
         assert r.status_code == 200, r.text
         again = state.packs.resolve("custom/ocean")
         np.testing.assert_array_equal(again.direction, feat.direction)
+        # exported as a normal pack folder (steer pack export-custom)
+        [folder] = export_custom(tmp_path / "export", None, tmp_path)
+        exported = load_pack(folder)
+        assert folder.name == "custom-ocean" and list(exported.features) == ["ocean"]
+        np.testing.assert_array_equal(exported.features["ocean"].direction, feat.direction)
         # in use by a preset: 409; after the preset is gone it is deleted everywhere
         r = client.post("/v1/presets", headers=ADMIN, json={"name": "seaside",
                                                            "steering": {"features": {"custom/ocean": 0.5}}})
@@ -166,12 +183,22 @@ def test_user_key_needs_workshop_policy(tmp_path):
     ({"layers": [99]}, "layers"),
     ({"layers": [-1]}, "layers.[0]"),
     ({"calibrate": "yes"}, "calibrate"),
+    ({"layers": [6] * 5}, "layers"),
 ])
 def test_bad_bodies_are_400_naming_the_field(api, change, param):
     client, state = api
     r = client.post("/v1/features", headers=ADMIN, json=body(**change))
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+    assert client.app.state.workshop.jobs == {}
+
+
+def test_a_bundled_features_name_is_409(api):
+    """custom/formality would make every request naming bare 'formality' ambiguous."""
+    client, _ = api
+    r = client.post("/v1/features", headers=ADMIN, json=body(name="formality"))
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+    assert "smollm2-tone/formality" in r.json()["error"]["message"]
     assert client.app.state.workshop.jobs == {}
 
 
@@ -222,6 +249,13 @@ def test_description_only_fails_clearly_when_the_model_gives_no_pairs(api):
     job = wait(client, r.json()["id"])
     assert job["status"] == "failed" and "0 usable training pairs" in job["error"], job
     assert job["data"] is None
+
+
+def test_description_words_match_by_stem():
+    stems = description_words("Talks about the ocean: waves, tides, beaches, sailing and sea life.")
+    assert stems == ["beach", "life", "ocean", "sail", "sea", "tide", "wave"]
+    assert hits("We sailed to the beach; the waves were high.", stems) == 3
+    assert hits("A quiet afternoon at the library.", stems) == 0
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:

@@ -7,6 +7,7 @@ import { initEqualizer } from "./equalizer.js";
 import { clearErrors, showError } from "./errors.js";
 import { initExperiments, loadExperiments } from "./experiments.js";
 import { initRun, selectedModel } from "./run.js";
+import { initWorkshop } from "./workshop.js";
 
 /** Fill the model list from /v1/models (served names, then presets `base:name`); select `pick`. */
 async function loadModels(pick) {
@@ -73,6 +74,7 @@ function initTabs(onShow) {
 initKey();
 initEqualizer();
 initRun();
+initWorkshop();
 initCode(loadModels);
 const live = initExperiments(() => selectedModel().base);
 initTabs((id) => {

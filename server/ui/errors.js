@@ -11,9 +11,11 @@ export function clearErrors(root = document) {
   }
 }
 
-function slotFor(param, root) {
+function slotFor(param, root, unscoped = false) {
   let best = null;
   for (const el of root.querySelectorAll("[data-error-for]")) {
+    // A panel with its own field names (`data-error-scope`) takes only its own errors.
+    if (unscoped && el.closest("[data-error-scope]")) continue;
     const key = el.dataset.errorFor;
     const fits = param === key || param.startsWith(`${key}.`) || param.startsWith(`${key}[`);
     if (fits && (!best || key.length > best.dataset.errorFor.length)) best = el;
@@ -37,7 +39,7 @@ export function describe(err) {
  */
 export function showError(err, fallback, root = document) {
   let slot = null;
-  if (err.param) slot = slotFor(err.param, root) || slotFor(err.param, document);
+  if (err.param) slot = slotFor(err.param, root) || slotFor(err.param, document, true);
   if (!slot && err.status === 401) slot = document.querySelector('[data-error-for="auth"]');
   if (!slot) slot = root.querySelector(`[data-error-for="${fallback}"]`);
   slot.textContent = describe(err);

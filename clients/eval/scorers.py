@@ -92,6 +92,18 @@ def golden_gate(text: str) -> float:
     return 1.0 if _GOLDEN_GATE.search(text) else 0.0
 
 
+_OCEAN = re.compile(
+    r"\b(?:oceans?|seas?|seaside|seashore|waves?|tides?|beach(?:es)?|coast(?:s|al|line)?|shores?|surf|"
+    r"marine|sail(?:s|ing|ors?)?|boats?|harbou?rs?|reefs?|whales?|dolphins?|underwater|sandy)\b",
+    re.IGNORECASE)
+
+
+def ocean(text: str) -> float:
+    """1 if the text is about the sea (ocean, waves, tides, beaches, sailing, marine life). For
+    workshop features (docs/workshop.md): never used to make or calibrate one, only to judge it."""
+    return 1.0 if _OCEAN.search(text) else 0.0
+
+
 _PIRATE = _phrase_regex([
     "arr", "arrr", "arrrr", "ahoy", "avast", "matey", "mateys", "me hearties", "hearties", "ye", "yer",
     "aye", "aye aye", "yo ho", "yo-ho", "shiver me timbers", "landlubber", "landlubbers", "scallywag",
@@ -298,6 +310,9 @@ SCORERS: dict[str, Scorer] = {s.name: s for s in [
            instruction="Answer with humor."),
     Scorer("enthusiasm", "exclamation marks, intensifiers and ALL-CAPS words", "per 100 words", enthusiasm,
            instruction="Answer with great enthusiasm."),
+    Scorer("ocean", "mentions the sea (ocean, waves, tides, beaches, sailing, marine life)",
+           "share of outputs", ocean, binary=True,
+           instruction="Bring the ocean and the sea into your answer."),
     Scorer("repetition", "repeated word 3-grams (degenerate loops)", "share of 3-grams", repetition),
 ]}
 

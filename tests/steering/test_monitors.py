@@ -133,9 +133,13 @@ def strip_conditions(program: SteeringProgram) -> SteeringProgram:
 
 
 @pytest.mark.parametrize("host_gating", [True, False])
-def test_unconditioned_requests_are_bitwise_unaffected_in_float32(host_gating):
+def test_unconditioned_requests_are_unaffected_in_float32(host_gating):
     """Tokens of unconditioned programs (and unsteered ones) in a batch with conditioned programs
-    equal, bit for bit, the same batch where nothing is conditioned (no gate is multiplied)."""
+    equal the same batch where nothing is conditioned (no gate is multiplied): unsteered tokens
+    bit for bit; an unconditioned slot's to float32 rounding, since with the feature bank
+    (#30) its activations come from one product over every used bank row, conditions' rows
+    included, whose width changes how BLAS blocks it (measured: one element 1.9e-6 apart on
+    one CPU, bit-equal on another)."""
     progs = conditioned_programs(compiler())
     torch.manual_seed(2)
     h, r = torch.randn(9, D), torch.randn(9, D)
@@ -150,8 +154,9 @@ def test_unconditioned_requests_are_bitwise_unaffected_in_float32(host_gating):
         hh = h.clone()
         forward(rt, req_slots, n_sched, hh, r)
         runs.append(hh)
-    assert torch.equal(runs[0][:5], runs[1][:5])  # slot 0 and the unconditioned slot 3
-    assert not torch.equal(runs[0][5:], runs[1][5:])  # the conditioned ones did change
+    assert torch.equal(runs[0][:2], runs[1][:2])  # slot 0: unsteered
+    torch.testing.assert_close(runs[0][2:5], runs[1][2:5], rtol=1e-6, atol=1e-5)  # slot 3
+    assert (runs[0][5:] - runs[1][5:]).abs().max() > 1e-2  # the conditioned ones did change
 
 
 @pytest.mark.parametrize("threshold,expect", [(1e4, "none"), (-1e4, "always")])

@@ -30,8 +30,9 @@ PROMPTS = ["Tell me about your weekend.", "What is a good way to learn a languag
            "What should I read next?", "How does a bicycle work?"]
 
 
-async def window(client: httpx.AsyncClient, seconds: float, concurrency: int, tokens: int) -> float:
-    """Generated tok/s of chat traffic at ``concurrency`` for ``seconds``."""
+async def window(client: httpx.AsyncClient, model: str, seconds: float, concurrency: int,
+                 tokens: int) -> float:
+    """Generated tok/s of chat traffic to ``model`` at ``concurrency`` for ``seconds``."""
     done = 0
     stop = time.monotonic() + seconds
 
@@ -40,7 +41,7 @@ async def window(client: httpx.AsyncClient, seconds: float, concurrency: int, to
         k = i
         while time.monotonic() < stop:
             r = await client.post("/v1/chat/completions", json={
-                "model": (await _model(client)), "max_tokens": tokens, "temperature": 0,
+                "model": model, "max_tokens": tokens, "temperature": 0,
                 "messages": [{"role": "user", "content": PROMPTS[k % len(PROMPTS)]}]})
             r.raise_for_status()
             done += r.json()["usage"]["completion_tokens"]
@@ -51,18 +52,8 @@ async def window(client: httpx.AsyncClient, seconds: float, concurrency: int, to
     return done / (time.monotonic() - t0)
 
 
-_MODEL: dict[str, str] = {}
-
-
-async def _model(client: httpx.AsyncClient) -> str:
-    if "id" not in _MODEL:
-        r = await client.get("/v1/models")
-        r.raise_for_status()
-        _MODEL["id"] = r.json()["data"][0]["id"]
-    return _MODEL["id"]
-
-
-async def with_job(client: httpx.AsyncClient, seconds: float, concurrency: int, tokens: int) -> float:
+async def with_job(client: httpx.AsyncClient, model: str, seconds: float, concurrency: int,
+                   tokens: int) -> float:
     body = {**json.loads(OCEAN.read_text()), "name": f"cost{uuid.uuid4().hex[:8]}", "method": "vector",
             "calibrate": False}
     r = await client.post("/v1/features", json=body)
@@ -71,25 +62,28 @@ async def with_job(client: httpx.AsyncClient, seconds: float, concurrency: int, 
     while (await client.get(f"/v1/features/jobs/{job}")).json().get("stage") != "train":
         await asyncio.sleep(0.5)  # the job's process has started training
     try:
-        return await window(client, seconds, concurrency, tokens)
+        return await window(client, model, seconds, concurrency, tokens)
     finally:
         await client.delete(f"/v1/features/jobs/{job}")
         with contextlib.suppress(httpx.HTTPError):
-            r = await client.delete(f"/v1/features/custom/{body['name']}")
+            await client.delete(f"/v1/features/custom/{body['name']}")
 
 
 async def measure(url: str, api_key: str | None, seconds: float, repeats: int, concurrency: int,
                   tokens: int) -> dict[str, Any]:
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
-        await window(client, 5, concurrency, tokens)  # warm-up
+        models = await client.get("/v1/models")
+        models.raise_for_status()
+        model = models.json()["data"][0]["id"]
+        await window(client, model, 5, concurrency, tokens)  # warm-up
         idle, busy = [], []
         for rep in range(repeats):
             for kind in (("idle", "job") if rep % 2 == 0 else ("job", "idle")):
                 if kind == "idle":
-                    idle.append(await window(client, seconds, concurrency, tokens))
+                    idle.append(await window(client, model, seconds, concurrency, tokens))
                 else:
-                    busy.append(await with_job(client, seconds, concurrency, tokens))
+                    busy.append(await with_job(client, model, seconds, concurrency, tokens))
                 print(f"repeat {rep} {kind:4s}: {(idle if kind == 'idle' else busy)[-1]:7.1f} tok/s", flush=True)
     ratio = statistics.median(busy) / statistics.median(idle)
     print(f"generated tok/s with a workshop job ÷ without: {ratio:.3f} "

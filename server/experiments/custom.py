@@ -78,7 +78,7 @@ class CustomFeatures:
             self.rows = rows
         if registry is None or self.rows is None:
             return False
-        if CUSTOM_PACK in {p["name"] for p in registry.packs()} and not self.packs:
+        if CUSTOM_PACK in registry and not self.packs:
             logger.error("a loaded pack is named %r: custom features are not served", CUSTOM_PACK)
             return False
         fresh: dict[str, Pack] = {}
@@ -103,7 +103,7 @@ class CustomFeatures:
         if fresh:
             registry.put(combine_packs(CUSTOM_PACK, [fresh[n] for n in sorted(fresh)],
                                        "Features made in the feature workshop (POST /v1/features)."))
-        elif CUSTOM_PACK in {p["name"] for p in registry.packs()}:
+        elif CUSTOM_PACK in registry:
             registry.remove(CUSTOM_PACK)
         self.packs, self._sha = fresh, sha
         logger.info("custom features served: %s", sorted(fresh))

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from server.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, RateLimited
 from server.experiments.custom import feature_row
+from server.policy import canonical_name
 from server.workshop.data import generate_pairs
 from server.workshop.models import Job, NewFeature
 from steering.builders.workshop import CUSTOM_PACK, JobSpec
@@ -280,7 +281,7 @@ class Workshop:
         try:
             while proc.returncode is None:
                 busy = engine is not None and engine.get_num_unfinished_requests() > 0
-                if busy and not stopped and self.duty < 1.0:
+                if busy and not stopped:
                     await asyncio.sleep(self.duty * DUTY_PERIOD_S)
                     if proc.returncode is None and engine.get_num_unfinished_requests() > 0:
                         _signal(proc, signal.SIGSTOP)
@@ -323,8 +324,6 @@ class Workshop:
         await mgr.delete_feature(name)
 
     def _canonical(self, names: set[str]) -> set[str]:
-        from server.policy import canonical_name
-
         return {c for n in names if (c := canonical_name(n, self.state.packs)) is not None}
 
 

@@ -168,6 +168,10 @@ class PackRegistry:
         self._packs.pop(name)
         self._cache.clear()
 
+    def __contains__(self, name: str) -> bool:
+        """Whether a pack named ``name`` is loaded."""
+        return name in self._packs
+
     def pack(self, name: str) -> Pack:
         try:
             return self._packs[name]

@@ -25,12 +25,12 @@ from server import pipeline
 from server.errors import InvalidRequest, NotFound
 from server.http import json_body
 from server.openapi import request_body
-from server.protocol import ChatMessage, _Strict
+from server.protocol import MAX_ID_CHARS, ChatMessage, _Strict
 from server.runner import Job
 from steering.features import AmbiguousFeature, UnknownFeature
 from steering.program import SteeringProgram
 from steering.request import CompiledSteering, KeyBound
-from steering.spec import SteeringSpec
+from steering.spec import FeatureName, SteeringSpec
 
 if TYPE_CHECKING:
     from server.state import AppState
@@ -39,10 +39,10 @@ if TYPE_CHECKING:
 class InspectRequest(_Strict):
     """POST /v1/features/inspect."""
 
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_ID_CHARS)
     messages: list[ChatMessage] | None = None
     text: str | None = None
-    features: list[str] = Field(default_factory=list, max_length=64)
+    features: list[FeatureName] = Field(default_factory=list, max_length=64)
     layers: list[int] | None = None  # SAE layers to read (default: every loaded SAE)
     top_k: int = Field(10, ge=0, le=100)
     steering: SteeringSpec | None = None
@@ -103,11 +103,12 @@ def catalog_router(state: AppState, dependencies: list) -> APIRouter:
 def _prompt_ids(state: AppState, req: InspectRequest) -> list[int]:
     if (req.messages is None) == (req.text is None):
         raise InvalidRequest("give exactly one of messages or text", "messages")
+    guard = state.token_guard()
     if req.text is not None:
-        return list(state.tokenizer.encode(req.text))
+        return guard.prompt_ids(req.text)
     msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-    text = state.tokenizer.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False)
-    return list(state.tokenizer.encode(text, add_special_tokens=False))
+    return guard.chat_ids(msgs, lambda m: state.tokenizer.apply_chat_template(
+        m, add_generation_prompt=False, tokenize=False))
 
 
 async def _inspect(request: Request, state: AppState, req: InspectRequest,

@@ -88,6 +88,12 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tool-call-parser", default=DEFAULTS.tool_call_parser, metavar="NAME",
                    help="vLLM tool parser for tool_choice 'auto' (hermes, llama3_json, ...; "
                         "default: hermes with the bundled ChatML tool template)")
+    p.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   default=DEFAULTS.allow_special_tokens_in_content,
+                   help="let user/assistant/tool message text become special tokens, as vLLM does "
+                        "(default: kept as plain text, so no user can forge a system turn)")
+    p.add_argument("--plain-text-prompts", action="store_true", default=DEFAULTS.plain_text_prompts,
+                   help="/v1/completions text prompts never become special tokens either")
     p.add_argument("--shutdown-timeout", type=float, default=DEFAULTS.shutdown_timeout_s,
                    metavar="SECONDS", dest="shutdown_timeout_s",
                    help="on SIGTERM, let running streams finish this long (default: %(default)s)")
@@ -198,7 +204,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         workshop_duty=args.workshop_duty,
         max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
         chat_template=args.chat_template, tool_call_parser=args.tool_call_parser,
-        shutdown_timeout_s=args.shutdown_timeout_s,
+        allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+        plain_text_prompts=args.plain_text_prompts, shutdown_timeout_s=args.shutdown_timeout_s,
         log_level=args.log_level, access_log=args.access_log,
     )
 

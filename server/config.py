@@ -81,6 +81,12 @@ class ServeConfig:
     """The vLLM tool parser (``hermes``, ``llama3_json``, …; vLLM's ``--tool-call-parser``) that
     finds tool calls in free text for ``tool_choice: "auto"``. None: ``hermes`` when the bundled
     ChatML tool template renders the tools (its format), else ``auto`` is refused with a 400."""
+    allow_special_tokens_in_content: bool = False
+    """Let the text of user, assistant and tool messages become special tokens (as vLLM does).
+    False: such text stays plain text, so no user can forge a turn (server/special_tokens.py)."""
+    plain_text_prompts: bool = False
+    """Tokenize /v1/completions text prompts with special tokens' text kept as plain text. False:
+    a text prompt may hold special tokens, as in vLLM and OpenAI's legacy completions."""
     shutdown_timeout_s: float = 30.0
     """On SIGTERM, streams still running get this long to finish before they are cut (uvicorn's
     graceful shutdown); new connections are refused at once. Keep it under the orchestrator's

@@ -162,6 +162,16 @@ def validation_error(exc: RequestValidationError | ValidationError) -> APIError 
     return InvalidRequest(f"{param}: {msg}" if param else str(msg), param)
 
 
+MAX_MESSAGE_CHARS = 2048
+"""An error message is cut to this many characters and a param to MAX_PARAM_CHARS (values are
+already cut where they are echoed, :func:`steering.validation.echo`; this bounds what is left)."""
+MAX_PARAM_CHARS = 256
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit - 1] + "…"
+
+
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
 """The message of every 5xx that is not one of our own errors: exception text stays in the log."""
 
@@ -183,7 +193,8 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message = INTERNAL_ERROR_MESSAGE  # never echo an exception's text (it is logged instead)
     else:
         message = str(exc)
-    body = {"error": {"message": message, "type": kind.type, "param": param, "code": code}}
+    body = {"error": {"message": _cut(message, MAX_MESSAGE_CHARS), "type": kind.type,
+                      "param": _cut(param, MAX_PARAM_CHARS), "code": code}}
     return kind.status, body
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 from typing import Any
 
@@ -21,6 +22,10 @@ KNOWN_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/st
 """Routes counted under their own label in ``steer_http_requests``; the rest count as "other"."""
 
 
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+"""An ``x-request-id`` the client sends is echoed only in this form; any other gets a fresh id."""
+
+
 class RequestIdAndMetrics:
     """Pure ASGI middleware: echo or create ``x-request-id``; count requests by route and status."""
 
@@ -33,7 +38,8 @@ class RequestIdAndMetrics:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1") or uuid.uuid4().hex
+        given = headers.get(b"x-request-id", b"")
+        request_id = given.decode("ascii") if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         route = scope["path"] if scope["path"] in KNOWN_ROUTES else "other"
         status = 500

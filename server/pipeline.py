@@ -104,19 +104,22 @@ def _tool_setup(state: AppState) -> tools.ToolSetup:
 
 def _chat_prompt(state: AppState, req: ChatCompletionRequest) -> list[int]:
     setup = _tool_setup(state)
-    try:
-        text = setup.render(req)
-    except InvalidRequest:
-        raise
-    except Exception as exc:  # noqa: BLE001  (template rejected the conversation)
-        raise InvalidRequest(f"the chat template rejected these messages: {exc}", "messages") from None
-    return list(state.tokenizer.encode(text, add_special_tokens=False))
+
+    def render(messages: list[dict[str, Any]]) -> str:
+        try:
+            return setup.render(req, messages)
+        except InvalidRequest:
+            raise
+        except Exception as exc:  # noqa: BLE001  (template rejected the conversation)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", "messages") from None
+
+    return state.token_guard().chat_ids(req.chat_messages(), render)
 
 
 def _text_prompt(state: AppState, req: CompletionRequest) -> list[int]:
     prompt = req.single_prompt()
     if isinstance(prompt, str):
-        return list(state.tokenizer.encode(prompt))
+        return state.token_guard().prompt_ids(prompt)
     vocab = len(state.tokenizer)
     if any(not 0 <= t < vocab for t in prompt):
         raise InvalidRequest(f"prompt token ids must be in [0, {vocab})", "prompt")

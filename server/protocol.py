@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from server.errors import InvalidRequest, validation_error
 from server.structured import LogitBias, ResponseFormat, StructuredOutputs
 from steering.spec import SteeringSpec
+from steering.validation import echo
 
 # OpenAI request fields we know but do not implement. A field may still be sent with a value
 # that asks for nothing (None, [], {}, False, "none", {"type": "text"}).
@@ -99,7 +100,7 @@ def _check_messages(messages: Any) -> Any:
                                  f"{where}.role")
         if role not in SUPPORTED_ROLES:
             raise InvalidRequest(
-                f"role '{role}' is not supported; use one of {list(SUPPORTED_ROLES)}",
+                f"role {echo(role)} is not supported; use one of {list(SUPPORTED_ROLES)}",
                 f"{where}.role", "unsupported_parameter")
         content = msg.get("content")
         if isinstance(content, list):
@@ -256,7 +257,7 @@ class StreamOptions(_Strict):
 class _GenerationRequest(_Strict):
     """Fields shared by chat and text completions (OpenAI names, plus our extensions)."""
 
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_ID_CHARS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=64)

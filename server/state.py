@@ -14,6 +14,7 @@ from server.config import ServeConfig
 from server.engine import build_engine_args, create_engine
 from server.errors import EngineUnavailable
 from server.metrics import Metrics
+from server.special_tokens import SpecialTokenGuard
 from server.steering_limits import SteeringLimits
 from server.tools import ToolSetup
 from steering.request import SteeringCompiler
@@ -46,6 +47,7 @@ class AppState:
     gate: SlotGate | None = None
     limits: SteeringLimits | None = None  # slot leases, readout budget, unseated audit
     tools: ToolSetup | None = None  # chat templates and the tool parser (server/tools.py)
+    special_tokens: SpecialTokenGuard | None = None  # client text stays text (server/special_tokens.py)
     startup_error: BaseException | None = None
     on_fatal: Callable[[BaseException], None] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -64,6 +66,15 @@ class AppState:
         if self.engine.errored:
             raise EngineUnavailable("the engine has stopped; the server must be restarted")
         return self.engine
+
+    def token_guard(self) -> SpecialTokenGuard:
+        """The tokenizer's special tokens kept out of client text (built on first use, so
+        engine-free tests that set ``tokenizer`` by hand get one too)."""
+        if self.special_tokens is None or self.special_tokens.tokenizer is not self.tokenizer:
+            self.special_tokens = SpecialTokenGuard(self.tokenizer,
+                                                    self.config.allow_special_tokens_in_content,
+                                                    self.config.plain_text_prompts)
+        return self.special_tokens
 
     async def start(self) -> None:
         """Materialize the model, start the engine, then build tokenizer and steering tables."""

@@ -93,12 +93,14 @@ class ToolSetup:
                                  "unsupported_parameter")
         return self.tool_template or self.configured
 
-    def render(self, req: ChatCompletionRequest) -> str:
+    def render(self, req: ChatCompletionRequest, messages: list[dict[str, Any]] | None = None) -> str:
+        """``req`` (or ``messages`` in its place: the same conversation, some strings swapped)
+        through the chat template, as text."""
         # As vLLM: the tools reach the template even with tool_choice "none" (the model may
         # know of them; it is not asked to call one).
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         return self.tokenizer.apply_chat_template(
-            req.chat_messages(), tools=tools, chat_template=self.template_for(req),
+            req.chat_messages() if messages is None else messages, tools=tools, chat_template=self.template_for(req),
             add_generation_prompt=True, tokenize=False)
 
     def readers(self, req: ChatCompletionRequest) -> Callable[[], ToolCallReader | None]:

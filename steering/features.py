@@ -10,6 +10,8 @@ from typing import Literal, Protocol, get_args
 
 import numpy as np
 
+from steering.validation import echo
+
 FeatureKind = Literal["direction", "sae", "lowrank"]
 """``direction``: act(h) = h·d̂; ``sae``: act(h) = JumpReLU_θ(e·h + b); ``lowrank``: a rank-r
 intervention h ← h + α·Rᵀ(W h + b − R h) per layer (LoReFT), read out as act(h) = h·d̂."""
@@ -151,4 +153,4 @@ class StaticFeatureSource:
             return self._by_name[hits[0]]
         if hits:
             raise AmbiguousFeature(f"feature {name!r} is ambiguous: use one of {sorted(hits)}")
-        raise UnknownFeature(f"unknown feature {name!r}")
+        raise UnknownFeature(f"unknown feature {echo(name)}")

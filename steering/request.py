@@ -70,6 +70,7 @@ from steering.spec import (
     Threshold,
     VectorSpec,
 )
+from steering.validation import echo
 from steering.wire import ApplyTo, WireRecord
 
 __all__ = ["CompiledSteering", "KeyBound", "KeyBoundExceeded", "SteeringCompiler", "SteeringError"]
@@ -376,12 +377,12 @@ class SteeringCompiler:
 
     def _resolve(self, name: str, param: str) -> Feature:
         if self.features is None:
-            raise SteeringError(f"unknown feature {name!r}: no feature packs are loaded", param,
+            raise SteeringError(f"unknown feature {echo(name)}: no feature packs are loaded", param,
                                 "unknown_feature")
         try:
             feat = self.features.resolve(name)
         except UnknownFeature:
-            raise SteeringError(f"unknown feature {name!r}", param, "unknown_feature") from None
+            raise SteeringError(f"unknown feature {echo(name)}", param, "unknown_feature") from None
         except AmbiguousFeature as e:
             raise SteeringError(str(e.args[0]), param, "ambiguous_feature") from None
         if feat.direction.shape != (self.hidden_size,):

@@ -191,7 +191,7 @@ class VectorSpec(_Spec):
 class SteeringSpec(_Spec):
     """A request's steering, before compilation."""
 
-    features: dict[str, FeatureSetting] = Field(default_factory=dict)
+    features: dict[FeatureName, FeatureSetting] = Field(default_factory=dict)
     """Named features from the loaded packs (``name`` or ``pack/name``) → strength or setting."""
     vectors: list[VectorSpec] = Field(default_factory=list)
     apply_to: ApplyToName = "all"
@@ -269,7 +269,7 @@ def steering_error(error: Any, prefix: str = "steering") -> SteeringError:
     param = param_path(loc, prefix)
     kind = error.get("type")
     if kind == "extra_forbidden":
-        message = f"unknown field {str(loc[-1])!r}"
+        message = f"unknown field {validation.echo(str(loc[-1]))}"
     elif kind == "missing":
         message = f"{loc[-1]} is required" if loc else "steering is required"
     elif kind in ("model_type", "model_attributes_type", "dict_type") and not loc:

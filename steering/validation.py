@@ -49,6 +49,17 @@ class HasErrors(Protocol):
     def errors(self) -> Any: ...
 
 
+MAX_ECHO_CHARS = 64
+"""A value a client sent is echoed in an error message or param path cut to this many characters."""
+
+
+def echo(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters of the value: a 100,000
+    character name must not come back as a 200 KB error."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def first_error(exc: HasErrors, *, prefer_bounds: bool = False) -> dict[str, Any]:
     """The error to report of ``exc`` (an empty dict when it has none).
 
@@ -84,6 +95,8 @@ def param_path(loc: Iterable[Any], prefix: str = "", *, openai: bool = False) ->
             continue
         if isinstance(part, int) and not isinstance(part, bool):
             out += f".[{part}]" if openai and out else f"[{part}]"
+        elif isinstance(part, str) and len(part) > MAX_ECHO_CHARS:  # a client's dict key
+            out += f".{part[:MAX_ECHO_CHARS]}…" if out else f"{part[:MAX_ECHO_CHARS]}…"
         else:
             out += f".{part}" if out else str(part)
         if openai and part == STEERING_FIELD:

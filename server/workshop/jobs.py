@@ -96,6 +96,7 @@ class Workshop:
         comp = self.state.compiler
         if comp is None or self.state.packs is None:
             raise NotFound("the feature workshop needs steering and its packs loaded", None, "not_found")
+        self._screen(new)
         n = comp.num_layers
         if new.layers is not None:
             bad = [x for x in new.layers if x >= n]
@@ -110,6 +111,20 @@ class Workshop:
         else:
             layers = [min(n - 1, round(n * TRAINED_LAYER))]
         return method, layers
+
+    def _screen(self, new: NewFeature) -> None:
+        """400 for a description or example that holds a special token's text: the model would
+        read it as that token when it generates the training data or its activations are read
+        (server/special_tokens.py keeps chat text plain; training text has no such guard)."""
+        guard = self.state.token_guard()
+        texts = [("description", new.description)] + [
+            (f"examples.[{i}].{side}", getattr(ex, side))
+            for i, ex in enumerate(new.examples or []) for side in ("positive", "negative")]
+        for param, text in texts:
+            if guard.holds_special(text):
+                raise InvalidRequest(f"{param} holds a special token's text (such as the chat "
+                                     "template's turn markers); remove it", param,
+                                     "special_token_in_content")
 
     def auto_method(self) -> str:
         """The method most loaded features were chosen with on this model (a pack's

@@ -26,6 +26,7 @@ from steering.features import AmbiguousFeature, Feature, UnknownFeature
 from steering.packs.format import SAE, Pack, load_pack
 from steering.packs.manifest import MANIFEST_FILE, NO_EFFECT_TAG, PackError, site
 from steering.packs.tensors import model_fingerprint
+from steering.validation import echo
 
 __all__ = ["BUNDLED_PACKS", "PackRegistry", "bundled_packs_dir", "discover_packs", "load_config_packs",
            "load_packs", "model_fingerprint"]
@@ -184,15 +185,15 @@ class PackRegistry:
         if "/" in name:
             pname, local = name.split("/", 1)
             if pname not in self._packs:
-                raise UnknownFeature(f"unknown feature {name!r}: no pack {pname!r} is loaded")
+                raise UnknownFeature(f"unknown feature {echo(name)}: no pack {echo(pname)} is loaded")
             pack = self._packs[pname]
             if local in pack.features or self._latent(pack, local) is not None:
                 return pack, local
-            raise UnknownFeature(f"unknown feature {name!r}: pack {pname!r} has no feature {local!r}")
+            raise UnknownFeature(f"unknown feature {echo(name)}: pack {echo(pname)} has no feature {echo(local)}")
         hits = [p for p in self._packs.values()
                 if name in p.features or self._latent(p, name) is not None]
         if not hits:
-            raise UnknownFeature(f"unknown feature {name!r}")
+            raise UnknownFeature(f"unknown feature {echo(name)}")
         if len(hits) > 1:
             raise AmbiguousFeature(
                 f"feature {name!r} is ambiguous: use one of {sorted(f'{p.name}/{name}' for p in hits)}")

@@ -22,16 +22,18 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 
 class FakeEngine:
     """Answers every request with four tokens (a pirate line when steered); records the
-    SamplingParams it was given. ``fail`` (an exception) is raised from ``generate`` instead."""
+    SamplingParams (``params``) and prompt token ids (``prompts``) it was given. ``fail`` (an exception) is raised from ``generate`` instead."""
 
     errored = False
 
     def __init__(self, fail: BaseException | None = None) -> None:
         self.params: list[Any] = []
+        self.prompts: list[list[int]] = []
         self.fail = fail
 
     async def generate(self, prompt, params, request_id):
         self.params.append(params)
+        self.prompts.append(list(prompt["prompt_token_ids"]))
         if self.fail is not None:
             raise self.fail
         text = "Arr matey, ahoy!" if params.extra_args else "Hello there, friend."

@@ -366,3 +366,39 @@ def test_describe_keeps_our_own_messages_and_hides_the_rest() -> None:
     r = error_response(busy, headers={"x-extra": "1"})
     assert r.status_code == 429 and r.headers["retry-after"] == "3" and r.headers["x-extra"] == "1"
     assert json.loads(r.body)["error"]["code"] == "steering_capacity_exceeded"
+
+
+# -- bounded echo: a client's long value never comes back whole ---------------------------------
+
+LONG = "x" * 100_000
+_BASE = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+ECHO_CASES = {
+    "feature name": ("/v1/chat/completions", {**_BASE, "steering": {"features": {LONG: 1}}}),
+    "model": ("/v1/chat/completions", {**_BASE, "model": LONG}),
+    "unknown field": ("/v1/chat/completions", {**_BASE, LONG: 1}),
+    "unknown steering field": ("/v1/chat/completions", {**_BASE, "steering": {LONG: 1}}),
+    "role": ("/v1/chat/completions", {**_BASE, "messages": [{"role": LONG, "content": "hi"}]}),
+    "readout feature": ("/v1/features/inspect", {"text": "hi", "features": [LONG]}),
+    "preset name": ("/v1/presets", {"name": LONG, "steering": {"features": {"formality": 1}}}),
+    "workshop name": ("/v1/features", {"name": LONG, "description": "the sea"}),
+    "feature path": ("/v1/features/" + LONG[:50_000], None),
+}
+
+
+@pytest.mark.parametrize("case", ECHO_CASES)
+def test_a_long_value_is_not_echoed_whole(api, case) -> None:
+    client, _ = api
+    url, body = ECHO_CASES[case]
+    r = client.get(url, headers=AUTH) if body is None else client.post(url, json=body, headers=AUTH)
+    assert 400 <= r.status_code < 500, r.text[:300]
+    err = r.json()["error"]
+    assert err["message"] and err["param"]
+    assert len(r.content) < 1024, (len(r.content), r.text[:300])
+
+
+def test_a_request_id_is_echoed_only_when_short_and_plain(api) -> None:
+    client, _ = api
+    assert client.get("/v1/models", headers={**AUTH, "x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    for bad in ("x" * 129, "a b", "<script>"):
+        got = client.get("/v1/models", headers={**AUTH, "x-request-id": bad}).headers["x-request-id"]
+        assert got != bad and len(got) == 32

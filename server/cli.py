@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import psutil
 
 from server.config import DEFAULTS, ServeConfig
+from server.connections import ConnectionLimits, uvicorn_options
 
 
 def _layers(value: str) -> list[int] | None:
@@ -88,6 +89,16 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tool-call-parser", default=DEFAULTS.tool_call_parser, metavar="NAME",
                    help="vLLM tool parser for tool_choice 'auto' (hermes, llama3_json, ...; "
                         "default: hermes with the bundled ChatML tool template)")
+    limits = ConnectionLimits()
+    p.add_argument("--header-timeout", type=float, default=limits.header_timeout_s, metavar="SECONDS",
+                   help="a request's line and headers must arrive within this (408 after; "
+                        "default: %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=limits.body_timeout_s, metavar="SECONDS",
+                   help="a request's body must arrive within this of its headers (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=limits.max_connections, metavar="N",
+                   help="open connections at most; past it 503 and closed (default: %(default)s)")
+    p.add_argument("--keep-alive-timeout", type=float, default=limits.keep_alive_s, metavar="SECONDS",
+                   help="close an idle kept-alive connection after this (default: %(default)s)")
     p.add_argument("--allow-special-tokens-in-content", action="store_true",
                    default=DEFAULTS.allow_special_tokens_in_content,
                    help="let user/assistant/tool message text become special tokens, as vLLM does "
@@ -204,6 +215,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         workshop_duty=args.workshop_duty,
         max_request_bytes=args.max_request_bytes, max_response_budget=args.max_response_budget,
         chat_template=args.chat_template, tool_call_parser=args.tool_call_parser,
+        connections=ConnectionLimits(header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                                     max_connections=args.max_connections,
+                                     keep_alive_s=args.keep_alive_timeout),
         allow_special_tokens_in_content=args.allow_special_tokens_in_content,
         plain_text_prompts=args.plain_text_prompts, shutdown_timeout_s=args.shutdown_timeout_s,
         log_level=args.log_level, access_log=args.access_log,
@@ -290,7 +304,8 @@ def serve(args: argparse.Namespace) -> int:
     state = AppState(config=config)
     server = uvicorn.Server(uvicorn.Config(
         create_app(state), host=config.host, port=config.port, log_level=config.log_level,
-        access_log=config.access_log, timeout_graceful_shutdown=config.shutdown_timeout_s))
+        access_log=config.access_log, timeout_graceful_shutdown=config.shutdown_timeout_s,
+        **uvicorn_options(config.connections, state.metrics.connections_closed_by)))
 
     def fatal(_: BaseException) -> None:
         server.should_exit = True

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.connections import ConnectionLimits
 from server.steering_setup import SteeringSetup
 from steering.config import SteeringConfig
 
@@ -81,6 +82,8 @@ class ServeConfig:
     """The vLLM tool parser (``hermes``, ``llama3_json``, …; vLLM's ``--tool-call-parser``) that
     finds tool calls in free text for ``tool_choice: "auto"``. None: ``hermes`` when the bundled
     ChatML tool template renders the tools (its format), else ``auto`` is refused with a 400."""
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    """Header and body timeouts, the open-connection cap and keep-alive (server/connections.py)."""
     allow_special_tokens_in_content: bool = False
     """Let the text of user, assistant and tool messages become special tokens (as vLLM does).
     False: such text stays plain text, so no user can forge a turn (server/special_tokens.py)."""

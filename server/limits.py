@@ -4,14 +4,18 @@
   ``request_too_large``, whether its ``Content-Length`` says so up front (nothing is read) or a
   chunked body grows past the limit (reading stops there).
 - :func:`parse_json`: a body that is not UTF-8 is a 400; a JSON body nested deeper than
-  :data:`MAX_JSON_DEPTH` is a 400 ``json_too_deep`` (never a RecursionError, never a 500). The depth
-  check runs at C speed: a body with few brackets (a steering vector of thousands of floats has
-  one) passes a count; only a bracket-heavy body is measured by :func:`json_depth`, whose loops
-  run inside ``bytes`` methods and numpy.
+  :data:`MAX_JSON_DEPTH` is a 400 ``json_too_deep`` (never a RecursionError, never a 500), and one
+  with more than :data:`MAX_JSON_CONTAINERS` arrays and objects or :data:`MAX_JSON_VALUES` values
+  a 400 ``json_too_complex``, so no body keeps the event loop (and every other request) waiting
+  long. The checks run at C speed: a body with few brackets and commas passes a count; only a
+  bracket- or comma-heavy one is measured by :func:`json_shape` (numpy over its bytes). The parse
+  itself runs with the garbage collector paused: JSON makes no reference cycles, and 2.7 M empty
+  lists took 3.4 s to parse with it running (generation scans), 0.14 s without.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any
 
@@ -26,23 +30,36 @@ MAX_JSON_DEPTH = 64
 for any real client while staying far below Python's recursion limit, which ``json.loads`` and
 pydantic would otherwise hit (a RecursionError)."""
 
-_BRACKETS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as int8
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+MAX_JSON_CONTAINERS = 2**16
+"""Most arrays and objects one body may hold (more → 400 ``json_too_complex``): 4096 messages of
+a dozen text parts each fit; 2.7 M empty lists (a 7 MiB body) would not."""
+MAX_JSON_VALUES = 2**19
+"""Most values (numbers, strings, …; counted by their commas) one body may hold: a token-id
+prompt or a steering vector of 524,288 numbers parses and validates in ~70 ms here."""
+
+
+def json_shape(body: bytes, max_containers: int | None = None) -> tuple[int | None, int, int]:
+    """(depth, containers, values) of JSON ``body``, counting only what lies outside strings, in
+    numpy over its bytes; depth is None (not measured) past ``max_containers`` containers. Escapes
+    are dropped (``\\\\`` first, then ``\\"``), so the quotes left delimit strings; a byte is
+    inside a string when an odd number of quotes precede it. Malformed bodies may be
+    mis-measured; the JSON parser rejects them."""
+    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    a = np.frombuffer(unescaped, dtype=np.uint8)
+    outside = ~np.logical_xor.accumulate(a == 34)  # 34: '"'
+    values = int(np.count_nonzero((a == 44) & outside)) + (a.size > 0)  # ','
+    opens = ((a == 91) | (a == 123)) & outside  # '[' '{'
+    containers = int(np.count_nonzero(opens))
+    if not containers or (max_containers is not None and containers > max_containers):
+        return (0 if not containers else None), containers, values
+    at = np.flatnonzero(opens | (((a == 93) | (a == 125)) & outside))  # and ']' '}'
+    steps = np.where(opens[at], 1, -1).astype(np.int32)
+    return int(np.cumsum(steps).max()), containers, values
 
 
 def json_depth(body: bytes) -> int:
-    """Nesting depth of the arrays and objects of JSON ``body``, in C loops only.
-
-    Escapes are dropped (``\\\\`` first, then ``\\"``), so the quotes left delimit strings, and
-    splitting on them leaves what lies outside strings at even indices. Its brackets become +1 / -1;
-    the deepest running sum is the depth. Malformed bodies may be mis-measured; the JSON parser
-    rejects them."""
-    unescaped = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    outside = b"".join(unescaped.split(b'"')[::2])
-    steps = outside.translate(None, _NOT_BRACKET).translate(_BRACKETS)
-    if not steps:
-        return 0
-    return int(np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int32).max())
+    """Nesting depth of the arrays and objects of JSON ``body`` (:func:`json_shape`)."""
+    return json_shape(body)[0] or 0
 
 
 def _too_deep() -> InvalidRequest:
@@ -57,15 +74,28 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("The body of your request is not valid UTF-8.", None,
                              "invalid_encoding") from None
-    # Depth can only exceed the limit with more than ``limit`` opening brackets (a count in C).
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
-        raise _too_deep()
+    # Each limit can only be passed with more brackets or commas than it allows (counts in C).
+    brackets = body.count(b"[") + body.count(b"{")
+    if brackets > MAX_JSON_DEPTH or body.count(b",") >= MAX_JSON_VALUES:
+        depth, containers, values = json_shape(body, MAX_JSON_CONTAINERS)
+        if depth is None or values > MAX_JSON_VALUES:
+            raise InvalidRequest(
+                f"The JSON body of your request holds {containers} arrays and objects and {values} "
+                f"values; at most {MAX_JSON_CONTAINERS} and {MAX_JSON_VALUES} are accepted.", None,
+                "json_too_complex")
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+    collecting = gc.isenabled()
+    gc.disable()  # JSON makes no cycles; generation scans made big bodies 25× slower to parse
     try:
         return json.loads(text)
     except RecursionError:
         raise _too_deep() from None
     except ValueError:
         raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class BodySizeLimit:

@@ -61,6 +61,9 @@ class Metrics:
             "steer_readout_bytes_in_flight", "Activation-readout bytes reserved by requests in "
             "flight (return_activations, inspect).", registry=r)
         # Keys and policies (server/auth.py): bounded labels, never a key's name.
+        self.connections_closed = Counter(
+            "steer_http_connections_closed", "Connections a limit closed (server/connections.py), "
+            "by reason: header_timeout, body_timeout, max_connections.", ["reason"], registry=r)
         self.policy_denials = Counter(
             "steer_policy_denials", "Requests refused by a key's role or policy, by reason.",
             ["reason"], registry=r)
@@ -82,6 +85,11 @@ class Metrics:
         self.auth_failures = Counter(
             "steer_auth_failures", "Requests without a valid API key, by error code.",
             ["code"], registry=r)
+
+
+    def connections_closed_by(self, reason: str) -> None:
+        """Count one connection a limit closed (server/connections.py calls it)."""
+        self.connections_closed.labels(reason).inc()
 
     def monitor_triggered(self, feature: str, action: str) -> None:
         """Count one monitor that fired (bounded labels: see ``monitor_triggers``)."""

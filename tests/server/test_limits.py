@@ -197,13 +197,13 @@ def test_depth_prefilter_skips_the_scan_for_flat_bodies(api, monkeypatch) -> Non
     """A body with few brackets (a steering vector of thousands of floats) is never scanned."""
     client, _ = api
     calls: list[int] = []
-    scan = limits.json_depth
+    scan = limits.json_shape
 
-    def counting(body: bytes) -> int:
+    def counting(body: bytes, *args: Any) -> Any:
         calls.append(len(body))
-        return scan(body)
+        return scan(body, *args)
 
-    monkeypatch.setattr(limits, "json_depth", counting)
+    monkeypatch.setattr(limits, "json_shape", counting)
     big = json.dumps({"x": [0.123456789] * 100_000, "s": "[" * 10}).encode()  # ~1.3 MB, 11 '['
     assert len(limits.parse_json(big)["x"]) == 100_000 and calls == []
     r = chat(client, steering={"vectors": [{"layer": 10, "values": [0.001] * 576}]})

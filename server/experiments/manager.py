@@ -387,7 +387,8 @@ class ExperimentManager:
         if new.name in self.presets:
             raise Conflict(f"a preset named {new.name!r} exists", "name")
         preset = Preset(name=new.name, steering=new.steering, description=new.description, source="api")
-        await self.call("admin", self.store.put_preset, preset.name, preset.model_dump(mode="json"))
+        if not await self.call("admin", self.store.add_preset, preset.name, preset.model_dump(mode="json")):
+            raise Conflict(f"a preset named {new.name!r} exists (made by another server)", "name")
         self._edited()
         self.presets[preset.name] = preset
         return preset

@@ -5,7 +5,10 @@
 runs each call on one autocommit connection under a lock. A call that fails because the server
 went away drops the connection and raises; the next call connects again, so the store recovers
 by itself once the database is back. Connecting gives up after ``connect_timeout`` seconds
-(default 5, or the URL's own ``connect_timeout``).
+(default 5, or the URL's own ``connect_timeout``); a statement after ``STATEMENT_TIMEOUT_MS``
+(a lock another session holds, a database too busy to answer: the server cancels it, so the
+store's thread is never stuck behind it — the caller itself stops waiting after
+``WriteLimits.call_timeout_s``); TCP keepalives find a peer that vanished in ~25 s.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from server.experiments.store import SQLStore, Tx, redact
 # pg_advisory_xact_lock key of schema migrations: any fixed 64-bit number ("steerdb" in ASCII).
 MIGRATION_LOCK = 0x7374656572646200
 CONNECT_TIMEOUT_S = 5
+STATEMENT_TIMEOUT_MS = 10_000
+"""PostgreSQL's ``statement_timeout`` for the store's session (unless the URL's ``options`` set one)."""
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 class PostgresStore(SQLStore):
@@ -36,6 +42,10 @@ class PostgresStore(SQLStore):
         info = psycopg.conninfo.conninfo_to_dict(url)
         info.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         info.setdefault("application_name", "steer")
+        for k, v in KEEPALIVES.items():
+            info.setdefault(k, v)
+        if "statement_timeout" not in info.get("options", ""):
+            info["options"] = f"{info.get('options', '')} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
         self._conninfo = info
         self._lock = threading.Lock()
         self._conn: psycopg.Connection[Any] | None = None

@@ -186,7 +186,7 @@ class ExperimentStore:
     def revision(self) -> int: raise NotImplementedError
     def definitions(self, known: int | None = None) -> Definitions: raise NotImplementedError
     def list_presets(self) -> list[dict[str, Any]]: raise NotImplementedError
-    def put_preset(self, name: str, spec: dict[str, Any]) -> None: raise NotImplementedError
+    def add_preset(self, name: str, spec: dict[str, Any]) -> bool: raise NotImplementedError
     def delete_preset(self, name: str) -> None: raise NotImplementedError
     def list_experiments(self) -> list[dict[str, Any]]: raise NotImplementedError
     def put_experiment(self, name: str, spec: dict[str, Any], status: str,
@@ -291,12 +291,16 @@ class SQLStore(ExperimentStore):
         with self._session() as tx:
             return [json.loads(r["spec"]) for r in tx.all("SELECT spec FROM presets ORDER BY name")]
 
-    def put_preset(self, name: str, spec: dict[str, Any]) -> None:
+    def add_preset(self, name: str, spec: dict[str, Any]) -> bool:
+        """Insert a preset; False, and nothing written, when the name is taken (two replicas
+        creating one name within a refresh interval: the first wins, the other answers 409)."""
         with self._transaction() as tx:
-            tx.execute("INSERT INTO presets (name, spec, created) VALUES (?, ?, ?)"
-                       " ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
-                       (name, json.dumps(spec), time.time()))
+            cur = tx.execute("INSERT INTO presets (name, spec, created) VALUES (?, ?, ?)"
+                             " ON CONFLICT (name) DO NOTHING", (name, json.dumps(spec), time.time()))
+            if cur.rowcount != 1:
+                return False
             self._bump(tx)
+        return True
 
     def delete_preset(self, name: str) -> None:
         with self._transaction() as tx:

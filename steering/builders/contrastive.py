@@ -39,6 +39,7 @@ import numpy as np
 from steering.builders import calibration as cal
 from steering.builders import collect
 from steering.packs.manifest import read_manifest
+from steering.packs.registry import default_pack_dir
 from steering.packs.tensors import model_fingerprint
 from steering.packs.writer import PackWriter
 
@@ -248,7 +249,7 @@ def build_contrastive(recipe: str | Path | dict[str, Any], out: str | Path | Non
                                    "heldout": f["heldout"], "layer_scan": f["layer_scan"]}})
     if out is None:
         base = Path(r["_path"]).resolve().parent.parent if r.get("_path") else Path.cwd()
-        out = base / r["pack"]["name"]
+        out = default_pack_dir(r["pack"]["name"], base)
     return w.write(out)
 
 

@@ -32,7 +32,7 @@ from steering.builders import calibration as cal
 from steering.builders import collect, corpora
 from steering.builders.contrastive import _git_rev
 from steering.packs.manifest import dose_scale
-from steering.packs.registry import bundled_packs_dir
+from steering.packs.registry import default_pack_dir
 from steering.builders.sae_label import label_latents, match_concepts, sparse_codes
 from steering.builders.sae_train import TopKSAE, downstream_loss, reconstruction_metrics, train_topk_sae
 from steering.packs.tensors import model_fingerprint
@@ -297,5 +297,5 @@ def train_sae(out: str | Path | None = None, progress: bool = True, **kw: Any) -
                       if isinstance(o["concepts_recipe"], (str, Path)) else "inline"},
             source={"sae": sae_np.id, "latent": i})
     if out is None:
-        out = bundled_packs_dir() / name
+        out = default_pack_dir(name)
     return w.write(out)

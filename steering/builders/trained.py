@@ -44,6 +44,7 @@ from steering.builders import corpora
 from steering.builders.contrastive import (concept_activations, concept_pairs, fit_concept, load_recipe, recipe_model, recipe_writer, RecipeError)
 from steering.builders.train import (METHODS, Pair, TrainConfig, TrainedFeature, layer_norms,
                                   mean_diff_init, train_feature)
+from steering.packs.registry import default_pack_dir
 
 BUILDER = "steering.builders.trained/1"
 DATA_CHOICES = ("both", "generated", "recipe")
@@ -202,7 +203,7 @@ def build_trained(recipe: str | Path | dict[str, Any], out: str | Path | None = 
                           lowrank={"R": tf.R, "W": tf.W, "b": tf.b}, extra=record, **common)
     if out is None:
         base = Path(r["_path"]).resolve().parent.parent if r.get("_path") else Path.cwd()
-        out = base / pk["name"]
+        out = default_pack_dir(pk["name"], base)
     return w.write(out)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import re
+import sysconfig
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -56,6 +57,18 @@ def bundled_packs_dir() -> Path:
         raise RuntimeError(f"the bundled feature packs at {root} are not a folder on disk: "
                            "install steer-server unzipped (pip does)")
     return path
+
+
+def default_pack_dir(name: str, base: Path | None = None) -> Path:
+    """Where a builder writes pack ``name`` without ``--out``: ``base / name`` (default: beside
+    the bundled packs, as in a source checkout) — refused when that lies in an installed package
+    (site-packages), which a wheel install must not change."""
+    out = ((base or bundled_packs_dir()) / name).resolve()
+    installed = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    if any(d == out or d in out.parents for d in installed):
+        raise ValueError(f"no --out given, and the default {out} is inside the installed package: "
+                         "pass --out DIR for the new pack")
+    return out
 
 
 def discover_packs(paths: Iterable[str | Path]) -> list[Path]:

@@ -3,6 +3,7 @@ results statistics, merging."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 import numpy as np
@@ -139,8 +140,8 @@ def test_concurrent_openers_migrate_once(backend):
 
 def test_definitions_exposures_and_feedback_survive_reopen(backend):
     store = backend.open()
-    store.put_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
-    store.put_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}})  # upsert
+    store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
+    store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}})  # upsert
     spec = {"name": "e", "unit": "user", "variants": [{"name": "a", "weight": 1.0, "control": True}]}
     store.put_experiment("e", spec, "running")
     store.record_exposure(_exposure("r1", "a"))
@@ -230,3 +231,38 @@ def test_srm_and_proportions_edges():
     assert srm_check([0, 0], [1, 1])["p_value"] is None
     assert two_proportion_p(0, 0, 1, 2) is None
     assert two_proportion_p(5, 10, 5, 10) == pytest.approx(1.0)
+
+
+def test_presets_are_insert_only(backend):
+    """Two replicas creating one preset name within a refresh interval: the first wins, the
+    second insert writes nothing (the manager answers 409) — no silent last-write-wins."""
+    store = backend.open()
+    rev = store.revision()
+    assert store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
+    assert not store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": 2.0}}})
+    assert store.revision() == rev + 1
+    assert store.list_presets()[0]["steering"]["features"] == {"enthusiasm": -1.0}
+    store.close()
+
+
+def test_a_statement_behind_a_held_lock_is_cancelled(pg_cluster, monkeypatch):
+    """PostgreSQL: a write that waits on a lock another session holds fails after the statement
+    timeout instead of holding the store's thread for as long as the lock is held."""
+    import psycopg
+
+    from server.experiments import postgres
+
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_MS", 500)
+    db = pg_cluster.create_db()
+    try:
+        store = postgres.PostgresStore(pg_cluster.url(db))
+        with psycopg.connect(pg_cluster.url(db)) as holder:
+            holder.execute("LOCK TABLE presets IN ACCESS EXCLUSIVE MODE")
+            t0 = time.monotonic()
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                store.add_preset("calm", {"name": "calm"})
+            assert time.monotonic() - t0 < 5
+        assert store.add_preset("calm", {"name": "calm"})  # the lock gone, it works
+        store.close()
+    finally:
+        pg_cluster.drop_db(db)

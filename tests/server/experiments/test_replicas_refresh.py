@@ -255,7 +255,7 @@ async def test_a_refreshed_definition_that_does_not_compile_here_is_kept_and_log
     caplog.set_level(logging.WARNING, logger="server.experiments.manager")
     other = backend.open()  # a server with other packs wrote these
     try:
-        other.put_preset("alien", {"name": "alien", "steering": {"features": {"no_such_feature": 1.0}}})
+        other.add_preset("alien", {"name": "alien", "steering": {"features": {"no_such_feature": 1.0}}})
         other.put_experiment("alien-exp", {"name": "alien-exp", "unit": "user", "variants": [
             {"name": "control", "control": True, "weight": 1.0},
             {"name": "odd", "weight": 1.0, "steering": {"features": {"no_such_feature": 1.0}}}]},

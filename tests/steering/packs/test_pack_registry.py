@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,16 @@ def test_search_ranks_a_feature_without_a_measured_effect_lower(pack_factory, fa
     hits = PackRegistry.from_paths([a.parent], fake_model).search("pirate")
     assert [h["id"] for h in hits] == ["zz/pirate", "aa/pirate"]
     assert hits[1]["score"] == pytest.approx(hits[0]["score"] / 2)
+
+
+def test_builders_never_write_into_an_installed_package_by_default(tmp_path) -> None:
+    """`steer pack train-sae` (and the other builders) without --out: beside the bundled packs in
+    a checkout, refused (asking for --out) where that folder is in site-packages."""
+    import sysconfig
+
+    from steering.packs.registry import bundled_packs_dir, default_pack_dir
+
+    assert default_pack_dir("mine", tmp_path) == (tmp_path / "mine").resolve()
+    assert default_pack_dir("mine").parent == bundled_packs_dir().resolve()  # a checkout
+    with pytest.raises(ValueError, match="--out"):
+        default_pack_dir("mine", Path(sysconfig.get_paths()["purelib"]) / "feature_packs")

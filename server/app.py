@@ -52,6 +52,7 @@ def create_app(state: AppState) -> FastAPI:
             try:
                 await state.start()
                 state.experiments.ready()  # validates the presets file against the packs
+                keys.check_monitors(state.compiler)  # and the auth policies' monitors
             except BaseException as exc:  # noqa: BLE001
                 state.startup_error = exc
                 logger.exception("engine failed to start")

@@ -32,7 +32,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from fastapi import Depends, Request
@@ -43,6 +43,7 @@ from server.errors import AuthError, PermissionDenied, UnsupportedMediaType
 from server.metrics import Metrics
 from server.policy import Policy, PolicyViolation
 from server.ratelimit import KeySlots, RateLimiter
+from steering.spec import SteeringError, SteeringSpec
 from steering.validation import first_error, param_path
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class Auth:
 
     def __init__(self, auth_file: AuthFile | None, api_key: str | None, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.policies = dict(auth_file.policies) if auth_file is not None else {}
         self.keys: list[tuple[bytes, Principal]] = []
         if auth_file is not None:
             for key in auth_file.keys:
@@ -172,6 +174,17 @@ class Auth:
         """Router dependencies of the routes every key may call."""
         self.admin = [Depends(admin)]
         """Router dependencies of the routes only an admin key may call."""
+
+    def check_monitors(self, compiler: Any) -> None:
+        """Once the packs are loaded: every monitor a policy imposes must compile (an unknown or
+        ambiguous feature stops the server at start, not each request of that key at run time)."""
+        for name, policy in sorted(self.policies.items()):
+            if policy.monitors and compiler is not None:
+                try:
+                    compiler.compile(SteeringSpec(monitors=list(policy.monitors)))
+                except SteeringError as exc:
+                    raise ValueError(f"auth policy {name!r}: its monitors do not compile on this "
+                                     f"server: {exc.message}") from None
 
     @classmethod
     def from_config(cls, config: ServeConfig, metrics: Metrics) -> Auth:

@@ -121,11 +121,11 @@ def test_steering_layer_beyond_int_range(api) -> None:
 
 # -- bodies that are not what they claim ------------------------------------------------------
 def test_deeply_nested_json(api) -> None:
-    depth = 100_000
-    body = b'{"model": "x", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
-    r = _post(api, "/v1/completions", content=body, headers={"content-type": "application/json"})
-    err = error_of(r, 400, None, "json_too_deep")
-    assert "Traceback" not in err["message"] and "Recursion" not in err["message"]
+    for depth, code in ((10_000, "json_too_deep"), (100_000, "json_too_complex")):  # > 65,536 containers
+        body = b'{"model": "x", "prompt": ' + b"[" * depth + b"]" * depth + b"}"
+        r = _post(api, "/v1/completions", content=body, headers={"content-type": "application/json"})
+        err = error_of(r, 400, None, code)
+        assert "Traceback" not in err["message"] and "Recursion" not in err["message"]
 
 
 def test_deeply_nested_steering_object(api) -> None:

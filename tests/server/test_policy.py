@@ -249,3 +249,15 @@ def test_max_slots_is_a_429_per_key(parts, tmp_path):
 
 def app_auth(client: TestClient) -> Any:
     return client.app.state.auth
+
+
+def test_a_policy_monitor_on_an_unknown_feature_stops_the_server_at_start(parts, tmp_path) -> None:
+    """Caught when the packs are loaded (the app's start-up runs check_monitors after the
+    presets), not as a 400 on every request of that key."""
+    client, state = serve(parts, tmp_path, "{monitors: [{feature: no_such_feature, above: 1.0}]}")
+    with pytest.raises(ValueError, match="auth policy 'public'.*no_such_feature"):
+        client.app.state.auth.check_monitors(state.compiler)
+    state.experiments.close()
+    good, state = serve(parts, tmp_path / "ok", "{monitors: [{feature: refusal, above: 1.0}]}")
+    good.app.state.auth.check_monitors(state.compiler)  # a known feature passes
+    state.experiments.close()

@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import vllm_env  # noqa: F401  (before vllm)
 from steering.spec import SteeringError, steering_error
 from steering.validation import STEERING_FIELD, first_error, param_path
-from vllm.exceptions import VLLMClientError, VLLMValidationError
+from vllm.exceptions import (
+    GracefulHTTPError,
+    MaxQueuedTokensError,
+    QueueOverflowError,
+    RetryableRequestError,
+    VLLMClientError,
+    VLLMValidationError,
+)
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 logger = logging.getLogger(__name__)
@@ -122,6 +129,9 @@ ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (ValidationError, ErrorKind(400, "invalid_request_error")),
     (VLLMValidationError, ErrorKind(400, "invalid_request_error")),
     (VLLMClientError, ErrorKind(400, "invalid_request_error")),
+    (QueueOverflowError, ErrorKind(503, "service_unavailable", "engine_queue_full")),
+    (MaxQueuedTokensError, ErrorKind(503, "service_unavailable", "engine_prefill_backlog")),
+    (RetryableRequestError, ErrorKind(503, "service_unavailable", "retryable_error")),
     (EngineDeadError, ErrorKind(503, "service_unavailable", "engine_dead")),
     (EngineGenerateError, ErrorKind(500, "internal_error", "generation_failed")),
     (Exception, ErrorKind(500, "internal_error")),
@@ -189,6 +199,8 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
         code = exc.code or code
     elif isinstance(exc, VLLMValidationError):
         message, param = str(exc.args[0]) if exc.args else str(exc), exc.parameter
+    elif isinstance(exc, (GracefulHTTPError, RetryableRequestError)):
+        message = str(exc.args[0]) if exc.args else str(exc)  # vLLM's own words for clients
     elif kind.status >= 500:
         message = INTERNAL_ERROR_MESSAGE  # never echo an exception's text (it is logged instead)
     else:
@@ -204,6 +216,8 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     if status >= 500 and not isinstance(exc, (EngineUnavailable, EngineDeadError)):
         logger.error("request failed", exc_info=exc)
     own = getattr(exc, "headers", None) if isinstance(exc, APIError) else None
+    if isinstance(exc, (QueueOverflowError, MaxQueuedTokensError, RetryableRequestError)):
+        own = {"Retry-After": "1"}  # vLLM's admission control: retry here shortly, or elsewhere
     merged = {**(own or {}), **(headers or {})} or None
     return JSONResponse(body, status_code=status, headers=merged)
 

@@ -19,7 +19,7 @@ from server.config import ServeConfig
 from server.errors import INTERNAL_ERROR_MESSAGE, InvalidRequest
 from server.sampling import sampling_params
 from server.protocol import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEXT_CHARS, ChatCompletionRequest
-from vllm.exceptions import VLLMValidationError
+from vllm.exceptions import MaxQueuedTokensError, QueueOverflowError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineGenerateError
 
 SECRET = "secret-detail-/etc/shadow"
@@ -335,6 +335,20 @@ def test_engine_validation_error_is_400_with_param(parts, tmp_path) -> None:
     for client, _ in _client(parts, tmp_path, engine=FakeEngine(fail=bad)):
         err = error(chat(client), 400)
         assert err["param"] == "top_p"
+
+
+@pytest.mark.parametrize("exc, code", [
+    (QueueOverflowError(), "engine_queue_full"),
+    (MaxQueuedTokensError(), "engine_prefill_backlog"),
+])
+def test_vllm_admission_refusals_are_503_with_retry_after(parts, tmp_path, exc: Exception, code: str) -> None:
+    """vLLM's own queue limits (``max_num_queued_reqs`` / ``_tokens``) in the error table: its
+    message (written for clients), a 503 and Retry-After — not a generic 500."""
+    for client, _ in _client(parts, tmp_path, engine=FakeEngine(fail=exc)):
+        r = chat(client)
+        err = error(r, 503)
+        assert (err["code"], err["type"], err["message"]) == (code, "service_unavailable", str(exc))
+        assert r.headers["retry-after"] == "1"
 
 
 @pytest.mark.parametrize("exc, code", [

@@ -40,11 +40,14 @@ class Held:
     Every method is idempotent and synchronous (safe in any ``finally``)."""
 
     def __init__(self, limits: SteeringLimits, request_id: str, lease: SlotLease | None,
-                 readout_bytes: int) -> None:
+                 readout_bytes: int, readout: bool = False) -> None:
         self.limits = limits
         self.request_id = request_id
         self.lease = lease
         self.readout_bytes = readout_bytes
+        self.readout = readout or readout_bytes > 0
+        """The workers open a readout for this request (``return_activations``), even one of
+        0 budgeted bytes (raw vectors only): it must be dropped if never popped."""
         self.popped = False
         self.closed = False
 
@@ -65,7 +68,7 @@ class Held:
         if self.closed:
             return
         self.closed = True
-        if self.readout_bytes:
+        if self.readout:
             if self.popped:
                 self.limits._free(self.readout_bytes)
             else:
@@ -119,7 +122,8 @@ class SteeringLimits:
             if lease is None and (self.gate is not None and compiled is not None
                                   and compiled.program.layers):
                 self.readout_in_flight -= need  # refused or cancelled while waiting
-        return Held(self, request_id, lease, need)
+        return Held(self, request_id, lease, need,
+                    readout=compiled is not None and compiled.return_activations)
 
     # -- readouts -------------------------------------------------------------------------
     def _free(self, nbytes: int) -> None:

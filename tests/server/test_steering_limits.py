@@ -222,6 +222,21 @@ async def test_client_leaving_mid_stream_frees_slot_and_readout(make):
     assert state.limits.readout_in_flight == 0
 
 
+async def test_a_raw_vector_readout_is_dropped_when_its_client_leaves(make):
+    """Raw vectors alone budget 0 readout bytes, yet the workers open a readout for them: found
+    by the soak, every such stream hung up on left an empty readout until the 120 s TTL."""
+    engine = ScriptedEngine(chunks=None, delay=0.01)
+    app, state, _ = make(engine=engine)
+    steering = {"vectors": [{"layer": 10, "values": [0.01] * 576}], "return_activations": True}
+    status, _, chunks = await call(app, "/v1/chat/completions", chat(steering, stream=True),
+                                   hang_up_after=2)
+    assert status == 200 and chunks
+    await settle()
+    assert len(engine.aborted) == 1
+    assert ("steering_drop_readout", (engine.aborted[0],)) in engine.rpcs
+    assert state.limits.readout_in_flight == 0
+
+
 async def test_client_leaving_while_waiting_for_a_slot_leaves_no_waiter(make):
     app, state, engine = make()
     other = await state.gate.acquire("another configuration")

@@ -4,6 +4,7 @@ packs) over a fake engine. Import as ``from fakes import ...`` from tests under 
     parts = load_parts()                          # once per module: tokenizer, packs, compiler
     state = make_state(parts, tmp_path)           # ServeConfig(api_key=KEY) unless given one
     client = TestClient(create_app(state))        # no lifespan: the fake engine stands in
+    for client, state in serve(parts, tmp_path, max_request_bytes=4096): ...   # the same, closed after
 """
 
 from __future__ import annotations
@@ -95,3 +96,18 @@ def make_state(parts: dict[str, Any], data_dir: Path, config: ServeConfig | None
     state.compiler = parts["compiler"]
     state.packs = parts["packs"]
     return state
+
+
+def serve(parts: dict[str, Any], data_dir: Path, engine: Any = None, **config: Any):
+    """Yield (TestClient, state): the real app over ``engine`` (a FakeEngine by default) with
+    ``ServeConfig(api_key=KEY, **config)``, experiments ready; closed afterwards. Use as a
+    generator fixture body (``yield from serve(...)``) or in a ``for`` loop."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    state = make_state(parts, data_dir, ServeConfig(api_key=KEY, **config), engine=engine)
+    app = create_app(state)  # no lifespan: the fake engine stands in
+    state.experiments.ready()
+    yield TestClient(app, raise_server_exceptions=False), state
+    state.experiments.close()

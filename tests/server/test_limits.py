@@ -10,12 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fakes import AUTH, MODEL, FakeEngine, load_parts, make_state
+from fakes import AUTH, MODEL, FakeEngine, load_parts, serve
 from fastapi.testclient import TestClient
 
 from server import limits
 from server.app import create_app
-from server.config import ServeConfig
 from server.errors import INTERNAL_ERROR_MESSAGE, InvalidRequest
 from server.sampling import sampling_params
 from server.protocol import INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEXT_CHARS, ChatCompletionRequest
@@ -32,13 +31,7 @@ def parts() -> dict[str, Any]:
 
 
 def _client(parts, tmp_path, **config: Any) -> Iterator[tuple[TestClient, Any]]:
-    engine = config.pop("engine", None)
-    state = make_state(parts, tmp_path, ServeConfig(api_key=AUTH["authorization"][7:], **config),
-                       engine=engine)
-    app = create_app(state)  # no lifespan: the fake engine stands in
-    state.experiments.ready()
-    yield TestClient(app, raise_server_exceptions=False), state
-    state.experiments.close()
+    yield from serve(parts, tmp_path, **config)
 
 
 @pytest.fixture

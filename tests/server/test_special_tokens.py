@@ -11,11 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import AUTH, MODEL, FakeEngine, load_parts, make_state
+from fakes import AUTH, MODEL, load_parts, serve
 from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.config import ServeConfig
 from steering.model_store import resolve_model
 
 IM_START = 1  # <|im_start|> in the bundled SmolLM2 tokenizer
@@ -29,12 +27,7 @@ def parts() -> dict[str, Any]:
 
 
 def _client(parts: dict[str, Any], tmp_path: Path, **config: Any) -> Iterator[tuple[TestClient, Any]]:
-    state = make_state(parts, tmp_path, ServeConfig(api_key=AUTH["authorization"][7:], **config),
-                       engine=FakeEngine())
-    app = create_app(state)  # no lifespan: the fake engine stands in
-    state.experiments.ready()
-    yield TestClient(app, raise_server_exceptions=False), state
-    state.experiments.close()
+    yield from serve(parts, tmp_path, **config)
 
 
 @pytest.fixture

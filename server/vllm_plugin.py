@@ -472,16 +472,44 @@ class SteeringMiddleware:
         lease = None
         if compiled.program.layers:
             try:
-                lease = await plugin.gate.acquire(compiled.table_hash)
+                lease = await _acquire_unless_gone(plugin.gate.acquire(compiled.table_hash), receive)
             except SlotsBusy as busy:
                 raise PluginError(429, f"{busy.message}; retry later", None,
                                   {"Retry-After": str(busy.retry_after)}) from None
+            if lease is None:
+                return  # the client left while it waited for a slot: nothing to answer
         try:
             out = send if key is None or lease is None else _Audit(plugin, key, send).send
             await self.app(new_scope, replay(new_body, receive), out)
         finally:
             if lease is not None:
                 lease.release()
+
+
+async def _acquire_unless_gone(acquire: Awaitable[Any], receive: Receive) -> Any:
+    """The slot lease ``acquire`` gives, or None when the client disconnects first (the wait is
+    cancelled, so it leaves no waiter behind). The body has been read: the only message
+    ``receive`` still gives is the disconnect."""
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    waiting = asyncio.ensure_future(acquire)
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({waiting, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, watch):
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(waiting, watch, return_exceptions=True)
+    if waiting.cancelled():
+        return None
+    lease = waiting.result()  # SlotsBusy goes to the caller
+    if watch.done() and not watch.cancelled():  # both at once: the client is gone all the same
+        lease.release()
+        return None
+    return lease
 
 
 class _Audit:

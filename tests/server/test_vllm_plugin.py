@@ -429,20 +429,23 @@ def test_the_lease_is_released_when_the_client_leaves():
     async def go():
         cfg = SteeringConfig(max_slots=1)
         plugin = SteeringPlugin(cfg, make_compiler(cfg))
-        left = asyncio.Event()
+        left, running = asyncio.Event(), asyncio.Event()
 
         async def inner(scope, receive, send):  # like vLLM: watches for the disconnect
             await receive()
+            running.set()
             assert (await receive())["type"] == "http.disconnect"
             left.set()
 
         mw = SteeringMiddleware(inner, plugin=plugin)
         body = json.dumps(xargs(vector(1))).encode()
-        msgs = [{"type": "http.request", "body": body, "more_body": False},
-                {"type": "http.disconnect"}]
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
-            return msgs.pop(0)
+            if msgs:
+                return msgs.pop(0)
+            await running.wait()  # the client leaves once its request runs
+            return {"type": "http.disconnect"}
 
         async def send(msg):
             raise AssertionError("nothing is sent to a client that left")
@@ -451,6 +454,43 @@ def test_the_lease_is_released_when_the_client_leaves():
             (b"content-type", b"application/json")]}
         await mw(scope, receive, send)
         assert left.is_set() and plugin.gate.resident == 0
+    run(go())
+
+
+def test_a_client_that_leaves_while_waiting_for_a_slot_stops_waiting():
+    """It used to wait its whole queue_timeout (holding a waiter place) and then reach vLLM."""
+    async def go():
+        client, inner, plugin, _ = build(slots=1, max_waiters=1, queue_timeout=30)
+        inner.hold = asyncio.Event()
+        a = asyncio.create_task(client.post("/v1/completions", json=xargs(vector(1))))
+        await inner.entered.get()
+        body = json.dumps(xargs(vector(2))).encode()
+        leave = asyncio.Event()
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if msgs:
+                return msgs.pop(0)
+            await leave.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(msg):
+            raise AssertionError("nothing is sent to a client that left")
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [
+            (b"content-type", b"application/json")]}
+        waiter = asyncio.create_task(SteeringMiddleware(inner, plugin=plugin)(scope, receive, send))
+        for _ in range(100):
+            if plugin.gate.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert plugin.gate.waiting == 1
+        leave.set()
+        await asyncio.wait_for(waiter, 2)  # at once, not after the 30 s queue timeout
+        assert plugin.gate.waiting == 0 and len(inner.calls) == 1  # it never reached vLLM
+        inner.hold.set()
+        assert (await a).status_code == 200
+        assert plugin.gate.resident == 0
     run(go())
 
 

@@ -20,11 +20,16 @@ owed had not arrived); requests in flight on other connections are not touched.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
+import resource
 from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,6 +125,28 @@ def guarded_protocol(limits: ConnectionLimits, on_close: Any = None) -> type[Htt
     return GuardedHttpProtocol
 
 
+FD_RESERVE = 256
+"""File descriptors kept for the rest of the process (engine pipes, the store, logs, packs)."""
+
+
+def fitted(limits: ConnectionLimits) -> ConnectionLimits:
+    """``limits`` with ``max_connections`` lowered to fit the process's open-file limit (minus
+    :data:`FD_RESERVE`), with a warning: past it ``accept`` fails with EMFILE instead of the
+    cap's clean 503."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return limits
+    room = soft - FD_RESERVE
+    if soft == resource.RLIM_INFINITY or limits.max_connections <= room:
+        return limits
+    room = max(room, 16)
+    logger.warning("--max-connections %d does not fit the open-file limit (ulimit -n %d): using %d",
+                   limits.max_connections, soft, room)
+    return dataclasses.replace(limits, max_connections=room)
+
+
 def uvicorn_options(limits: ConnectionLimits, on_close: Any = None) -> dict[str, Any]:
-    """The ``uvicorn.Config`` keywords that apply ``limits``."""
+    """The ``uvicorn.Config`` keywords that apply ``limits`` (fitted to the open-file limit)."""
+    limits = fitted(limits)
     return {"http": guarded_protocol(limits, on_close), "timeout_keep_alive": limits.keep_alive_s}

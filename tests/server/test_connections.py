@@ -180,3 +180,13 @@ def test_a_body_of_millions_of_containers_does_not_stall_other_requests(served) 
     print(f"\nlongest /health while 3 hostile bodies were refused: {max(gaps) * 1000:.0f} ms "
           f"({len(gaps)} probes)")
     assert len(gaps) > 10 and max(gaps) < 1.0
+
+
+def test_the_connection_cap_fits_the_open_file_limit(monkeypatch) -> None:
+    import resource
+
+    from server import connections
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 4096))
+    assert connections.fitted(ConnectionLimits(max_connections=2048)).max_connections == 1024 - connections.FD_RESERVE
+    assert connections.fitted(ConnectionLimits(max_connections=500)).max_connections == 500

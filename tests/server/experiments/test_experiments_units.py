@@ -141,7 +141,7 @@ def test_concurrent_openers_migrate_once(backend):
 def test_definitions_exposures_and_feedback_survive_reopen(backend):
     store = backend.open()
     store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}})
-    store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}})  # upsert
+    assert not store.add_preset("calm", {"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}})
     spec = {"name": "e", "unit": "user", "variants": [{"name": "a", "weight": 1.0, "control": True}]}
     store.put_experiment("e", spec, "running")
     store.record_exposure(_exposure("r1", "a"))
@@ -155,7 +155,7 @@ def test_definitions_exposures_and_feedback_survive_reopen(backend):
     store.close()
 
     store = backend.open()
-    assert store.list_presets() == [{"name": "calm", "steering": {"features": {"enthusiasm": -0.5}}}]
+    assert store.list_presets() == [{"name": "calm", "steering": {"features": {"enthusiasm": -1.0}}}]
     [exp] = store.list_experiments()
     assert exp["name"] == "e" and exp["status"] == "paused" and exp["variants"] == spec["variants"]
     obs = sorted(store.observations("e"), key=lambda o: o["score"] is None)

@@ -53,11 +53,15 @@ MAX_ECHO_CHARS = 64
 """A value a client sent is echoed in an error message or param path cut to this many characters."""
 
 
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` cut to its first ``limit`` characters and "…" when longer."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def echo(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters of the value: a 100,000
     character name must not come back as a 200 KB error."""
-    text = value if isinstance(value, str) else str(value)
-    return repr(text if len(text) <= limit else text[:limit] + "…")
+    return repr(clip(value if isinstance(value, str) else str(value), limit))
 
 
 def first_error(exc: HasErrors, *, prefer_bounds: bool = False) -> dict[str, Any]:
@@ -95,8 +99,8 @@ def param_path(loc: Iterable[Any], prefix: str = "", *, openai: bool = False) ->
             continue
         if isinstance(part, int) and not isinstance(part, bool):
             out += f".[{part}]" if openai and out else f"[{part}]"
-        elif isinstance(part, str) and len(part) > MAX_ECHO_CHARS:  # a client's dict key
-            out += f".{part[:MAX_ECHO_CHARS]}…" if out else f"{part[:MAX_ECHO_CHARS]}…"
+        elif isinstance(part, str):  # a client's dict key may be long
+            out += f".{clip(part)}" if out else clip(part)
         else:
             out += f".{part}" if out else str(part)
         if openai and part == STEERING_FIELD:

@@ -25,9 +25,12 @@ import json
 import logging
 import resource
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from server.errors import APIError, RequestTimeout, TooManyConnections, describe
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +50,20 @@ class ConnectionLimits:
     """An idle kept-alive connection is closed after this many seconds (uvicorn's)."""
 
 
-def _response(status: int, reason: str, message: str, code: str, retry_after: int | None = None) -> bytes:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
-                                 else "server_error", "param": None, "code": code}}).encode()
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close"]
-    if retry_after is not None:
-        head.append(f"retry-after: {retry_after}")
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+def _response(exc: APIError) -> bytes:
+    """``exc`` as the raw HTTP response a connection gets before (or instead of) any route: its
+    status, body and headers from the error table (:func:`server.errors.describe`)."""
+    status, body = describe(exc)
+    raw = json.dumps(body).encode()
+    head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "content-type: application/json",
+            f"content-length: {len(raw)}", "connection: close",
+            *(f"{k.lower()}: {v}" for k, v in (exc.headers or {}).items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + raw
 
 
-TIMED_OUT = _response(408, "Request Timeout", "the request's headers did not arrive in time",
-                      "request_timeout")
-OVER_CAPACITY = _response(503, "Service Unavailable", "too many open connections; retry shortly",
-                          "too_many_connections", retry_after=1)
+TIMED_OUT = _response(RequestTimeout("the request's headers did not arrive in time"))
+OVER_CAPACITY = _response(TooManyConnections("too many open connections; retry shortly",
+                                             headers={"Retry-After": "1"}))
 
 
 def guarded_protocol(limits: ConnectionLimits, on_close: Any = None) -> type[HttpToolsProtocol]:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import vllm_env  # noqa: F401  (before vllm)
 from steering.spec import SteeringError, steering_error
-from steering.validation import STEERING_FIELD, first_error, param_path
+from steering.validation import STEERING_FIELD, clip, first_error, param_path
 from vllm.exceptions import (
     GracefulHTTPError,
     MaxQueuedTokensError,
@@ -88,6 +88,14 @@ class EngineUnavailable(APIError):
     """The engine is still starting, or it died."""
 
 
+class RequestTimeout(APIError):
+    """A connection's request line and headers did not arrive in time (server/connections.py)."""
+
+
+class TooManyConnections(APIError):
+    """A new connection past ``--max-connections`` (server/connections.py)."""
+
+
 class PayloadTooLarge(APIError):
     """The request body is larger than ``--max-request-bytes``."""
 
@@ -122,6 +130,8 @@ ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (UnsupportedMediaType, ErrorKind(415, "invalid_request_error", "unsupported_media_type")),
     (EngineUnavailable, ErrorKind(503, "service_unavailable", "engine_unavailable")),
     (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "request_too_large")),
+    (RequestTimeout, ErrorKind(408, "invalid_request_error", "request_timeout")),
+    (TooManyConnections, ErrorKind(503, "server_error", "too_many_connections")),
     (CapacityExceeded, ErrorKind(429, "rate_limit_exceeded", "steering_capacity_exceeded")),
     (SteeringUnavailable, ErrorKind(503, "service_unavailable", "steering_unavailable")),
     (SteeringError, ErrorKind(400, "invalid_request_error", "invalid_steering")),
@@ -179,7 +189,8 @@ MAX_PARAM_CHARS = 256
 
 
 def _cut(text: str | None, limit: int) -> str | None:
-    return text if text is None or len(text) <= limit else text[:limit - 1] + "…"
+    """At most ``limit`` characters, "…" included."""
+    return None if text is None else text if len(text) <= limit else clip(text, limit - 1)
 
 
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."

@@ -57,11 +57,6 @@ def json_shape(body: bytes, max_containers: int | None = None) -> tuple[int | No
     return int(np.cumsum(np.where(opens[at], 1, -1)).max()), containers, values
 
 
-def json_depth(body: bytes) -> int:
-    """Nesting depth of the arrays and objects of JSON ``body`` (:func:`json_shape`)."""
-    return json_shape(body)[0] or 0
-
-
 def _too_deep() -> InvalidRequest:
     return InvalidRequest(f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} "
                           "levels deep.", None, "json_too_deep")

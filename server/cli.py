@@ -249,10 +249,18 @@ def _abort_startup(message: str) -> None:
 
     Runs on the watchdog's thread while the main thread may be anywhere (importing vLLM, writing
     to stderr, spawning the engine core): it imports nothing and writes its message with a raw
-    ``os.write``, so it takes neither an import lock nor the ``sys.stderr`` buffer's lock. A
-    process spawned while it looks shows up in a later look: it stops (a stopped process cannot
-    fork) and kills descendants until none has appeared for ``_QUIET_S``."""
+    ``os.write``, so it takes neither an import lock nor the ``sys.stderr`` buffer's lock."""
     os.write(2, f"steer serve: error: {message}\n".encode())
+    stop_descendants()
+    os._exit(1)
+
+
+def stop_descendants() -> None:
+    """Kill every process below this one, including those spawned while it looks.
+
+    A process spawned while it looks shows up in a later look: it stops (a stopped process cannot
+    fork) and kills descendants until none has appeared for ``_QUIET_S``. Orphans count as
+    descendants once :func:`adopt_orphans` has run."""
     me = psutil.Process()
     quiet_since = start = time.monotonic()
     while time.monotonic() - quiet_since < _QUIET_S and time.monotonic() - start < _MAX_S:
@@ -269,13 +277,31 @@ def _abort_startup(message: str) -> None:
             psutil.wait_procs(list(stopped.values()), timeout=10)
             quiet_since = time.monotonic()
         time.sleep(0.05)
-    os._exit(1)
 
 
 _QUIET_S = 0.5
-"""How long ``_abort_startup`` must find no descendant before it exits..."""
+"""How long ``stop_descendants`` must find no descendant before it returns..."""
 _MAX_S = 30.0
 """...or how long it sweeps at most (a thread that keeps spawning must not keep it alive)."""
+
+
+def adopt_orphans() -> bool:
+    """Make this process the child subreaper of everything it starts (Linux ``prctl``).
+
+    When vLLM's engine core dies during start its workers are orphaned; without this they are
+    re-parented to init, out of :func:`stop_descendants`' reach, and keep running (a SmolLM2
+    worker kept 1.3 GB after its engine core was killed). False where the call is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+"""``prctl`` option from ``<linux/prctl.h>``."""
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -311,9 +337,15 @@ def serve(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     state.on_fatal = fatal
+    adopt_orphans()
     startup_watchdog(state, args.startup_timeout, _abort_startup)
     server.run()
-    return 1 if state.startup_error is not None else 0
+    if state.startup_error is None:
+        return 0
+    stop_descendants()  # what vLLM's own clean-up of a failed start left running
+    exc = state.startup_error
+    print(f"steer serve: error: the engine failed to start: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -108,3 +108,32 @@ def test_abort_catches_processes_spawned_while_it_kills(tmp_path) -> None:
     rc, err, left = _run_in_own_group([sys.executable, "-c", SPAWNS_WHILE_ABORTING], tmp_path, 60)
     assert rc == 1 and "steer serve: error: test deadline" in err, err[-3000:]
     assert left == []
+
+
+ENGINE_CORE_DIES = """
+import subprocess, sys, time
+from server import state
+from server.cli import main
+# a stand-in engine core that starts a worker and dies, as vLLM's does when it is killed mid-start
+CORE = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); sys.exit(9)"
+
+async def start(self):
+    core = subprocess.Popen([sys.executable, "-c", CORE])
+    core.wait()
+    raise RuntimeError(f"Engine core initialization failed (exit {core.returncode})")
+
+state.AppState.start = start
+sys.exit(main(["serve", "--port", sys.argv[1], "--startup-timeout", "0"]))
+"""
+
+
+def test_failed_start_exits_1_with_the_cause_and_stops_orphaned_workers(tmp_path) -> None:
+    """The engine core's death orphans its worker; the server must adopt and stop it, not leave a
+    1 GB process running, and exit at once (not at --startup-timeout) naming the cause."""
+    started = time.monotonic()
+    rc, err, left = _run_in_own_group([sys.executable, "-c", ENGINE_CORE_DIES, str(free_port())], tmp_path, 60)
+    assert rc == 1, err[-3000:]
+    assert "steer serve: error: the engine failed to start: RuntimeError: Engine core initialization " \
+           "failed (exit 9)" in err
+    assert left == []
+    assert time.monotonic() - started < 30

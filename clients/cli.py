@@ -16,6 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.auth import add_keys_parser
 
     add_keys_parser(sub)
+    from steering.model_store import add_models_parser
+
+    add_models_parser(sub)
     from steering.builders.cli import add_pack_parser
 
     from clients.eval.calibrate_cli import add_calibrate_parser

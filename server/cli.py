@@ -309,9 +309,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import AppState, create_app
-    from steering.model_store import DEFAULT_MODEL_ALIASES, resolve_model
+    from steering.model_store import find_model, resolve_model
 
-    if args.model and args.model not in DEFAULT_MODEL_ALIASES:
+    if find_model(args.model) is None:
         try:
             resolve_model(args.model)  # a local folder: cheap to check before anything starts
         except ValueError as exc:

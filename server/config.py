@@ -126,14 +126,16 @@ class ServeConfig:
             max_request_bytes=self.max_request_bytes)
 
     def served_names(self) -> list[str]:
-        """Names clients may put in ``model``: the flag, else the default name or the --model value."""
-        from steering.model_store import DEFAULT_MODEL_ALIASES, DEFAULT_MODEL_NAME
+        """Names clients may put in ``model``: the flag, else a catalog model's name (and the alias
+        that chose it), else the --model value."""
+        from steering.model_store import find_model
 
         if self.served_model_name:
             return list(self.served_model_name)
-        if not self.model or self.model in DEFAULT_MODEL_ALIASES:
-            return [DEFAULT_MODEL_NAME]
-        return [self.model]
+        spec = find_model(self.model)
+        if spec is None:
+            return [self.model]
+        return [spec.name] + ([self.model] if self.model and self.model != spec.name else [])
 
 
 DEFAULTS = ServeConfig()

@@ -3,7 +3,8 @@
 A recipe (YAML) names concepts with paired examples::
 
     pack: {name: smollm2-tone, version: 1.0.0, description: ..., license: Apache-2.0}
-    model: null                 # a local HF folder; null = the bundled SmolLM2-135M-Instruct
+    model: null                 # a catalog model (qwen2.5-0.5b) or a local HF folder; null = SmolLM2-135M
+    concepts_from: other.yaml   # instead of concepts: those of another recipe (its layers dropped)
     seed: 0
     layers: [6, 8, 10, 12]      # candidate layers (a concept may fix its own `layer`)
     method: mean_diff           # or pca (first principal component of paired differences)
@@ -63,6 +64,8 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> dict[str, Any]:
         if not isinstance(r, dict):
             raise RecipeError(f"{p}: a recipe must be a mapping")
         r["_path"] = str(p)
+    if r.get("concepts_from") is not None:
+        r = _with_concepts_of(r)
     if not isinstance(r.get("pack"), dict) or "name" not in r["pack"]:
         raise RecipeError("recipe needs pack: {name: ...}")
     concepts = r.get("concepts")
@@ -78,6 +81,21 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> dict[str, Any]:
         pairs = concept_pairs(r, c)
         if len(pairs) < 4:
             raise RecipeError(f"concept {c['name']!r} needs at least 4 pairs (has {len(pairs)})")
+    return r
+
+
+def _with_concepts_of(r: dict[str, Any]) -> dict[str, Any]:
+    """``r`` with the concepts (and default ``prompt``) of the recipe its ``concepts_from`` names,
+    a path beside ``r``'s file: one set of examples builds the pack of every model. A layer the
+    other recipe fixes for a concept was chosen on its model, so it is dropped."""
+    if r.get("concepts"):
+        raise RecipeError("a recipe has either concepts or concepts_from, not both")
+    if not r.get("_path"):
+        raise RecipeError("concepts_from needs a recipe file (it is a path beside it)")
+    source = load_recipe(Path(r["_path"]).parent / str(r["concepts_from"]))
+    r = {**r, "concepts": [{k: v for k, v in c.items() if k != "layer"} for c in source["concepts"]]}
+    if "prompt" in source:
+        r.setdefault("prompt", source["prompt"])
     return r
 
 
@@ -185,11 +203,9 @@ def recipe_model(r: dict[str, Any], model_dir: str | Path | None = None) -> tupl
     """(model, tokenizer, number of layers, model folder) a recipe is built on: ``model_dir``,
     else the recipe's ``model``, else the bundled model (transformers, for collection)."""
     if model_dir is None:
-        model_dir = r.get("model")
-    if model_dir is None:
         from steering.model_store import resolve_model
 
-        model_dir = resolve_model(None)
+        model_dir = resolve_model(r.get("model"))  # a catalog name or alias, a folder, or null
     model, tok = collect.load_model(model_dir)
     return model, tok, collect.num_layers(model), model_dir
 

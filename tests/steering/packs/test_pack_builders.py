@@ -112,3 +112,25 @@ def test_train_sae_pipeline_smoke(tmp_path, bundled_model):
     f = reg.get("toy-sae/weather_latent")
     assert f["kind"] == "sae" and {"cosine_with_contrastive", "activation_corr"} <= set(f["evidence"])
     assert f["source"]["sae"] == "L2"
+
+
+def test_concepts_from_reuses_another_recipes_examples_without_its_layers(tmp_path):
+    """One set of examples builds the pack of every model: ``concepts_from`` takes the other
+    recipe's concepts and default prompt; a layer it fixed (chosen on its model) is dropped."""
+    import yaml
+
+    from steering.builders.contrastive import RecipeError, concept_pairs, load_recipe
+    from steering.packs.registry import bundled_packs_dir
+
+    qwen = load_recipe(bundled_packs_dir() / "recipes" / "qwen2.5-0.5b-tone.yaml")
+    tone = load_recipe(bundled_packs_dir() / "recipes" / "smollm2-tone.yaml")
+    assert [c["name"] for c in qwen["concepts"]] == [c["name"] for c in tone["concepts"]]
+    assert all(concept_pairs(qwen, a) == concept_pairs(tone, b) for a, b in zip(qwen["concepts"], tone["concepts"]))
+    assert any("layer" in c for c in tone["concepts"]) and not any("layer" in c for c in qwen["concepts"])
+    assert qwen["model"] == "qwen2.5-0.5b" and qwen["pack"]["name"] == "qwen2.5-0.5b-tone"
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"pack": {"name": "b"}, "concepts": tone["concepts"][:1]}))
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump({"pack": {"name": "x"}, "concepts_from": "base.yaml",
+                                                        "concepts": tone["concepts"][:1]}))
+    with pytest.raises(RecipeError, match="either concepts or concepts_from"):
+        load_recipe(tmp_path / "both.yaml")

@@ -131,7 +131,7 @@ ERROR_TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (EngineUnavailable, ErrorKind(503, "service_unavailable", "engine_unavailable")),
     (PayloadTooLarge, ErrorKind(413, "invalid_request_error", "request_too_large")),
     (RequestTimeout, ErrorKind(408, "invalid_request_error", "request_timeout")),
-    (TooManyConnections, ErrorKind(503, "server_error", "too_many_connections")),
+    (TooManyConnections, ErrorKind(503, "service_unavailable", "too_many_connections")),
     (CapacityExceeded, ErrorKind(429, "rate_limit_exceeded", "steering_capacity_exceeded")),
     (SteeringUnavailable, ErrorKind(503, "service_unavailable", "steering_unavailable")),
     (SteeringError, ErrorKind(400, "invalid_request_error", "invalid_steering")),

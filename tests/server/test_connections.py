@@ -3,6 +3,7 @@ engine, served by uvicorn with the guarded protocol on a loopback port."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -135,6 +136,9 @@ def test_connections_past_the_cap_get_503_and_are_closed(served) -> None:
         closed, got = _closed_within(extra, 3)
         extra.close()
         assert closed and got.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in got.lower(), got[:200]
+        body = json.loads(got.split(b"\r\n\r\n", 1)[1])
+        assert body["error"]["type"] == "service_unavailable", body  # the table's 503 type
+        assert body["error"]["code"] == "too_many_connections", body
         assert _closed_count(state, "max_connections") - before >= 1
     finally:
         for s in held:

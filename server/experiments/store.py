@@ -122,6 +122,22 @@ MIGRATIONS: list[str] = [
         created DOUBLE PRECISION NOT NULL
     );
     """,
+    # 6: workshop job records, so that every replica sharing the database answers for every
+    #    job (a load balancer sends the polls anywhere): the record as the jobs route shows it,
+    #    the server running it and when that server last wrote it (its heartbeat), and a cancel
+    #    asked for through another replica. Not definitions: no revision bump.
+    """
+    CREATE TABLE workshop_jobs (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        record TEXT NOT NULL,
+        active INTEGER NOT NULL,
+        server TEXT NOT NULL,
+        cancel INTEGER NOT NULL DEFAULT 0,
+        updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX workshop_jobs_by_updated ON workshop_jobs (updated);
+    """,
 ]
 
 OUTCOMES = ("ok", "failed", "aborted", "excluded")
@@ -196,6 +212,10 @@ class ExperimentStore:
     def list_features(self) -> list[dict[str, Any]]: raise NotImplementedError
     def add_feature(self, row: dict[str, Any]) -> bool: raise NotImplementedError
     def delete_feature(self, name: str) -> bool: raise NotImplementedError
+    def put_job(self, record: dict[str, Any], server: str, keep: int) -> bool: raise NotImplementedError
+    def get_job(self, job_id: str) -> dict[str, Any] | None: raise NotImplementedError
+    def list_jobs(self, limit: int) -> list[dict[str, Any]]: raise NotImplementedError
+    def cancel_job(self, job_id: str) -> bool: raise NotImplementedError
     def record_exposure(self, e: Exposure) -> bool: raise NotImplementedError
     def record_feedback(self, experiment_id: str, response_id: str, score: float | None,
                         label: str | None) -> tuple[str, str] | None: raise NotImplementedError
@@ -367,6 +387,52 @@ class SQLStore(ExperimentStore):
             tx.execute("DELETE FROM custom_features WHERE name = ?", (name,))
             self._bump(tx)
         return found
+
+    # -- workshop jobs (server/workshop/jobs.py) ---------------------------------------------
+    def put_job(self, record: dict[str, Any], server: str, keep: int) -> bool:
+        """Write a job's record (``Job.view()``) as ``server`` sees it now; finished records
+        beyond the newest ``keep`` are dropped. True when a cancel was asked for
+        (:meth:`cancel_job`): the write keeps that request."""
+        active = int(record["status"] not in ("done", "failed", "cancelled"))
+        with self._transaction() as tx:
+            tx.execute("INSERT INTO workshop_jobs (id, owner, record, active, server, updated)"
+                       " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                       " record = excluded.record, active = excluded.active,"
+                       " server = excluded.server, updated = excluded.updated",
+                       (record["id"], record["owner"], json.dumps(record), active, server,
+                        time.time()))
+            if not active:
+                tx.execute("DELETE FROM workshop_jobs WHERE active = 0 AND id NOT IN (SELECT id"
+                           " FROM workshop_jobs WHERE active = 0 ORDER BY updated DESC LIMIT ?)",
+                           (keep,))
+            row = tx.one("SELECT cancel FROM workshop_jobs WHERE id = ?", (record["id"],))
+        return bool(row and row["cancel"])
+
+    @staticmethod
+    def _job_row(row: dict[str, Any]) -> dict[str, Any]:
+        return {"record": json.loads(row["record"]), "server": row["server"],
+                "updated": float(row["updated"]), "cancel": bool(row["cancel"])}
+
+    def get_job(self, job_id: str) -> dict[str, Any] | None:
+        """``{"record", "server", "updated", "cancel"}`` of a job, None if there is none."""
+        with self._session() as tx:
+            row = tx.one("SELECT record, server, updated, cancel FROM workshop_jobs WHERE id = ?",
+                         (job_id,))
+        return self._job_row(row) if row else None
+
+    def list_jobs(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently written jobs, as :meth:`get_job` gives each."""
+        with self._session() as tx:
+            rows = tx.all("SELECT record, server, updated, cancel FROM workshop_jobs"
+                          " ORDER BY updated DESC LIMIT ?", (limit,))
+        return [self._job_row(r) for r in rows]
+
+    def cancel_job(self, job_id: str) -> bool:
+        """Ask the server running an active job to cancel it; False if it is not active."""
+        with self._transaction() as tx:
+            cur = tx.execute("UPDATE workshop_jobs SET cancel = 1 WHERE id = ? AND active = 1",
+                             (job_id,))
+            return cur.rowcount == 1
 
     # -- observations --------------------------------------------------------------------
     def record_exposure(self, e: Exposure) -> bool:

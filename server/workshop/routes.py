@@ -2,10 +2,12 @@
 
     POST   /v1/features                    {"name", "description", "examples"?, "method"?,
                                             "layers"?, "calibrate"?} → 202 {"id", "status"}
-    GET    /v1/features/jobs               the jobs this server keeps (a key sees its own)
+    GET    /v1/features/jobs               the jobs of every server sharing the store (a key sees
+                                           its own)
     GET    /v1/features/jobs/{id}          status, stage, progress, error; when done the feature
     GET    /v1/features/jobs/{id}/events   the same as server-sent events until the job ends
-    DELETE /v1/features/jobs/{id}          cancel (409 once it has finished)
+    DELETE /v1/features/jobs/{id}          cancel (409 once it has finished); a job another
+                                           replica runs is cancelled there at its next heartbeat
     DELETE /v1/features/custom/{name}      remove a custom feature (409 while a preset or a running
                                            experiment uses it)
 
@@ -40,10 +42,10 @@ EVENT_POLL_S = 0.5
 def workshop_router(state: AppState, workshop: Workshop, dependencies: list) -> APIRouter:
     r = APIRouter(dependencies=dependencies)
 
-    def visible(request: Request, job_id: str) -> Job:
+    async def visible(request: Request, job_id: str) -> Job:
         who = principal_of(request)
         workshop.require(who)
-        job = workshop.get(job_id)
+        job = await workshop.get(job_id)
         if not who.admin and job.owner != who.name:
             raise NotFound(f"no workshop job {job_id!r}", "id", "not_found")
         return job
@@ -61,18 +63,19 @@ def workshop_router(state: AppState, workshop: Workshop, dependencies: list) -> 
     async def list_jobs(request: Request) -> dict[str, Any]:
         who = principal_of(request)
         workshop.require(who)
-        return {"object": "list", "data": [j.view() for j in workshop.jobs.values()
+        return {"object": "list", "data": [j.view() for j in await workshop.listing()
                                            if who.admin or j.owner == who.name]}
 
     @r.get("/v1/features/jobs/{job_id}")
     async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-        return visible(request, job_id).view()
+        return (await visible(request, job_id)).view()
 
     @r.get("/v1/features/jobs/{job_id}/events")
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
-        job = visible(request, job_id)
+        job = await visible(request, job_id)
 
         async def events() -> AsyncIterator[bytes]:
+            nonlocal job
             last = None
             while True:
                 view = job.view()
@@ -83,13 +86,15 @@ def workshop_router(state: AppState, workshop: Workshop, dependencies: list) -> 
                     yield b"data: [DONE]\n\n"
                     return
                 await asyncio.sleep(EVENT_POLL_S)
+                if job.id not in workshop.jobs:  # another replica's: its record, read again
+                    job = await workshop.get(job.id)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
 
     @r.delete("/v1/features/jobs/{job_id}")
     async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-        visible(request, job_id)
+        await visible(request, job_id)
         return (await workshop.cancel(job_id)).view()
 
     @r.delete("/v1/features/custom/{name}")

@@ -277,3 +277,56 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
         time.sleep(0.1)
     return False
 
+
+
+def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp_path):
+    """Two servers on one SQLite store: B answers GET and the list for A's job, a DELETE through
+    B cancels it on A (its process is gone), a job that failed on A reads failed on B, and an
+    active record whose server stopped writing it reads failed."""
+    from server.workshop import jobs
+
+    a, a_state = serve(tmp_path)
+    b, b_state = serve(tmp_path)
+    try:
+        r = a.post("/v1/features", headers=ADMIN, json=body(name="slowsea", method="vector", layers=[6]))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        seen = wait(b, job_id, until=("running",), timeout=60)  # B reads A's record
+        assert seen["name"] == "slowsea" and seen["method"] == "vector" and seen["owner"] == "ops"
+        assert job_id not in b.app.state.workshop.jobs  # from the store, not B's own
+        assert job_id in [j["id"] for j in b.get("/v1/features/jobs", headers=ADMIN).json()["data"]]
+        assert b.get(f"/v1/features/jobs/{job_id}", headers=USER).status_code == 403  # no workshop
+        ws = a.app.state.workshop
+        deadline = time.monotonic() + 60
+        while job_id not in ws._procs:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        pid = ws._procs[job_id].pid
+
+        r = b.delete(f"/v1/features/jobs/{job_id}", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        assert _gone(pid)
+        assert a.get(f"/v1/features/jobs/{job_id}", headers=ADMIN).json()["status"] == "cancelled"
+        assert b.delete(f"/v1/features/jobs/{job_id}", headers=ADMIN).status_code == 409
+        assert a_state.experiments.store.list_features() == []
+
+        r = a.post("/v1/features", headers=ADMIN, json={"name": "sea", "description": "the ocean"})
+        failed = wait(a, r.json()["id"])
+        assert failed["status"] == "failed"
+        assert wait(b, failed["id"]) == failed  # the same record, field for field
+
+        # a record its server stopped writing (as when that server was killed) reads failed
+        store = b_state.experiments.store
+        record = {**failed, "id": "fjob-orphan", "status": "running", "error": None, "finished": None}
+        store.put_job(record, "gone:1:x", jobs.KEEP_STORED)
+        assert wait(b, "fjob-orphan", until=("running",), timeout=5)["status"] == "running"
+        import sqlite3
+        with sqlite3.connect(tmp_path / "steer.db") as db:
+            db.execute("UPDATE workshop_jobs SET updated = updated - ? WHERE id = 'fjob-orphan'",
+                       (jobs.STALE_S + 5,))
+        orphan = b.get("/v1/features/jobs/fjob-orphan", headers=ADMIN).json()
+        assert orphan["status"] == "failed" and "(gone:1:x) stopped" in orphan["error"], orphan
+        assert b.get("/v1/features/jobs/fjob-none", headers=ADMIN).status_code == 404
+    finally:
+        stop(b, b_state)
+        stop(a, a_state)

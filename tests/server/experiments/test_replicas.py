@@ -104,16 +104,19 @@ def user_for(name: str, variant_index: int) -> str:
 
 def workshop_feature_reaches_the_other_replica(a: RunningServer, b: RunningServer) -> None:
     """Issue #31: a feature made by A's workshop (docs/examples/workshop-ocean.json) steers on A at
-    once and on B within the refresh interval, the same way; deleted through A, gone from B."""
+    once and on B within the refresh interval, the same way; deleted through A, gone from B. The
+    job is polled through B (its record in PostgreSQL), as a load balancer would send the polls."""
     body = {**json.loads(OCEAN.read_text()), "name": f"ocean{uuid.uuid4().hex[:6]}", "calibrate": False}
     feature = f"custom/{body['name']}"
     r = call(a, "POST", "/v1/features", body)
     assert r.status_code == 202, r.text
     t0 = time.monotonic()
-    while (job := call(a, "GET", f"/v1/features/jobs/{r.json()['id']}").json())["status"] in ("queued", "running"):
+    job_id = r.json()["id"]
+    while (job := call(b, "GET", f"/v1/features/jobs/{job_id}").json())["status"] in ("queued", "running"):
         assert time.monotonic() - t0 < 600, job
         time.sleep(0.5)
     assert job["status"] == "done", job
+    assert job == call(a, "GET", f"/v1/features/jobs/{job_id}").json()  # A's own record, the same
     print(f"workshop job done in {time.monotonic() - t0:.1f} s")
     seen = eventually(lambda: call(b, "GET", f"/v1/features/{feature}").status_code == 200, "the feature on B")
     print(f"custom feature served by B {seen:.2f} s after A finished")

@@ -53,19 +53,20 @@ def _exposure(rid: str, variant: str, tokens: int = 10, latency: float = 0.5) ->
 
 def test_migrations_from_empty_and_reopen(backend):
     store = backend.open()
-    assert store.schema_version() == len(MIGRATIONS) == 5
+    assert store.schema_version() == len(MIGRATIONS) == 6
     store.close()
     assert {"schema_version", "presets", "experiments", "exposures", "feedback",
-            "definitions_revision", "custom_features"} <= backend.tables()
+            "definitions_revision", "custom_features", "workshop_jobs"} <= backend.tables()
     assert {"exposures_by_experiment", "feedback_by_experiment", "experiments_by_id",
-            "exposures_by_experiment_id", "feedback_by_experiment_id"} <= backend.indexes()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,)]
+            "exposures_by_experiment_id", "feedback_by_experiment_id",
+            "workshop_jobs_by_updated"} <= backend.indexes()
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,), (6,)]
     if backend.name == "sqlite":
         assert backend.raw("PRAGMA journal_mode") == [("wal",)]
     again = backend.open()  # re-opening applies nothing twice
-    assert again.schema_version() == 5
+    assert again.schema_version() == 6
     again.close()
-    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,)]
+    assert backend.raw("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,), (4,), (5,), (6,)]
 
 
 def test_custom_features_are_insert_only_definitions(backend):
@@ -85,6 +86,32 @@ def test_custom_features_are_insert_only_definitions(backend):
     assert store.definitions(defs.revision).features is None  # unchanged: not read again
     assert store.delete_feature("ocean") is True and store.list_features() == []
     assert store.delete_feature("ocean") is False
+    store.close()
+
+
+def test_workshop_job_records(backend):
+    """Workshop job records (#31): written again and again by the server running the job, read
+    by any replica, a cancel asked for on an active record only (and kept through later writes),
+    the finished ones pruned to the newest ``keep``; not definitions (no revision bump)."""
+    store = backend.open()
+    rev = store.revision()
+    job = {"object": "feature.job", "id": "fjob-1", "name": "sea", "owner": "ops", "status": "running",
+           "progress": 0.5}
+    assert store.put_job(job, "a:1:x", 2) is False
+    got = store.get_job("fjob-1")
+    assert got["record"] == job and got["server"] == "a:1:x" and got["cancel"] is False
+    assert abs(got["updated"] - time.time()) < 60
+    assert store.cancel_job("fjob-1") is True
+    assert store.put_job({**job, "progress": 0.6}, "a:1:x", 2) is True  # the ask survives the write
+    assert store.get_job("fjob-1")["record"]["progress"] == 0.6
+    assert store.put_job({**job, "status": "cancelled"}, "a:1:x", 2) is True
+    assert store.cancel_job("fjob-1") is False  # finished: nothing to ask
+    for i in range(2, 5):  # three more finished: only the newest two finished records stay
+        store.put_job({**job, "id": f"fjob-{i}", "status": "done"}, "b:2:y", 2)
+        time.sleep(0.01)
+    assert [r["record"]["id"] for r in store.list_jobs(10)] == ["fjob-4", "fjob-3"]
+    assert store.get_job("fjob-1") is None and store.get_job("nope") is None
+    assert store.revision() == rev
     store.close()
 
 
@@ -110,7 +137,7 @@ def test_partial_migration_is_completed(backend):
                    + ";INSERT INTO feedback VALUES ('r1', 'old', 2.5, NULL, 1, 1)")
     assert "feedback_by_experiment" not in backend.indexes()
     store = backend.open()
-    assert store.schema_version() == 5
+    assert store.schema_version() == len(MIGRATIONS)
     assert "feedback_by_experiment" in backend.indexes()
     assert [e["id"] for e in store.list_experiments()] == ["old"]
     [obs] = store.observations("old")

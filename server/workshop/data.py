@@ -1,16 +1,17 @@
 """The workshop's data stage: training pairs for a feature given only as a description, generated
 by the served model through the running engine.
 
-Semantics (AxBench's concept data, as ``steer pack gen-data`` makes it, with the description's
-own words as the binary scorer): for each of ``GEN_PROMPTS`` user turns of the corpora's train
-split (none is a calibration or eval prompt) the engine answers ``SAMPLES`` times after a system
-message that asks for the concept (:data:`INSTRUCTION` with the description) and once after none.
-The positive is the instructed answer that uses the most of the description's words
-(:func:`description_words`, matched by stem), kept only if it uses one; the negative is the plain
-answer, kept only if it uses none. (A small model often drifts from an instruction: measured on
-SmolLM2-135M, unfiltered pairs for "the ocean" taught a feature that did not move a held-out
-ocean scorer at all; see docs/workshop.md.) The requests go straight to the engine at normal
-priority, batched with the traffic being served.
+Semantics (pairs shaped like hand-written examples: the same answer with and without the
+concept): for each of ``GEN_PROMPTS`` user turns of the corpora's train split (none is a
+calibration or eval prompt) the engine first answers plainly; that answer is the negative, kept
+only if it uses none of the description's words (:func:`description_words`, matched by stem).
+Then it rewrites that answer ``SAMPLES`` times after a system message asking for the concept
+(:data:`REWRITE` with the description); the positive is the rewrite that uses the most of the
+description's words, kept only if it uses one. (Measured on Qwen2.5-0.5B, see docs/workshop.md:
+pairs whose positive was a fresh answer written under the instruction differed in everything an
+instruction changes, and their mean difference reached the topic only far past the fluent
+doses; eight hand-written pairs that differ only in the topic did at strength 1.) The requests go
+straight to the engine at normal priority, batched with the traffic being served.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ SAMPLES = 4
 """Instructed answers per prompt (the plain answer is one)."""
 GEN_TOKENS = 64
 TEMPERATURE = 0.8
-INSTRUCTION = ("Whatever the user says, make your whole reply about this, and name it plainly: "
-               "{description}")
+REWRITE = ("Rewrite the text the user sends so that it is about this, and names it plainly: "
+           "{description}. Keep its length and its form. Reply with the rewritten text only.")
 _WORD = re.compile(r"[a-z]+")
 _STOP = frozenset("""a about above after again all also an and any are as at be been being both but by
 can could did do does doing for from had has have how if in into is it its just like made make
@@ -86,18 +87,16 @@ async def generate_pairs(state: AppState, description: str,
 
     engine, tok = state.require_engine(), state.tokenizer
     prompts = await asyncio.to_thread(train_prompts)
-    system = INSTRUCTION.format(description=description)
+    system = REWRITE.format(description=description.strip().rstrip("."))
     stems = description_words(description)
     done = 0
 
-    async def answers(i: int, prompt: str, instructed: bool) -> list[str]:
+    async def answers(i: int, msgs: list[dict[str, str]], n: int, tokens: int) -> list[str]:
         nonlocal done
-        msgs = ([{"role": "system", "content": system}] if instructed else []) \
-            + [{"role": "user", "content": prompt}]
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tok.encode(text, add_special_tokens=False)  # the template holds the special tokens
-        params = SamplingParams(n=SAMPLES if instructed else 1, max_tokens=GEN_TOKENS,
-                                temperature=TEMPERATURE, seed=1000 + i, repetition_penalty=1.1)
+        params = SamplingParams(n=n, max_tokens=tokens, temperature=TEMPERATURE, seed=1000 + i,
+                                repetition_penalty=1.1)
         outs: list[str] = []
         async for out in engine.generate(TokensPrompt(prompt_token_ids=list(ids)), params,
                                          f"workshop-data-{uuid.uuid4().hex}"):
@@ -107,17 +106,25 @@ async def generate_pairs(state: AppState, description: str,
             on_progress(done / (2 * len(prompts)))
         return outs
 
-    res = await asyncio.gather(*(answers(i, p, s) for s in (True, False) for i, p in enumerate(prompts)))
+    plain = await asyncio.gather(*(answers(i, [{"role": "user", "content": p}], 1, GEN_TOKENS)
+                                   for i, p in enumerate(prompts)))
+    negatives = {i: outs[0] for i, outs in enumerate(plain)
+                 if outs and outs[0] and hits(outs[0], stems) == 0}
+    done += len(prompts) - len(negatives)  # no rewrite asked for these
+    rewrites = await asyncio.gather(*(
+        answers(i, [{"role": "system", "content": system}, {"role": "user", "content": neg}],
+                SAMPLES, GEN_TOKENS + GEN_TOKENS // 2)
+        for i, neg in negatives.items()))
     pairs = []
-    for prompt, instructed, plain in zip(prompts, res[:len(prompts)], res[len(prompts):]):
-        best = max(instructed, key=lambda t: hits(t, stems), default="")
-        neg = plain[0] if plain else ""
-        if best and neg and hits(best, stems) > 0 and hits(neg, stems) == 0:
-            pairs.append({"prompt": prompt, "positive": best, "negative": neg})
+    for (i, neg), outs in zip(negatives.items(), rewrites):
+        best = max(outs, key=lambda t: hits(t, stems), default="")
+        if best and hits(best, stems) > 0:
+            pairs.append({"prompt": prompts[i], "positive": best, "negative": neg})
     record = {"source": "generated", "prompts": len(prompts), "kept": len(pairs),
               "instruction": system, "samples": SAMPLES, "max_tokens": GEN_TOKENS,
               "temperature": TEMPERATURE, "description_words": stems,
-              "filter": "positive: the instructed answer using the most description words (at least "
-                        "one); negative: the plain answer, using none",
+              "filter": "negative: the plain answer, using no description word; positive: of its "
+                        "rewrites under the instruction, the one using the most description words "
+                        "(at least one)",
               "prompt_source": "corpora train split (chitchat, wiki), user turns"}
     return pairs, record

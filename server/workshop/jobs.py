@@ -157,8 +157,9 @@ class Workshop:
         return votes.most_common(1)[0][0] if votes else "mean_diff"
 
     # -- the API -----------------------------------------------------------------------------
-    def submit(self, new: NewFeature, who: Principal) -> Job:
-        """Accept a job (202): 409 for a name in use, 429 past the job limit."""
+    async def submit(self, new: NewFeature, who: Principal) -> Job:
+        """Accept a job (202): 409 for a name in use, 429 past the job limit. Its record is in the
+        store before the answer, so any replica answers the first poll."""
         method, layers = self._plan(new)
         if new.name in self.state.experiments.custom.names or any(
                 j.active and j.name == new.name for j in self.jobs.values()):
@@ -173,7 +174,8 @@ class Workshop:
                               "retry when one has finished", None, "workshop_busy",
                               headers={"Retry-After": str(RETRY_AFTER_S)})
         job = Job(id=f"fjob-{uuid.uuid4().hex[:24]}", name=new.name, method=method, owner=who.name)
-        self.jobs[job.id] = job
+        self.jobs[job.id] = job  # before the write: a second POST meanwhile sees it
+        await self._save(job)
         self._tasks[job.id] = asyncio.get_running_loop().create_task(
             self._run(job, new, method, layers), name=f"steer-workshop-{job.id}")
         return job

@@ -55,7 +55,7 @@ def workshop_router(state: AppState, workshop: Workshop, dependencies: list) -> 
         who = principal_of(request)
         workshop.require(who)
         new = NewFeature.model_validate(await json_body(request))
-        job = workshop.submit(new, who)
+        job = await workshop.submit(new, who)
         return JSONResponse(job.view(), status_code=202,
                             headers={"Location": f"/v1/features/jobs/{job.id}"})
 

@@ -291,6 +291,8 @@ def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp
         r = a.post("/v1/features", headers=ADMIN, json=body(name="slowsea", method="vector", layers=[6]))
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
+        first = b.get(f"/v1/features/jobs/{job_id}", headers=ADMIN)  # stored before the 202
+        assert first.status_code == 200 and first.json()["status"] in ("queued", "running"), first.text
         seen = wait(b, job_id, until=("running",), timeout=60)  # B reads A's record
         assert seen["name"] == "slowsea" and seen["method"] == "vector" and seen["owner"] == "ops"
         assert job_id not in b.app.state.workshop.jobs  # from the store, not B's own

@@ -216,12 +216,7 @@ def test_job_limit_cancel_and_kill_leave_no_feature(api):
     assert int(r.headers["retry-after"]) > 0
 
     wait(client, first, until=("running",), timeout=60)
-    ws = client.app.state.workshop
-    deadline = time.monotonic() + 60
-    while first not in ws._procs:  # the job's process has started
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    pid = ws._procs[first].pid
+    pid = _job_process(client, first)
     r = client.delete(f"/v1/features/jobs/{first}", headers=ADMIN)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
     assert _gone(pid)
@@ -230,11 +225,7 @@ def test_job_limit_cancel_and_kill_leave_no_feature(api):
     r = client.post("/v1/features", headers=ADMIN, json=slow)  # the name is free again
     assert r.status_code == 202, r.text
     second = r.json()["id"]
-    deadline = time.monotonic() + 60
-    while second not in ws._procs:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    os.killpg(ws._procs[second].pid, signal.SIGKILL)  # as the OOM killer would
+    os.killpg(_job_process(client, second), signal.SIGKILL)  # as the OOM killer would
     job = wait(client, second)
     assert job["status"] == "failed" and "killed by signal SIGKILL" in job["error"], job
     assert client.get("/v1/features/custom/slowsea", headers=ADMIN).status_code == 404
@@ -259,6 +250,16 @@ def test_description_words_match_by_stem():
     assert stems == ["beach", "life", "ocean", "sail", "sea", "tide", "wave"]
     assert hits("We sailed to the beach; the waves were high.", stems) == 3
     assert hits("A quiet afternoon at the library.", stems) == 0
+
+
+def _job_process(client: TestClient, job_id: str, timeout: float = 60.0) -> int:
+    """The pid of the job's process, once the server has started it."""
+    procs = client.app.state.workshop._procs
+    deadline = time.monotonic() + timeout
+    while job_id not in procs:
+        assert time.monotonic() < deadline, f"{job_id}'s process did not start"
+        time.sleep(0.2)
+    return procs[job_id].pid
 
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
@@ -298,12 +299,7 @@ def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp
         assert job_id not in b.app.state.workshop.jobs  # from the store, not B's own
         assert job_id in [j["id"] for j in b.get("/v1/features/jobs", headers=ADMIN).json()["data"]]
         assert b.get(f"/v1/features/jobs/{job_id}", headers=USER).status_code == 403  # no workshop
-        ws = a.app.state.workshop
-        deadline = time.monotonic() + 60
-        while job_id not in ws._procs:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        pid = ws._procs[job_id].pid
+        pid = _job_process(a, job_id)
 
         r = b.delete(f"/v1/features/jobs/{job_id}", headers=ADMIN)
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text

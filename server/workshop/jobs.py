@@ -17,12 +17,9 @@ Jobs run one at a time; at most ``--max-workshop-jobs`` are queued or running (b
 fails, crashes or is killed leaves a ``failed`` record. Nothing is stored unless the process exited
 0 and its pack loads, so no feature is ever half made.
 
-Records: the server running a job keeps it in memory and writes it to the experiment store every
-``HEARTBEAT_S`` and when it ends, so every replica sharing the store answers ``GET`` for any job (a
-load balancer sends the polls anywhere). ``DELETE`` through another replica asks the running server
-through the store; it cancels at its next heartbeat. A record no server wrote for ``STALE_S``
-while active belongs to a server that stopped: it reads as ``failed``. The features themselves
-live in the store too (``custom_features``).
+Records: the server running a job keeps it in memory and writes it to the experiment store
+(:mod:`.records`), so every replica sharing the store answers for any job and can cancel it. The
+features themselves live in the store too (``custom_features``).
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,12 +39,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.errors import (Conflict, InvalidRequest, NotFound, PermissionDenied, RateLimited,
-                           StoreUnavailable)
+from server.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, RateLimited
 from server.experiments.custom import feature_row
 from server.policy import canonical_name
 from server.workshop.data import generate_pairs
 from server.workshop.models import Job, NewFeature
+from server.workshop.records import HEARTBEAT_S, JobRecords
 from steering.builders.workshop import CUSTOM_PACK, JobSpec
 
 if TYPE_CHECKING:
@@ -59,12 +55,6 @@ logger = logging.getLogger(__name__)
 
 KEEP_FINISHED = 256
 """Finished job records a server keeps in memory."""
-KEEP_STORED = 1024
-"""Finished job records the store keeps (the newest)."""
-HEARTBEAT_S = 2.0
-"""How often the server running a job writes its record to the store (and reads a cancel)."""
-STALE_S = 30.0
-"""An active record no server wrote for this long is reported ``failed``: its server stopped."""
 DUTY_PERIOD_S = 1.0
 RETRY_AFTER_S = 60
 MEAN_DIFF_LAYERS = (0.2, 0.27, 0.33, 0.4)
@@ -91,8 +81,7 @@ class Workshop:
         self._finished: collections.deque[str] = collections.deque()
         self._turn = asyncio.Lock()  # one job runs at a time
         self._closing = False
-        self.server_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        """Names this server in the store's job records."""
+        self.records = JobRecords(state)
         self.duty = min(max(float(cfg.workshop_duty), 0.0), 1.0)
         """Share of each ``DUTY_PERIOD_S`` a job's process may run while the engine has requests
         (it is stopped with SIGSTOP the rest of the period); 1: never paused."""
@@ -175,40 +164,28 @@ class Workshop:
                               headers={"Retry-After": str(RETRY_AFTER_S)})
         job = Job(id=f"fjob-{uuid.uuid4().hex[:24]}", name=new.name, method=method, owner=who.name)
         self.jobs[job.id] = job  # before the write: a second POST meanwhile sees it
-        await self._save(job)
+        await self.records.save(job)
         self._tasks[job.id] = asyncio.get_running_loop().create_task(
             self._run(job, new, method, layers), name=f"steer-workshop-{job.id}")
         return job
 
     async def get(self, job_id: str) -> Job:
         """This server's job, else the store's record of it (another replica's); 404 if none."""
-        job = self.jobs.get(job_id)
-        if job is not None:
-            return job
-        mgr = self.state.experiments
-        row = await mgr.call("workshop job", mgr.store.get_job, job_id)
-        if row is None:
+        if (job := self.jobs.get(job_id) or await self.records.get(job_id)) is None:
             raise NotFound(f"no workshop job {job_id!r}", "id", "not_found")
-        return _stored_job(row)
+        return job
 
     async def listing(self) -> list[Job]:
-        """This server's jobs and, newest first, the store's records of other replicas' (this
-        server's alone when the store does not answer)."""
+        """This server's jobs, then the store's records of the other replicas' (newest first)."""
         jobs = dict(self.jobs)
-        mgr = self.state.experiments
-        try:
-            rows = await mgr.call("workshop job", mgr.store.list_jobs, KEEP_FINISHED)
-        except StoreUnavailable:
-            rows = []
-        for row in rows:
-            job = _stored_job(row)
+        for job in await self.records.listing(KEEP_FINISHED):
             jobs.setdefault(job.id, job)
         return list(jobs.values())
 
     async def cancel(self, job_id: str) -> Job:
         job = await self.get(job_id)
         if job_id not in self.jobs:
-            return await self._cancel_elsewhere(job)
+            return await self.records.ask_cancel(job)
         if not job.active:
             raise Conflict(f"job {job_id!r} has finished ({job.status})", "id")
         if job.stage == "store":  # the feature is being stored: it is done in a moment
@@ -218,18 +195,6 @@ class Workshop:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        return job
-
-    async def _cancel_elsewhere(self, job: Job) -> Job:
-        """Ask the replica running ``job`` to cancel it (through the store) and wait up to a few
-        heartbeats for its record to say so; the record as it then stands."""
-        mgr = self.state.experiments
-        if not job.active or not await mgr.call("workshop job", mgr.store.cancel_job, job.id):
-            raise Conflict(f"job {job.id!r} has finished ({job.status})", "id")
-        deadline = time.monotonic() + 3 * HEARTBEAT_S
-        while job.active and time.monotonic() < deadline:
-            await asyncio.sleep(HEARTBEAT_S / 4)
-            job = await self.get(job.id)
         return job
 
     def close(self) -> None:
@@ -248,21 +213,11 @@ class Workshop:
         job.stage = stage  # type: ignore[assignment]
         job.progress = round(max(job.progress, lo + (hi - lo) * min(max(p, 0.0), 1.0)), 4)
 
-    async def _save(self, job: Job) -> bool:
-        """Write ``job``'s record to the store; True when another replica asked to cancel it. A
-        store that does not answer is logged and counted (``call``), never the job's failure."""
-        mgr = self.state.experiments
-        try:
-            return bool(await mgr.call("workshop job", mgr.store.put_job, job.view(),
-                                       self.server_id, KEEP_STORED))
-        except StoreUnavailable:
-            return False
-
-    async def _heartbeat(self, job: Job, task: asyncio.Task[None]) -> None:
+    async def _heartbeat(self, job: Job, task: asyncio.Task[None] | None) -> None:
         """While ``job`` is active: its record to the store every ``HEARTBEAT_S``; a cancel asked
         for through another replica cancels ``task`` (the job)."""
         while job.active:
-            if await self._save(job) and job.stage != "store":
+            if await self.records.save(job) and job.stage != "store" and task is not None:
                 task.cancel()
                 return
             await asyncio.sleep(HEARTBEAT_S)
@@ -270,10 +225,8 @@ class Workshop:
     async def _run(self, job: Job, new: NewFeature, method: str, layers: list[int]) -> None:
         out = Path(tempfile.mkdtemp(prefix="steer-workshop-"))
         generated = new.examples is None
-        me = asyncio.current_task()
-        assert me is not None
-        beat = asyncio.get_running_loop().create_task(self._heartbeat(job, me),
-                                                      name=f"steer-workshop-beat-{job.id}")
+        beat = asyncio.get_running_loop().create_task(
+            self._heartbeat(job, asyncio.current_task()), name=f"steer-workshop-beat-{job.id}")
         try:
             async with self._turn:
                 job.status, job.started = "running", time.time()
@@ -319,7 +272,7 @@ class Workshop:
             beat.cancel()
             self._finish(job)
             if not self._closing:  # at shutdown the store closes first: STALE_S tells the others
-                await self._save(job)
+                await self.records.save(job)
 
     async def _build(self, job: Job, spec: JobSpec, out: Path, generated: bool) -> None:
         """Run the job process; JobFailed unless it exited 0."""
@@ -423,18 +376,6 @@ class Workshop:
 
     def _canonical(self, names: set[str]) -> set[str]:
         return {c for n in names if (c := canonical_name(n, self.state.packs)) is not None}
-
-
-def _stored_job(row: dict) -> Job:
-    """A job from the store's record (:meth:`ExperimentStore.get_job`); an active one whose server
-    stopped writing it ``STALE_S`` ago reads as failed."""
-    job = Job.model_validate({k: v for k, v in row["record"].items() if k != "object"})
-    age = time.time() - row["updated"]
-    if job.active and age > STALE_S:
-        job.status, job.finished = "failed", row["updated"]
-        job.error = (f"the server running this job ({row['server']}) stopped: it last wrote the "
-                     f"job's record {age:.0f} s ago")
-    return job
 
 
 class JobFailed(RuntimeError):

@@ -284,7 +284,7 @@ def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp
     """Two servers on one SQLite store: B answers GET and the list for A's job, a DELETE through
     B cancels it on A (its process is gone), a job that failed on A reads failed on B, and an
     active record whose server stopped writing it reads failed."""
-    from server.workshop import jobs
+    from server.workshop import records
 
     a, a_state = serve(tmp_path)
     b, b_state = serve(tmp_path)
@@ -316,12 +316,12 @@ def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp
         # a record its server stopped writing (as when that server was killed) reads failed
         store = b_state.experiments.store
         record = {**failed, "id": "fjob-orphan", "status": "running", "error": None, "finished": None}
-        store.put_job(record, "gone:1:x", jobs.KEEP_STORED)
+        store.put_job(record, "gone:1:x", records.KEEP_STORED)
         assert wait(b, "fjob-orphan", until=("running",), timeout=5)["status"] == "running"
         import sqlite3
         with sqlite3.connect(tmp_path / "steer.db") as db:
             db.execute("UPDATE workshop_jobs SET updated = updated - ? WHERE id = 'fjob-orphan'",
-                       (jobs.STALE_S + 5,))
+                       (records.STALE_S + 5,))
         orphan = b.get("/v1/features/jobs/fjob-orphan", headers=ADMIN).json()
         assert orphan["status"] == "failed" and "(gone:1:x) stopped" in orphan["error"], orphan
         assert b.get("/v1/features/jobs/fjob-none", headers=ADMIN).status_code == 404

@@ -212,7 +212,8 @@ class ExperimentStore:
     def list_features(self) -> list[dict[str, Any]]: raise NotImplementedError
     def add_feature(self, row: dict[str, Any]) -> bool: raise NotImplementedError
     def delete_feature(self, name: str) -> bool: raise NotImplementedError
-    def put_job(self, record: dict[str, Any], server: str, keep: int) -> bool: raise NotImplementedError
+    def put_job(self, record: dict[str, Any], active: bool, server: str,
+                keep: int) -> bool: raise NotImplementedError
     def get_job(self, job_id: str) -> dict[str, Any] | None: raise NotImplementedError
     def list_jobs(self, limit: int) -> list[dict[str, Any]]: raise NotImplementedError
     def cancel_job(self, job_id: str) -> bool: raise NotImplementedError
@@ -389,17 +390,16 @@ class SQLStore(ExperimentStore):
         return found
 
     # -- workshop jobs (server/workshop/jobs.py) ---------------------------------------------
-    def put_job(self, record: dict[str, Any], server: str, keep: int) -> bool:
-        """Write a job's record (``Job.view()``) as ``server`` sees it now; finished records
-        beyond the newest ``keep`` are dropped. True when a cancel was asked for
-        (:meth:`cancel_job`): the write keeps that request."""
-        active = int(record["status"] not in ("done", "failed", "cancelled"))
+    def put_job(self, record: dict[str, Any], active: bool, server: str, keep: int) -> bool:
+        """Write a job's record (``Job.view()``; ``active``: not finished) as ``server`` sees it
+        now; finished records beyond the newest ``keep`` are dropped. True when a cancel was asked
+        for (:meth:`cancel_job`): the write keeps that request."""
         with self._transaction() as tx:
             tx.execute("INSERT INTO workshop_jobs (id, owner, record, active, server, updated)"
                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
                        " record = excluded.record, active = excluded.active,"
                        " server = excluded.server, updated = excluded.updated",
-                       (record["id"], record["owner"], json.dumps(record), active, server,
+                       (record["id"], record["owner"], json.dumps(record), int(active), server,
                         time.time()))
             if not active:
                 tx.execute("DELETE FROM workshop_jobs WHERE active = 0 AND id NOT IN (SELECT id"

@@ -48,8 +48,8 @@ class JobRecords:
         """Write ``job``'s record; True when another replica asked to cancel it."""
         mgr = self.state.experiments
         try:
-            return bool(await mgr.call(OP, mgr.store.put_job, job.view(), self.server_id,
-                                       KEEP_STORED))
+            return bool(await mgr.call(OP, mgr.store.put_job, job.view(), job.active,
+                                       self.server_id, KEEP_STORED))
         except StoreUnavailable:
             return False
 

@@ -316,7 +316,7 @@ def test_every_replica_sharing_the_store_answers_for_a_job_and_can_cancel_it(tmp
         # a record its server stopped writing (as when that server was killed) reads failed
         store = b_state.experiments.store
         record = {**failed, "id": "fjob-orphan", "status": "running", "error": None, "finished": None}
-        store.put_job(record, "gone:1:x", records.KEEP_STORED)
+        store.put_job(record, True, "gone:1:x", records.KEEP_STORED)
         assert wait(b, "fjob-orphan", until=("running",), timeout=5)["status"] == "running"
         import sqlite3
         with sqlite3.connect(tmp_path / "steer.db") as db:

@@ -97,17 +97,17 @@ def test_workshop_job_records(backend):
     rev = store.revision()
     job = {"object": "feature.job", "id": "fjob-1", "name": "sea", "owner": "ops", "status": "running",
            "progress": 0.5}
-    assert store.put_job(job, "a:1:x", 2) is False
+    assert store.put_job(job, True, "a:1:x", 2) is False
     got = store.get_job("fjob-1")
     assert got["record"] == job and got["server"] == "a:1:x" and got["cancel"] is False
     assert abs(got["updated"] - time.time()) < 60
     assert store.cancel_job("fjob-1") is True
-    assert store.put_job({**job, "progress": 0.6}, "a:1:x", 2) is True  # the ask survives the write
+    assert store.put_job({**job, "progress": 0.6}, True, "a:1:x", 2) is True  # the ask survives the write
     assert store.get_job("fjob-1")["record"]["progress"] == 0.6
-    assert store.put_job({**job, "status": "cancelled"}, "a:1:x", 2) is True
+    assert store.put_job({**job, "status": "cancelled"}, False, "a:1:x", 2) is True
     assert store.cancel_job("fjob-1") is False  # finished: nothing to ask
     for i in range(2, 5):  # three more finished: only the newest two finished records stay
-        store.put_job({**job, "id": f"fjob-{i}", "status": "done"}, "b:2:y", 2)
+        store.put_job({**job, "id": f"fjob-{i}", "status": "done"}, False, "b:2:y", 2)
         time.sleep(0.01)
     assert [r["record"]["id"] for r in store.list_jobs(10)] == ["fjob-4", "fjob-3"]
     assert store.get_job("fjob-1") is None and store.get_job("nope") is None

@@ -214,13 +214,13 @@ class Workshop:
         job.progress = round(max(job.progress, lo + (hi - lo) * min(max(p, 0.0), 1.0)), 4)
 
     async def _heartbeat(self, job: Job, task: asyncio.Task[None] | None) -> None:
-        """While ``job`` is active: its record to the store every ``HEARTBEAT_S``; a cancel asked
-        for through another replica cancels ``task`` (the job)."""
-        while job.active:
+        """While ``job`` is active: its record to the store every ``HEARTBEAT_S`` (``submit``
+        wrote the first); a cancel asked for through another replica cancels ``task`` (the job)."""
+        while job.active:  # _run's finally cancels this task as the job ends, before any await
+            await asyncio.sleep(HEARTBEAT_S)
             if await self.records.save(job) and job.stage != "store" and task is not None:
                 task.cancel()
                 return
-            await asyncio.sleep(HEARTBEAT_S)
 
     async def _run(self, job: Job, new: NewFeature, method: str, layers: list[int]) -> None:
         out = Path(tempfile.mkdtemp(prefix="steer-workshop-"))

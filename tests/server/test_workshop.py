@@ -26,7 +26,7 @@ from test_auth import ADMIN, USER, auth_yaml
 
 from server.app import create_app
 from server.config import ServeConfig
-from server.workshop.data import description_words, hits
+from server.workshop.data import description_words, hits, pair_up
 from server.workshop.export import export_custom
 from steering.packs.format import load_pack
 from steering.model_store import resolve_model
@@ -243,6 +243,28 @@ def test_description_only_fails_clearly_when_the_model_gives_no_pairs(api):
     job = wait(client, r.json()["id"])
     assert job["status"] == "failed" and "0 usable training pairs" in job["error"], job
     assert job["data"] is None
+
+
+def test_generated_pairs_are_two_rewrites_of_one_answer():
+    """Positive: the rewrite with the most description words; negative: the paraphrase of the
+    same answer, unless it has a description word (then the plain answer); no concept, no pair."""
+    stems = description_words("the ocean, waves and sailing")
+    plain = "I went to the market and bought bread."
+    rows = [
+        ("p1", plain, ["I went to the market.", "I sailed to the ocean market over the waves.",
+                       "I went sailing."], "I visited the market and got some bread."),
+        ("p2", plain, ["A trip to the ocean market."], "I went to the beach by the ocean."),
+        ("p3", plain, ["I went to the market."], "I visited the market."),
+        ("p4", plain, ["Waves at the market."], ""),
+    ]
+    pairs, paraphrased = pair_up(rows, stems)
+    assert pairs == [
+        {"prompt": "p1", "positive": "I sailed to the ocean market over the waves.",
+         "negative": "I visited the market and got some bread."},
+        {"prompt": "p2", "positive": "A trip to the ocean market.", "negative": plain},
+        {"prompt": "p4", "positive": "Waves at the market.", "negative": plain},
+    ]
+    assert paraphrased == 1
 
 
 def test_description_words_match_by_stem():

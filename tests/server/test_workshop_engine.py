@@ -31,6 +31,7 @@ def test_feature_from_a_description_steers_without_a_restart(server):
     data = job["data"]
     assert data["source"] == "generated" and data["pairs"] >= 4 and data["prompts"] == GEN_PROMPTS
     assert "ocean" in data["description_words"] and "the" not in data["description_words"]
+    assert 1 <= data["negatives_paraphrased"] <= data["pairs"]  # negatives are rewrites too
     assert job["feature"]["id"] == f"custom/{name}"
 
     def chat(**extra):

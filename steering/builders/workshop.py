@@ -17,15 +17,17 @@ Semantics:
              code and units as the bundled packs.
   calibrate  a dose curve on neutral prompts of the corpora's calibration split (none of them is
              in the feature's data): at each dose × the feature's unit, greedy ``CAL_TOKENS``
-             tokens through :func:`steering.hf.hf_steering` with the program the server's compiler
-             makes of ``{"features": {name: dose}}``; per dose
+             tokens on each of ``CAL_PROMPTS`` prompts through :func:`steering.hf.hf_steering`
+             with the program the server's compiler makes of ``{"features": {name: dose}}``;
+             per dose
                score = the concept's presence in the generated text, read back by the unsteered
                        model: mean h·d̂ over its tokens at the readout layer, rescaled so that the
                        training negatives score 0 and the positives 1;
                ppl   = median perplexity of the generated text under the unsteered model.
-             Strength 1 becomes the largest dose whose ppl stays within ``MAX_PPL_RATIO`` × the
-             unsteered one (the bundled packs' rule: the strongest fluent dose), else the smallest
-             dose; the curve is kept in the feature's ``calibration.effect``.
+             Strength 1 becomes the largest dose reached from the smallest up while ppl stays
+             within ``MAX_PPL_RATIO`` × the unsteered one (the bundled packs' rule: the strongest
+             fluent dose), else the smallest dose; the curve is kept in the feature's
+             ``calibration.effect``.
 """
 
 from __future__ import annotations
@@ -43,9 +45,14 @@ WorkshopMethod = Literal["mean_diff", "vector", "lowrank"]
 
 CUSTOM_PACK = "custom"
 """The catalog pack that holds every workshop feature (``custom/<name>``)."""
-DOSES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
-"""Calibration doses, in units of the feature's built scale."""
-CAL_PROMPTS = 12
+DOSES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+"""Calibration doses, in units of the feature's built scale (the norm unit: ``DOSE_FRACTION`` of
+the median residual norm): the bundled packs' grid (``steer pack calibrate``), up to 1.5, in
+quarter steps. (Up to 2, the eight example pairs' feature took 2 on the 0.5B, fluent on these
+prompts and 2.4 × the perplexity on the eval's; see docs/workshop.md.)"""
+CAL_PROMPTS = 24
+"""Calibration prompts. (12 left the median perplexity ratio at one dose 1.74 here and 1.25 on
+the eval's held-out prompts for the same feature; see docs/workshop.md.)"""
 CAL_TOKENS = 40
 MAX_PPL_RATIO = 1.5
 
@@ -157,14 +164,13 @@ def dose_curve(pack_dir: Path, spec: JobSpec, on_dose: Callable[[int, int], None
     def generate(dose: float) -> list[str]:
         steering = {"features": {spec.name: dose}} if dose else None
         comp = compiler.compile(steering) if steering else None
+        kwargs = dict(max_new_tokens=CAL_TOKENS, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():
             if comp is None:
-                out = model.generate(**batch, max_new_tokens=CAL_TOKENS, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
+                out = model.generate(**batch, **kwargs)
             else:
                 with hf_steering(model, comp.program):
-                    out = model.generate(**batch, max_new_tokens=CAL_TOKENS, do_sample=False,
-                                         pad_token_id=tok.pad_token_id)
+                    out = model.generate(**batch, **kwargs)
         return tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def perplexity(texts: list[str]) -> float:
@@ -196,14 +202,25 @@ def dose_curve(pack_dir: Path, spec: JobSpec, on_dose: Callable[[int, int], None
     base = curve[0]["ppl_median"]
     for row in curve:
         row["ppl_ratio"] = round(row["ppl_median"] / base, 4) if base > 0 else None
-    fluent = [r for r in curve[1:] if r["ppl_ratio"] is not None and r["ppl_ratio"] <= MAX_PPL_RATIO]
-    chosen = max(fluent, key=lambda r: r["dose"]) if fluent else curve[1]
+    chosen, fluent = strongest_fluent(curve[1:])
     return {"scorer": "readout (unsteered model, negatives 0, positives 1)", "chosen": chosen,
-            "curve": curve, "fluent": bool(fluent),
+            "curve": curve, "fluent": fluent,
             "run": {"method": "effect: strength 1 = the largest fluent dose (steering/builders/workshop.py)",
                     "prompts": "corpora calibration split (user turns)", "n_prompts": len(prompts),
                     "max_tokens": CAL_TOKENS, "doses": list(DOSES), "max_ppl_ratio": MAX_PPL_RATIO,
                     "greedy": True}}
+
+
+def strongest_fluent(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """(the chosen row, whether it is fluent) of dose rows in ascending order: the last one
+    reached from the first while ``ppl_ratio`` ≤ ``MAX_PPL_RATIO`` (a fluent dose past a
+    non-fluent one is noise, not a licence), else the first."""
+    chosen = None
+    for row in rows:
+        if row["ppl_ratio"] is None or row["ppl_ratio"] > MAX_PPL_RATIO:
+            break
+        chosen = row
+    return (chosen, True) if chosen is not None else (rows[0], False)
 
 
 def apply_calibration(pack_dir: Path, name: str, effect: dict[str, Any]) -> None:
@@ -237,13 +254,16 @@ def run(spec: JobSpec, out: Path) -> Path:
     path = out / "pack.json"
     manifest = json.loads(path.read_text())
     for f in manifest["features"]:
-        f["workshop"] = {"data": spec.data, "method": spec.method, "pairs": len(spec.pairs)}
+        f["workshop"] = {"data": spec.data, "method": spec.method, "pairs": len(spec.pairs),
+                         "examples": spec.pairs}
     manifest["provenance"]["workshop"] = {"seconds_train": round(time.monotonic() - t0, 1)}
     path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     _emit({"stage": "train", "progress": 1.0})
     if spec.calibrate:
         _emit({"stage": "calibrate", "progress": 0.0})
+        t1 = time.monotonic()
         effect = dose_curve(out, spec, lambda i, n: _emit({"stage": "calibrate", "progress": i / n}))
+        effect["run"]["seconds"] = round(time.monotonic() - t1, 1)
         apply_calibration(out, spec.name, effect)
     return out
 

@@ -134,3 +134,15 @@ def test_concepts_from_reuses_another_recipes_examples_without_its_layers(tmp_pa
                                                         "concepts": tone["concepts"][:1]}))
     with pytest.raises(RecipeError, match="either concepts or concepts_from"):
         load_recipe(tmp_path / "both.yaml")
+
+
+def test_workshop_calibration_stops_at_the_first_dose_past_the_fluency_budget():
+    """Strength 1 of a workshop feature: the strongest dose reached from the weakest up while the
+    perplexity ratio stays within budget; a fluent dose past a non-fluent one does not count."""
+    from steering.builders.workshop import MAX_PPL_RATIO, strongest_fluent
+
+    rows = [{"dose": d, "ppl_ratio": r} for d, r in
+            [(0.25, 1.02), (0.5, 1.1), (1.0, MAX_PPL_RATIO), (1.5, 1.7), (2.0, 1.3)]]
+    assert strongest_fluent(rows) == (rows[2], True)
+    assert strongest_fluent([{**rows[3], "dose": 0.25}, rows[4]]) == ({**rows[3], "dose": 0.25}, False)
+    assert strongest_fluent([{"dose": 0.25, "ppl_ratio": None}]) == ({"dose": 0.25, "ppl_ratio": None}, False)
